@@ -1,0 +1,186 @@
+"""`IA3Config`: what an (IA)^3 adapter targets, in the fields and JSON of PEFT's `adapter_config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from ia3.serialization import atomic_write_text
+
+CONFIG_NAME = "adapter_config.json"
+PEFT_TYPE = "IA3"
+# The PEFT release whose adapter format ia3 reads and writes; written as `peft_version` so that PEFT
+# loads our adapters without a "created with a newer version" warning.
+PEFT_FORMAT_VERSION = "0.17.0"
+ALL_LINEAR = "all-linear"
+
+
+class TaskType(str, Enum):
+    """The task types PEFT knows; they pick the `PeftModel` subclass `get_peft_model` returns."""
+
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    SEQ_CLS = "SEQ_CLS"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+class PeftType(str, Enum):
+    IA3 = PEFT_TYPE
+
+
+# Keys that PEFT writes for other methods or in other versions and that carry no meaning for (IA)^3;
+# accepted on load and dropped, so that adapter configs written by any PEFT release load.
+_IGNORED_KEYS = {"peft_version", "auto_mapping", "target_parameters", "layers_to_transform", "layers_pattern"}
+
+
+def _as_names(value: Any, field_name: str, problems: list[str]) -> list[str] | str | None:
+    """Normalise a module-name field: None, a regex string, or a sorted list of unique names."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        bad = [v for v in value if not isinstance(v, str) or not v]
+        if bad:
+            problems.append(f"`{field_name}` must hold non-empty strings; got {bad!r}")
+            return None
+        return sorted(set(value))
+    problems.append(
+        f"`{field_name}` must be a list of module names, a regex string or None; got {type(value).__name__} {value!r}"
+    )
+    return None
+
+
+@dataclass
+class IA3Config:
+    """Configuration of an (IA)^3 adapter (Liu et al. 2022, https://arxiv.org/abs/2205.05638).
+
+    Args:
+        task_type: One of `TaskType` (e.g. `"SEQ_2_SEQ_LM"`) or None for a bare model.
+        target_modules: Modules that get a vector. A list matches a module whose name equals an entry or ends with
+            `"." + entry`; a string is a regex that must match the whole module name; `"all-linear"` takes every
+            `nn.Linear`/`Conv1D` but the output layer. None takes the defaults for the model type
+            (`ia3.targets.DEFAULT_TARGET_MODULES`).
+        exclude_modules: Modules never targeted, matched like `target_modules`.
+        feedforward_modules: Targets whose vector scales the layer's input (shape `(1, in)`) instead of its output
+            (shape `(out, 1)`). When both are lists, a subset of `target_modules`.
+        fan_in_fan_out: True when the target stores its weight as `(in, out)` (GPT-2's `Conv1D`); ia3 sets it in
+            the resolved config when a `Conv1D` is targeted.
+        modules_to_save: Modules (e.g. a classification head) trained in full and saved with the adapter.
+        init_ia3_weights: Start the vectors at 1 (the identity). False draws them from N(0, 1), for tests.
+        base_model_name_or_path: Hub id or folder of the base model, filled in by `get_peft_model`.
+        revision: Revision of the base model on the Hub.
+        inference_mode: Load the adapter frozen.
+    """
+
+    task_type: TaskType | str | None = None
+    peft_type: str = PEFT_TYPE
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    feedforward_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    modules_to_save: list[str] | None = None
+    init_ia3_weights: bool = True
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if isinstance(self.peft_type, Enum):
+            self.peft_type = self.peft_type.value
+        if self.peft_type != PEFT_TYPE:
+            problems.append(f"`peft_type` must be {PEFT_TYPE!r} for an (IA)^3 adapter; got {self.peft_type!r}")
+        if isinstance(self.task_type, TaskType):
+            self.task_type = self.task_type.value
+        if self.task_type is not None and self.task_type not in TaskType.__members__:
+            problems.append(f"`task_type` must be one of {sorted(TaskType.__members__)} or None; got {self.task_type!r}")
+        self.target_modules = _as_names(self.target_modules, "target_modules", problems)
+        self.exclude_modules = _as_names(self.exclude_modules, "exclude_modules", problems)
+        self.feedforward_modules = _as_names(self.feedforward_modules, "feedforward_modules", problems)
+        if self.modules_to_save is not None:
+            names = _as_names(self.modules_to_save, "modules_to_save", problems)
+            if isinstance(names, str):
+                problems.append(f"`modules_to_save` must be a list of module names; got the string {names!r}")
+            else:
+                # keep the user's order: PEFT writes the list as given
+                self.modules_to_save = list(dict.fromkeys(self.modules_to_save or []))
+        for name in ("fan_in_fan_out", "init_ia3_weights", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"`{name}` must be true or false; got {getattr(self, name)!r}")
+        for name in ("base_model_name_or_path", "revision"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                problems.append(f"`{name}` must be a string or None; got {value!r}")
+        if isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR:
+            self.target_modules = ALL_LINEAR
+        if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if extra:
+                problems.append(
+                    f"`feedforward_modules` must be a subset of `target_modules`; {extra} are not targets "
+                    f"(target_modules={self.target_modules})"
+                )
+        if problems:
+            raise ValueError("Invalid IA3Config:\n  - " + "\n  - ".join(problems))
+
+    # -- dict / JSON -----------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The dict PEFT writes to `adapter_config.json` (same keys, same values)."""
+        out = dataclasses.asdict(self)
+        out["auto_mapping"] = None
+        out["peft_version"] = PEFT_FORMAT_VERSION
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IA3Config:
+        """Build a config from an `adapter_config.json` dict, refusing unknown keys and other adapter types."""
+        if not isinstance(data, dict):
+            raise ValueError(f"An adapter config must be a JSON object; got {type(data).__name__}")
+        peft_type = data.get("peft_type")
+        if peft_type != PEFT_TYPE:
+            raise ValueError(
+                f"This adapter has peft_type={peft_type!r}; ia3 loads only (IA)^3 adapters (peft_type {PEFT_TYPE!r})"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - _IGNORED_KEYS)
+        if unknown:
+            raise ValueError(
+                f"Unknown key(s) {unknown} in the adapter config; (IA)^3 configs accept {sorted(known)}"
+            )
+        for key in ("target_parameters", "layers_to_transform", "layers_pattern"):
+            if data.get(key):
+                raise ValueError(f"The adapter config sets `{key}`={data[key]!r}, which ia3 does not support")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write `adapter_config.json` into `save_directory` (atomically)."""
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path / CONFIG_NAME, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        **kwargs: Any,
+    ) -> IA3Config:
+        """Read `adapter_config.json` from a folder or a Hub repo; `kwargs` override fields."""
+        from ia3.hub import resolve_file
+
+        path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, revision=revision, token=token)
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if isinstance(data, dict):
+            data.update(kwargs)
+        return cls.from_dict(data)

@@ -1,0 +1,324 @@
+"""`PeftModel` and its task subclasses: the PEFT-compatible face of an (IA)^3-adapted model."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ia3.config import IA3Config
+from ia3.hub import resolve_file
+from ia3.layer import IA3Layer
+from ia3.serialization import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, load_tensors, save_tensors
+from ia3.tuner import IA3Model
+
+PREFIX = "base_model.model."
+
+
+class PeftModel(nn.Module):
+    """A model with (IA)^3 adapters; calls, attributes and `generate` pass through to the wrapped model.
+
+    Args:
+        model: the base model (changed in place: targeted layers are wrapped).
+        peft_config: the first adapter's `IA3Config`.
+        adapter_name: its name.
+        autocast_adapter_dtype: keep vectors in float32 over float16/bfloat16 weights.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: IA3Config,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        super().__init__()
+        if peft_config.base_model_name_or_path is None:
+            name = getattr(model, "name_or_path", None) or None
+            if name:
+                import dataclasses
+
+                peft_config = dataclasses.replace(peft_config, base_model_name_or_path=name)
+        self.base_model = IA3Model(model, peft_config, adapter_name, autocast_adapter_dtype)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # -- adapters --------------------------------------------------------------------------------------------------
+    @property
+    def peft_config(self) -> dict[str, IA3Config]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.base_model.active_adapters)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    def add_adapter(self, adapter_name: str, peft_config: IA3Config) -> None:
+        """Add a new adapter (inactive until `set_adapter`)."""
+        self.base_model.inject_adapter(adapter_name, peft_config)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        with self.base_model.disable_adapter():
+            yield
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, counted as PEFT counts them."""
+        trainable = total = 0
+        for param in self.parameters():
+            total += param.numel()
+            if param.requires_grad:
+                trainable += param.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- running ---------------------------------------------------------------------------------------------------
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """Run the model. `adapter_names` (one per batch row; `"__base__"` for none) mixes adapters in one batch."""
+        with self.base_model.per_example(adapter_names):
+            return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """`generate` of the wrapped model; `adapter_names` gives each input row its adapter (beams and sampled
+        sequences of a row use that row's adapter)."""
+        with self.base_model.per_example(adapter_names):
+            return self.base_model.model.generate(*args, **kwargs)
+
+    # -- saving ----------------------------------------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        """The tensors PEFT saves for `adapter_name`, under PEFT's keys (adapter name stripped)."""
+        self.base_model._check_names([adapter_name])
+        out: dict[str, torch.Tensor] = {}
+        for name, layer in self.base_model.ia3_layers():
+            if adapter_name in layer.ia3_l:
+                out[f"{PREFIX}{name}.ia3_l"] = layer.ia3_l[adapter_name].detach()
+        for name, wrapper in self.base_model.wrappers():
+            if adapter_name in wrapper.modules_to_save:
+                for key, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
+                    out[f"{PREFIX}{name}.{key}"] = tensor.detach()
+        return out
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: list[str] | None = None,
+        safe_serialization: bool = True,
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write `adapter_config.json` and `adapter_model.safetensors` (adapters other than `"default"` go in a
+        subfolder named after them), each file atomically: a crash never leaves a half-written file."""
+        if not safe_serialization:
+            raise ValueError("ia3 saves adapters as safetensors only (safe_serialization=False is not supported)")
+        if Path(save_directory).is_file():
+            raise ValueError(f"save_directory {save_directory} is a file; pass a folder")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        self.base_model._check_names(names)
+        if not is_main_process:
+            return
+        for adapter_name in names:
+            folder = Path(save_directory) if adapter_name == "default" else Path(save_directory) / adapter_name
+            folder.mkdir(parents=True, exist_ok=True)
+            save_tensors(self.adapter_state_dict(adapter_name), folder / WEIGHTS_NAME)
+            import dataclasses
+
+            dataclasses.replace(self.peft_config[adapter_name], inference_mode=True).save_pretrained(folder)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload (IA)^3 adapter",
+        create_pr: bool = False,
+        selected_adapters: list[str] | None = None,
+    ) -> Any:
+        """Upload the adapter files (`adapter_config.json`, `adapter_model.safetensors`) to the Hub repo `repo_id`,
+        creating the repo if needed. Returns huggingface_hub's commit info."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, selected_adapters=selected_adapters)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=tmp,
+                revision=revision,
+                commit_message=commit_message,
+                create_pr=create_pr,
+                repo_type="model",
+            )
+
+    # -- loading ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: IA3Config | None = None,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        allow_pickle: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> PeftModel:
+        """Load an adapter (a folder or a Hub repo id, saved by ia3 or PEFT) onto `model`.
+
+        The adapter's `task_type` picks the subclass (as in PEFT). Every tensor of the file must fit a module of
+        `model` and every adapted module must get its tensor: anything else raises, naming the keys.
+        """
+        import dataclasses
+
+        if config is None:
+            config = IA3Config.from_pretrained(model_id, subfolder=subfolder, revision=revision, token=token)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        klass = cls if cls is not PeftModel else TASK_TO_MODEL.get(config.task_type or "", PeftModel)
+        fresh = dataclasses.replace(config, init_ia3_weights=True)
+        peft_model = klass(model, fresh, adapter_name, autocast_adapter_dtype)
+        peft_model._load_weights(model_id, adapter_name, subfolder, revision, token, allow_pickle)
+        return peft_model
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        allow_pickle: bool = False,
+    ) -> None:
+        """Load another adapter into this model under `adapter_name` (not made active)."""
+        import dataclasses
+
+        config = IA3Config.from_pretrained(model_id, subfolder=subfolder, revision=revision, token=token)
+        config = dataclasses.replace(config, inference_mode=not is_trainable, init_ia3_weights=True)
+        self.base_model.inject_adapter(adapter_name, config)
+        try:
+            self._load_weights(model_id, adapter_name, subfolder, revision, token, allow_pickle)
+        except BaseException:
+            self.base_model.delete_adapter(adapter_name)
+            raise
+
+    def _load_weights(self, model_id, adapter_name, subfolder, revision, token, allow_pickle) -> None:
+        path = resolve_file(model_id, WEIGHTS_NAME, subfolder=subfolder, revision=revision, token=token, missing_ok=True)
+        if path is None:
+            pickled = resolve_file(
+                model_id, PICKLE_WEIGHTS_NAME, subfolder=subfolder, revision=revision, token=token, missing_ok=True
+            )
+            if pickled is None:
+                raise FileNotFoundError(f"{model_id} has no {WEIGHTS_NAME} (nor {PICKLE_WEIGHTS_NAME})")
+            path = pickled
+        self.load_adapter_state_dict(load_tensors(path, allow_pickle=allow_pickle), adapter_name, source=str(path))
+
+    def load_adapter_state_dict(
+        self, tensors: dict[str, torch.Tensor], adapter_name: str, source: str = "state dict"
+    ) -> None:
+        """Copy PEFT-format adapter tensors into adapter `adapter_name`, strictly: all or nothing."""
+        expected = self.adapter_state_dict(adapter_name)
+        problems: list[str] = []
+        unexpected = sorted(set(tensors) - set(expected))
+        missing = sorted(set(expected) - set(tensors))
+        if unexpected:
+            problems.append(f"{len(unexpected)} key(s) match no adapted module of this model, e.g. {unexpected[:3]}")
+        if missing:
+            problems.append(f"{len(missing)} adapted module(s) get no tensor, e.g. {missing[:3]}")
+        for key in sorted(set(tensors) & set(expected)):
+            got, want = tuple(tensors[key].shape), tuple(expected[key].shape)
+            if got != want:
+                problems.append(f"{key} has shape {got} but this model needs {want}")
+            elif not tensors[key].dtype.is_floating_point:
+                problems.append(f"{key} has dtype {tensors[key].dtype}; expected floating point")
+        if problems:
+            raise ValueError(
+                f"The adapter in {source} does not fit this {type(self.get_base_model()).__name__} (was it trained "
+                "on another architecture or size?):\n  - " + "\n  - ".join(problems)
+            )
+        with torch.no_grad():
+            for key, tensor in expected.items():
+                tensor.copy_(tensors[key].to(dtype=tensor.dtype, device=tensor.device))
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """(IA)^3 on an encoder-decoder LM (T5, mT5/mT0, BART)."""
+
+
+class PeftModelForCausalLM(PeftModel):
+    """(IA)^3 on a decoder-only LM (GPT-2, Llama, ...)."""
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """(IA)^3 on a sequence classifier; its head (`classifier` / `score`) trains in full via `modules_to_save`."""
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """(IA)^3 on a token classifier; its head (`classifier` / `score`) trains in full via `modules_to_save`."""
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """(IA)^3 on an extractive QA model; its head (`qa_outputs`) trains in full via `modules_to_save`."""
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """(IA)^3 on a bare encoder for embeddings."""
+
+
+TASK_TO_MODEL: dict[str, type[PeftModel]] = {
+    "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
+    "CAUSAL_LM": PeftModelForCausalLM,
+    "SEQ_CLS": PeftModelForSequenceClassification,
+    "TOKEN_CLS": PeftModelForTokenClassification,
+    "QUESTION_ANS": PeftModelForQuestionAnswering,
+    "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(
+    model: nn.Module, peft_config: IA3Config, adapter_name: str = "default", autocast_adapter_dtype: bool = True
+) -> PeftModel:
+    """Wrap `model` with a new (IA)^3 adapter; returns the `PeftModel` subclass for `peft_config.task_type`.
+
+    Base weights are frozen; only the adapter's vectors (and `modules_to_save` copies) train.
+    """
+    if not isinstance(peft_config, IA3Config):
+        raise TypeError(f"peft_config must be an ia3.IA3Config; got {type(peft_config).__name__}")
+    if any(isinstance(m, IA3Layer) for m in model.modules()):
+        raise ValueError("This model already has (IA)^3 layers; use peft_model.add_adapter(...) to add another adapter")
+    klass = TASK_TO_MODEL.get(peft_config.task_type or "", PeftModel)
+    return klass(model, peft_config, adapter_name, autocast_adapter_dtype)
+
+

@@ -1,0 +1,340 @@
+"""`IA3Model`: injects (IA)^3 layers into a model and manages its adapters (add, activate, merge, delete, mix)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ia3.config import IA3Config
+from ia3.layer import IA3Layer
+from ia3.modules_to_save import ModulesToSaveWrapper
+from ia3.targets import find_targets, matches, resolve_config
+
+BASE_ADAPTER = "__base__"  # in `adapter_names`: this row uses no adapter
+# Heads that a task trains in full: added to `modules_to_save` when the model has them (as PEFT does).
+TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+class IA3Model(nn.Module):
+    """The model with (IA)^3 layers in place. `PeftModel.base_model` is one; `.model` is the wrapped model.
+
+    Args:
+        model: the transformers (or any torch) model to adapt; changed in place.
+        config: the first adapter's config.
+        adapter_name: its name.
+        autocast_adapter_dtype: keep vectors in float32 when the base weights are float16/bfloat16 (as PEFT does);
+            otherwise vectors take the base weight's dtype.
+    """
+
+    prefix = "ia3_"
+
+    def __init__(
+        self, model: nn.Module, config: IA3Config, adapter_name: str = "default", autocast_adapter_dtype: bool = True
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, IA3Config] = {}
+        self.active_adapters: list[str] = []
+        self.autocast_adapter_dtype = autocast_adapter_dtype
+        self.inject_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # -- discovery -------------------------------------------------------------------------------------------------
+    def ia3_layers(self) -> Iterator[tuple[str, IA3Layer]]:
+        """(name relative to `self.model`, layer) for every (IA)^3 layer."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, IA3Layer):
+                yield name, module
+
+    def wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield name, module
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
+
+    def _check_names(self, names: list[str], allow_base: bool = False) -> None:
+        unknown = [n for n in names if n not in self.peft_config and not (allow_base and n == BASE_ADAPTER)]
+        if unknown:
+            extra = f" or {BASE_ADAPTER!r} for no adapter" if allow_base else ""
+            raise ValueError(f"Unknown adapter name(s) {unknown}; this model has {list(self.peft_config)}{extra}")
+
+    # -- adding ----------------------------------------------------------------------------------------------------
+    def _vector_dtype(self, layer: IA3Layer) -> torch.dtype:
+        dtype = layer.base_layer.weight.dtype
+        if not dtype.is_floating_point or (self.autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16)):
+            return torch.float32
+        return dtype
+
+    def inject_adapter(self, adapter_name: str, config: IA3Config) -> IA3Config:
+        """Add adapter `adapter_name` as described by `config`; returns the resolved config it stores."""
+        if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE_ADAPTER or "." in adapter_name:
+            raise ValueError(f"Invalid adapter name {adapter_name!r}: use a non-empty name without '.' (not {BASE_ADAPTER!r})")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or pick another name")
+        if not isinstance(config, IA3Config):
+            raise TypeError(f"config must be an IA3Config; got {type(config).__name__}")
+        resolved = resolve_config(config, self.model)
+        if resolved.task_type in TASK_HEADS:
+            heads = [h for h in TASK_HEADS[resolved.task_type] if h not in (resolved.modules_to_save or [])]
+            resolved = dataclasses.replace(resolved, modules_to_save=[*(resolved.modules_to_save or []), *heads])
+        targets = find_targets(resolved, self.model)
+        # check every target before changing anything, so that a bad config leaves the model as it was
+        for target in targets:
+            module = self.model.get_submodule(target.name)
+            if isinstance(module, IA3Layer) and module.is_feedforward != target.is_feedforward:
+                side = "input" if module.is_feedforward else "output"
+                raise ValueError(
+                    f"{target.name} already scales its {side} for adapters {list(module.ia3_l)}; adapter "
+                    f"{adapter_name!r} would scale the other side. Make feedforward_modules agree across adapters."
+                )
+        save_names = self._modules_to_save_names(resolved)
+        for target in targets:
+            module = self.model.get_submodule(target.name)
+            if not isinstance(module, IA3Layer):
+                module = IA3Layer.from_module(module, target.is_feedforward)
+                _set_module(self.model, target.name, module)
+            module.add_adapter(adapter_name, init_ones=resolved.init_ia3_weights, dtype=self._vector_dtype(module))
+        for name in save_names:
+            wrapper = self.model.get_submodule(name)
+            if not isinstance(wrapper, ModulesToSaveWrapper):
+                wrapper = ModulesToSaveWrapper(wrapper)
+                _set_module(self.model, name, wrapper)
+            wrapper.add_adapter(adapter_name)
+        self.peft_config[adapter_name] = resolved
+        self._refresh()
+        return resolved
+
+    def _modules_to_save_names(self, config: IA3Config) -> list[str]:
+        if not config.modules_to_save:
+            return []
+        found: list[str] = []
+        inside: list[str] = []
+        for name, module in self.model.named_modules():
+            if not name or any(name.startswith(p + ".") for p in inside):
+                continue
+            if isinstance(module, ModulesToSaveWrapper):
+                inside.append(name)
+            if matches(config.modules_to_save, name):
+                found.append(name)
+                inside.append(name)
+        optional = set(TASK_HEADS.get(config.task_type or "", []))
+        missing = [m for m in config.modules_to_save if m not in optional and not matches([m], "") and not any(
+            matches([m], f) for f in found)]
+        if missing:
+            raise ValueError(f"modules_to_save names {missing}, which match no module of this {type(self.model).__name__}")
+        return found
+
+    # -- activation and training -----------------------------------------------------------------------------------
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Make these adapters active (their vectors multiply); only active adapters train."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_names(names)
+        if not names:
+            raise ValueError("set_adapter needs at least one adapter name")
+        self.active_adapters = names
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Push the active adapters to every layer and set `requires_grad`: only active, trainable adapters."""
+        trainable = {n for n in self.active_adapters if not self.peft_config[n].inference_mode}
+        for param_name, param in self.model.named_parameters():
+            if ".ia3_l." not in param_name and ".modules_to_save." not in param_name:
+                param.requires_grad_(False)
+        for _, layer in self.ia3_layers():
+            layer.active_adapters = [n for n in self.active_adapters if n in layer.ia3_l]
+            for name, vector in layer.ia3_l.items():
+                vector.requires_grad_(name in trainable)
+        for _, wrapper in self.wrappers():
+            wrapper.set_active(self.active_adapters)
+            for name, module in wrapper.modules_to_save.items():
+                module.requires_grad_(name in trainable)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_names([adapter_name])
+        for name, layer in self.ia3_layers():
+            if adapter_name in layer.merged_adapters:
+                raise ValueError(f"Adapter {adapter_name!r} is merged into {name}; unmerge_adapter() first")
+        for _, layer in list(self.ia3_layers()):
+            layer.delete_adapter(adapter_name)
+        for _, wrapper in self.wrappers():
+            wrapper.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+        if not self.active_adapters and self.peft_config:
+            self.active_adapters = [next(iter(self.peft_config))]
+        self._refresh()
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the block; merged adapters are unmerged (exactly) and merged back after."""
+        merged = {name: list(layer.merged_adapters) for name, layer in self.ia3_layers() if layer.merged_adapters}
+        for name in merged:
+            self.model.get_submodule(name).unmerge()
+        layers = [layer for _, layer in self.ia3_layers()] + [w for _, w in self.wrappers()]
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disabled = False
+            for name, adapters in merged.items():
+                self.model.get_submodule(name).merge(adapters)
+
+    # -- per-example adapters --------------------------------------------------------------------------------------
+    @contextmanager
+    def per_example(self, adapter_names: list[str] | None) -> Iterator[None]:
+        """Inside the block each batch row uses its own adapter (`BASE_ADAPTER` for none), in one pass.
+
+        Every layer gathers its vectors into a `(batch, F)` table once on entry; `generate` reuses it for every
+        decoding step, repeating rows for beams and returned sequences.
+        """
+        if adapter_names is None:
+            yield
+            return
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) or not adapter_names:
+            raise ValueError(f"adapter_names must be a non-empty list with one adapter name per row; got {adapter_names!r}")
+        names = list(adapter_names)
+        self._check_names(sorted(set(names)), allow_base=True)
+        merged = [name for name, layer in self.ia3_layers() if layer.merged_adapters]
+        if merged:
+            raise ValueError(f"Per-example adapters need unmerged layers, but {merged[:3]} are merged; call unmerge_adapter()")
+        unique = list(dict.fromkeys(names))
+        layers = [layer for _, layer in self.ia3_layers()]
+        device = next((layer.base_layer.weight.device for layer in layers), torch.device("cpu"))
+        index = torch.tensor([unique.index(n) for n in names], device=device)
+        try:
+            for layer in layers:
+                table = torch.stack([layer.vector_or_ones(n) for n in unique])  # (adapters, F)
+                layer.set_row_scales(table.index_select(0, index.to(table.device)))  # (batch, F)
+            for _, wrapper in self.wrappers():
+                wrapper._row_adapters = names
+            yield
+        finally:
+            for layer in layers:
+                layer.set_row_scales(None)
+            for _, wrapper in self.wrappers():
+                wrapper._row_adapters = None
+
+    # -- merging ---------------------------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights; `unmerge_adapter` undoes it exactly.
+
+        Keeps a copy of every merged layer's original weight and bias until unmerge (memory: the size of the
+        targeted layers' weights). With `safe_merge`, every layer is checked first and nothing changes on failure.
+        """
+        self._merge(adapter_names, safe_merge, keep_original=True)
+
+    def _merge(self, adapter_names: list[str] | None, safe_merge: bool, keep_original: bool) -> None:
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        self._check_names(names)
+        layers = list(self.ia3_layers())
+        if safe_merge:
+            broken = [name for name, layer in layers if not layer.check_merge(names)]
+            if broken:
+                raise ValueError(
+                    f"Merging adapter(s) {names} would give non-finite weights in {broken[:5]}; nothing was merged. "
+                    "The adapter seems broken: check its vectors for NaN/inf or huge values."
+                )
+        for _, layer in layers:
+            layer.merge(names, keep_original=keep_original)
+
+    def unmerge_adapter(self) -> None:
+        """Restore every merged layer's original weights bit for bit."""
+        for _, layer in self.ia3_layers():
+            layer.unmerge()
+
+    @property
+    def merged(self) -> bool:
+        return any(layer.merged_adapters for _, layer in self.ia3_layers())
+
+    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        if merge:
+            self._merge(adapter_names, safe_merge, keep_original=False)
+        for name, layer in list(self.ia3_layers()):
+            if not merge and layer.merged_adapters:
+                layer.unmerge()
+            _set_module(self.model, name, layer.to_module())
+        for name, wrapper in list(self.wrappers()):
+            keep = wrapper.module_for(wrapper.active_adapter) if merge else wrapper.original_module
+            _set_module(self.model, name, keep)
+        return self.model
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge adapters (default: the active ones) and return the plain model, without (IA)^3 layers."""
+        return self._unload(True, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Return the plain base model with its original weights (merged layers are unmerged first)."""
+        return self._unload(False)
+
+    # -- combining -------------------------------------------------------------------------------------------------
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """Create `adapter_name` whose vector in every layer is `sum_i weights[i] * l_i`.
+
+        Unlike PEFT, a layer that adapter `i` does not touch counts as `l_i = 1` (the identity that adapter applies
+        there), not 0; so combining adapters that target different modules keeps each one's effect, and weights
+        summing to 1 give the identity wherever no adapter acts.
+        """
+        adapters = list(adapters)
+        weights = [float(w) for w in weights]
+        if not adapters or len(adapters) != len(weights):
+            raise ValueError(f"Need one weight per adapter; got {len(adapters)} adapters and {len(weights)} weights")
+        self._check_names(adapters)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists")
+        configs = [self.peft_config[a] for a in adapters]
+        target_sets = {name for name, layer in self.ia3_layers() if any(a in layer.ia3_l for a in adapters)}
+        saved = [a for a in adapters if configs[adapters.index(a)].modules_to_save]
+        if len(saved) > 1:
+            raise ValueError(f"Adapters {saved} all train full modules (modules_to_save); these cannot be averaged")
+        first = configs[0]
+        merged_config = dataclasses.replace(
+            first,
+            target_modules=sorted(target_sets),
+            feedforward_modules=sorted(n for n in target_sets if self.model.get_submodule(n).is_feedforward),
+            exclude_modules=None,
+            modules_to_save=configs[adapters.index(saved[0])].modules_to_save if saved else None,
+            init_ia3_weights=True,
+        )
+        self.inject_adapter(adapter_name, merged_config)
+        with torch.no_grad():
+            for _, layer in self.ia3_layers():
+                if adapter_name not in layer.ia3_l:
+                    continue
+                total = torch.zeros_like(layer.ia3_l[adapter_name])
+                for adapter, weight in zip(adapters, weights):
+                    vector = layer.ia3_l[adapter] if adapter in layer.ia3_l else torch.ones_like(total)
+                    total += weight * vector.to(total.dtype)
+                layer.ia3_l[adapter_name].copy_(total)
+            if saved:
+                for _, wrapper in self.wrappers():
+                    if saved[0] in wrapper.modules_to_save and adapter_name in wrapper.modules_to_save:
+                        wrapper.modules_to_save[adapter_name].load_state_dict(
+                            wrapper.modules_to_save[saved[0]].state_dict()
+                        )
+        self._refresh()
