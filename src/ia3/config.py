@@ -56,6 +56,12 @@ def _as_names(value: Any, field_name: str, problems: list[str]) -> list[str] | s
     return None
 
 
+def names_overlap(name: str, names: list[str]) -> bool:
+    """True when module-name entry `name` and some entry of `names` can name the same module: equal, or one is a
+    dotted suffix of the other (`"wo"` and `"encoder.block.0.layer.1.DenseReluDense.wo"`, as `all-linear` resolves)."""
+    return any(n == name or n.endswith("." + name) or name.endswith("." + n) for n in names)
+
+
 @dataclass
 class IA3Config:
     """Configuration of an (IA)^3 adapter (Liu et al. 2022, https://arxiv.org/abs/2205.05638).
@@ -120,7 +126,7 @@ class IA3Config:
         if isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR:
             self.target_modules = ALL_LINEAR
         if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
-            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            extra = sorted(f for f in self.feedforward_modules if not names_overlap(f, self.target_modules))
             if extra:
                 problems.append(
                     f"`feedforward_modules` must be a subset of `target_modules`; {extra} are not targets "

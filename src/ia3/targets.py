@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ia3.config import ALL_LINEAR, IA3Config
+from ia3.config import ALL_LINEAR, IA3Config, names_overlap
 
 # model_type -> modules that get a vector (attention keys/values and the feed-forward layer, per the paper)
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -160,10 +160,14 @@ def resolve_config(config: IA3Config, model: nn.Module) -> IA3Config:
             if isinstance(module, (nn.Linear, Conv1D)) and name and name not in excluded
         )
     if config.feedforward_modules is None:
-        if config.target_modules is None and model_type in DEFAULT_FEEDFORWARD_MODULES:
-            changes["feedforward_modules"] = sorted(DEFAULT_FEEDFORWARD_MODULES[model_type])
-        else:
-            changes["feedforward_modules"] = []
+        # As PEFT: the model type's feed-forward defaults apply whenever feedforward_modules is not given, also
+        # with explicit target_modules; defaults that name none of the listed targets are dropped (PEFT keeps them,
+        # writing an adapter_config.json that fails its own subset check on load).
+        defaults = DEFAULT_FEEDFORWARD_MODULES.get(model_type, []) if model_type else []
+        targets = changes.get("target_modules", config.target_modules)
+        if isinstance(targets, list):
+            defaults = [name for name in defaults if names_overlap(name, targets)]
+        changes["feedforward_modules"] = sorted(defaults)
     resolved = dataclasses.replace(config, **changes) if changes else config
     uses_conv1d = any(isinstance(model.get_submodule(t.name), Conv1D) for t in find_targets(resolved, model))
     if uses_conv1d != resolved.fan_in_fan_out:
