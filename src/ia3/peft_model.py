@@ -207,8 +207,15 @@ class PeftModel(nn.Module):
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         klass = cls if cls is not PeftModel else TASK_TO_MODEL.get(config.task_type or "", PeftModel)
         fresh = dataclasses.replace(config, init_ia3_weights=True)
+        had_layers = any(isinstance(m, IA3Layer) for m in model.modules())
         peft_model = klass(model, fresh, adapter_name, autocast_adapter_dtype)
-        peft_model._load_weights(model_id, adapter_name, subfolder, revision, token, allow_pickle)
+        try:
+            peft_model._load_weights(model_id, adapter_name, subfolder, revision, token, allow_pickle)
+        except BaseException:
+            # `model` was changed in place; put its original layers back so a failed load leaves it as it was
+            if not had_layers:
+                peft_model.base_model.unload()
+            raise
         return peft_model
 
     def load_adapter(

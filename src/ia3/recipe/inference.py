@@ -1,0 +1,110 @@
+"""Using a trained run: load it, evaluate it on a dataset, predict labels for new texts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ia3 import IA3Config, PeftModel
+from ia3.recipe.config import RecipeConfig, build_config
+from ia3.recipe.data import Examples, load_examples, train_val_split
+from ia3.recipe.evaluate import evaluate, generate_labels, score_batch
+from ia3.recipe.features import encode
+from ia3.recipe.modeling import load_base_model, load_tokenizer
+from ia3.recipe.train import RECIPE_FILE
+
+_TASK_OF = {"SEQ_2_SEQ_LM": "seq2seq", "CAUSAL_LM": "causal", "SEQ_CLS": "cls"}
+
+
+def run_config(adapter_dir: str | Path, overrides: dict[str, Any] | None = None) -> RecipeConfig:
+    """The recipe config of a run folder (its `recipe.yaml`), with `overrides`; for an adapter trained elsewhere,
+    the model and task come from its `adapter_config.json`."""
+    folder = Path(adapter_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; pass the output folder of `ia3 train` or an adapter folder")
+    saved_path = folder / RECIPE_FILE
+    base: dict[str, Any] = {}
+    if saved_path.is_file():
+        base = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    else:
+        adapter = IA3Config.from_pretrained(folder)
+        if adapter.task_type not in _TASK_OF:
+            raise ValueError(f"{folder}: adapter task_type {adapter.task_type!r} is not a recipe task "
+                             f"({sorted(_TASK_OF)})")
+        base = {"model": {"name": adapter.base_model_name_or_path, "task": _TASK_OF[adapter.task_type]}}
+    base["output_dir"] = str(folder)
+    return build_config(base=base, overrides=overrides)
+
+
+def load_run(adapter_dir: str | Path, cfg: RecipeConfig, label_names: list[str], device: str | None = None):
+    """(tokenizer, PeftModel in eval mode) for the run in `adapter_dir`."""
+    tokenizer = load_tokenizer(cfg.model, cfg.model.task)
+    base = load_base_model(cfg.model, cfg.model.task, label_names)
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return tokenizer, model.to(device).eval()
+
+
+def evaluate_run(
+    adapter_dir: str | Path, overrides: dict[str, Any] | None = None, split: str = "val", progress: bool = True
+) -> tuple[dict, list[dict], Examples]:
+    """Metrics of a trained adapter on its dataset's validation split (or `split="all"`: every example).
+
+    Returns (metrics, predictions, examples) with predictions in `examples` order.
+    """
+    cfg = run_config(adapter_dir, overrides)
+    d = cfg.data
+    examples = load_examples(d.dataset, subset=d.subset, split=d.split, text_column=d.text_column,
+                             label_column=d.label_column, label_names=d.label_names)
+    if split == "val":
+        _, examples = train_val_split(examples, d.val_split, cfg.train.seed)
+    elif split != "all":
+        raise ValueError(f"split must be 'val' or 'all'; got {split!r}")
+    tokenizer, model = load_run(adapter_dir, cfg, examples.label_names)
+    enc = encode(tokenizer, examples, cfg.model.task, d.max_length, d.label_length, d.prompt)
+    metrics, predictions = evaluate(model, tokenizer, enc, examples.label_names, batch_size=cfg.train.eval_batch_size,
+                                    label_length=d.label_length, generation=cfg.train.generation_eval,
+                                    progress=progress)
+    for text, row, gold in zip(examples.texts, predictions, examples.labels):
+        row["text"] = text
+        row["gold"] = examples.label_names[gold]
+    return metrics, predictions, examples
+
+
+@torch.no_grad()
+def predict(
+    adapter_dir: str | Path, texts: list[str], mode: str = "rank", overrides: dict[str, Any] | None = None,
+    batch_size: int = 32,
+) -> list[dict]:
+    """Labels for `texts`: `mode="rank"` scores every label (the eval accuracy's predictions); `"generate"`
+    returns the model's free generation (seq2seq/causal only)."""
+    if mode not in ("rank", "generate"):
+        raise ValueError(f"mode must be 'rank' or 'generate'; got {mode!r}")
+    cfg = run_config(adapter_dir, overrides)
+    if mode == "generate" and cfg.model.task == "cls":
+        raise ValueError("mode 'generate' needs a label-generation task; this run is a classifier (use rank)")
+    label_names = cfg.data.label_names
+    if not label_names:
+        raise ValueError(f"{adapter_dir}: the run's recipe.yaml names no data.label_names; pass --data.label_names")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+    if bad:
+        raise ValueError(f"Input(s) {bad[:5]} are empty; every input needs some text")
+    tokenizer, model = load_run(adapter_dir, cfg, label_names)
+    examples = Examples([t.strip() for t in texts], [0] * len(texts), label_names)
+    d = cfg.data
+    enc = encode(tokenizer, examples, cfg.model.task, d.max_length, d.label_length, d.prompt)
+    device = next(model.parameters()).device
+    out: list[dict] = []
+    for start in range(0, len(texts), batch_size):
+        indices = list(range(start, min(start + batch_size, len(texts))))
+        if mode == "rank":
+            preds, scores, _, _ = score_batch(model, enc, indices, device)
+            out += [{"text": texts[i], "label": label_names[p], "scores": dict(zip(label_names, s))}
+                    for i, p, s in zip(indices, preds, scores)]
+        else:
+            generated = generate_labels(model, tokenizer, enc, indices, d.label_length, device)
+            out += [{"text": texts[i], "generated": g.strip()} for i, g in zip(indices, generated)]
+    return out
