@@ -15,7 +15,6 @@ import torch  # noqa: E402
 import ia3  # noqa: E402
 
 
-
 def pytest_configure(config):
     # peft warns that it switches fan_in_fan_out on for GPT-2's Conv1D; expected, not a problem
     config.addinivalue_line("filterwarnings", "ignore:fan_in_fan_out is set to False:UserWarning")

@@ -234,11 +234,21 @@ class PeftModel(nn.Module):
 
         config = IA3Config.from_pretrained(model_id, subfolder=subfolder, revision=revision, token=token)
         config = dataclasses.replace(config, inference_mode=not is_trainable, init_ia3_weights=True)
+        wrapped_before = {name for name, _ in self.base_model.ia3_layers()} | {n for n, _ in self.base_model.wrappers()}
         self.base_model.inject_adapter(adapter_name, config)
         try:
             self._load_weights(model_id, adapter_name, subfolder, revision, token, allow_pickle)
         except BaseException:
             self.base_model.delete_adapter(adapter_name)
+            # also undo the wrapping of layers that only this adapter targeted, so the model is as it was
+            from ia3.tuner import _set_module
+
+            for name, layer in list(self.base_model.ia3_layers()):
+                if name not in wrapped_before and not len(layer.ia3_l):
+                    _set_module(self.base_model.model, name, layer.base_layer)
+            for name, wrapper in list(self.base_model.wrappers()):
+                if name not in wrapped_before and not len(wrapper.modules_to_save):
+                    _set_module(self.base_model.model, name, wrapper.original_module)
             raise
 
     def _load_weights(self, model_id, adapter_name, subfolder, revision, token, allow_pickle) -> None:

@@ -40,6 +40,12 @@ def load_tokenizer(args: ModelArgs, task: str):
             f"Could not load a tokenizer for model {args.name!r}: {err}. The recipe needs the model's tokenizer "
             "files (tokenizer.json or a vocabulary) beside its weights."
         ) from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)) + 1:
+        raise ValueError(
+            f"Model {args.name!r} has no tokenizer: the one loaded knows only its {len(tokenizer)} special tokens. "
+            "The recipe needs the model's tokenizer files (tokenizer.json, vocab.txt, spiece.model, ...) beside its "
+            "weights; copy them from the model this one was made from."
+        )
     if task == "causal":
         if tokenizer.eos_token_id is None:
             raise ValueError(f"The tokenizer of {args.name!r} has no EOS token; the causal task ends labels with EOS")
