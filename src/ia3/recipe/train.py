@@ -38,14 +38,29 @@ def _accelerator(cfg: RecipeConfig):
     return Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision])
 
 
-def _loss(model, enc, indices, cfg: RecipeConfig, device) -> tuple[torch.Tensor, int]:
-    """Training loss of one (per-process) batch, and the number of units it averages over."""
+def _units(enc, indices: list[int], cfg: RecipeConfig) -> int:
+    """What the loss of these examples averages over: gold label tokens (LM loss) or examples."""
+    if cfg.model.task == "cls" or cfg.train.loss == "tfew":
+        return len(indices)
+    return sum(len(enc.choice_ids[enc.labels[i]]) for i in indices)
+
+
+def _loss_sum(model, enc, indices: list[int], cfg: RecipeConfig, device) -> torch.Tensor:
+    """Summed training loss of these examples (divided later by the units of the whole optimizer step, across
+    processes and accumulation steps, so that any split of a global batch gives the same gradient)."""
+    if not indices:  # this process got no rows of a small last batch: a zero loss that still reaches every vector
+        return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
     if cfg.train.loss == "tfew":
         lp, mask = choice_logprobs(model, enc, indices, device)
         gold = torch.tensor([enc.labels[i] for i in indices], device=lp.device)
-        return tfew_losses(lp, mask, gold)["total"], len(indices)
+        return tfew_losses(lp, mask, gold)["total"] * len(indices)
     batch = {k: v.to(device) for k, v in train_batch(enc, indices).items()}
-    return model(**batch).loss, len(indices)
+    logits = model(**batch).logits.float()
+    labels = batch["labels"]
+    if cfg.model.task == "causal":  # position t predicts token t + 1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
 
 
 def _log(path: Path, record: dict) -> None:
@@ -142,15 +157,17 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
             if len(group) < t.grad_accum and not last:
                 bar.update(1)
                 continue
-            total_rows = sum(len(g) for g in group)
+            units = sum(_units(train_enc, g, cfg) for g in group)  # the whole step's, on every process
             for i, global_batch in enumerate(group):
                 local = global_batch[rank::world]
                 ctx = accelerator.no_sync(model) if i < len(group) - 1 else _null()
                 with ctx, accelerator.autocast():
-                    loss, units = _loss(model, train_enc, local, cfg, device)
-                    accelerator.backward(loss * len(global_batch) / total_rows)
-                loss_sum += float(loss.detach()) * len(global_batch)
-                loss_units += len(global_batch)
+                    summed = _loss_sum(model, train_enc, local, cfg, device)
+                    # DDP averages gradients over processes: scale by `world` so the step's gradient is the
+                    # gradient of (sum of all processes' losses) / units, whatever the split
+                    accelerator.backward(summed * world / units)
+                loss_sum += float(accelerator.reduce(summed.detach(), reduction="sum")) if world > 1 else float(summed)
+            loss_units += units
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
