@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_dirs import DEMO, make_model_dir
 
 import ia3.recipe.train as train_module
 from ia3.recipe.config import build_config
@@ -19,8 +20,6 @@ from ia3.recipe.inference import evaluate_run, predict
 from ia3.recipe.losses import tfew_losses
 from ia3.recipe.metrics import classification_report
 from ia3.recipe.train import train
-
-from tiny_dirs import DEMO, make_model_dir
 
 DATA = Path("/nonexistent")  # set by the small_data fixture (autouse below)
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "financial_phrasebank" / "Sentences_AllAgree.txt"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ PEFT_FORMAT_VERSION = "0.17.0"
 ALL_LINEAR = "all-linear"
 
 
-class TaskType(str, Enum):
+class TaskType(StrEnum):
     """The task types PEFT knows; they pick the `PeftModel` subclass `get_peft_model` returns."""
 
     SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
@@ -31,7 +31,7 @@ class TaskType(str, Enum):
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
-class PeftType(str, Enum):
+class PeftType(StrEnum):
     IA3 = PEFT_TYPE
 
 

@@ -110,7 +110,7 @@ class IA3Layer(nn.Module):
         """Product of the active adapters' vectors (None when no active adapter touches this layer)."""
         scale = None
         for name in self.active_adapters:
-            vector = self.ia3_l[name] if name in self.ia3_l else None
+            vector = self.ia3_l.get(name, None)
             if vector is not None:
                 scale = vector if scale is None else scale * vector
         return scale
