@@ -256,7 +256,7 @@ def test_bad_adapter_names_for_per_example():
 
 def test_adding_adapters_refuses_bad_names_and_duplicates():
     model = ia3.get_peft_model(M.t5(), ia3.IA3Config(task_type="SEQ_2_SEQ_LM"))
-    for bad in ("", "a.b", "__base__"):
+    for bad in ("", "a.b", "__base__", "keys", "values", "update"):  # the last three: ParameterDict methods
         with pytest.raises(ValueError, match="Invalid adapter name"):
             model.add_adapter(bad, ia3.IA3Config(task_type="SEQ_2_SEQ_LM"))
     with pytest.raises(ValueError, match="already exists"):

@@ -124,6 +124,8 @@ def test_config_layers_and_errors(tmp_path):
     path.write_text("train:\n  lr: 0.001\n  epochs: 4\n")
     cfg = build_config(path, {"train.epochs": "7"})
     assert (cfg.train.lr, cfg.train.epochs, cfg.train.batch_size) == (0.001, 7, 8)  # file < flags, defaults kept
+    path.write_text("train:\n  lr: 8e-3\n")  # YAML 1.1 reads this as a string
+    assert build_config(path).train.lr == 0.008
     path.write_text("train:\n  learning_rate: 0.001\n")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['train.learning_rate'\]"):
         build_config(path)
@@ -265,6 +267,8 @@ def test_cli_train_predict_inspect(tmp_path, model_dirs, small_data):
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert done.returncode == 0 and [r["text"] for r in rows] == ["Net sales grew 12 percent.", "The meeting is on Monday."]
     assert all(r["label"] in ("negative", "neutral", "positive") for r in rows)
+    done = _cli("predict", str(out), "Net sales grew 12 percent.", "--mode", "rank")  # options after the texts
+    assert done.returncode == 0 and json.loads(done.stdout)["label"] == rows[0]["label"]
     info = json.loads(_cli("inspect", str(out)).stdout)
     assert info["task_type"] == "SEQ_CLS" and info["layers"] == 8 and info["modules_to_save_parameters"] == 32 * 3 + 3
 

@@ -6,6 +6,7 @@
     ia3 merge ADAPTER_DIR --output DIR
     ia3 inspect ADAPTER_DIR
     ia3 push ADAPTER_DIR REPO_ID [--private]
+    ia3 serve --model MODEL --adapters DIR [--task seq2seq|causal|cls] [--port 8000] ...   (needs ia3[serve])
 """
 
 from __future__ import annotations
@@ -131,6 +132,26 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from ia3.serve import ServeConfig
+        from ia3.serve.app import run
+    except ImportError as err:
+        raise ValueError(f"ia3 serve needs fastapi and uvicorn ({err}): pip install 'ia3[serve]'") from None
+
+    labels = [n.strip() for n in args.label_names.split(",") if n.strip()] if args.label_names else None
+    config = ServeConfig(
+        model=args.model, adapters_dir=args.adapters, task=args.task, label_names=labels, device=args.device,
+        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        max_inputs=args.max_inputs, max_input_chars=args.max_input_chars, max_input_tokens=args.max_input_tokens,
+        max_new_tokens=args.max_new_tokens, max_body_bytes=args.max_body_bytes,
+        request_timeout_s=args.request_timeout_s, api_key=args.api_key or os.environ.get("IA3_API_KEY") or None,
+        allow_hub=not args.no_hub,
+    )
+    run(config, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ia3", description="(IA)^3 fine-tuning: train, evaluate, predict, merge, share")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-epoch lines")
@@ -172,11 +193,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repo_id")
     p.add_argument("--private", action="store_true")
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("serve", help="HTTP API: one base model, many adapters mixed in every batch (ia3[serve])")
+    p.add_argument("--model", required=True, help="base model: Hub id or local folder (with its tokenizer)")
+    p.add_argument("--adapters", required=True, help="folder of adapter folders (each loaded under its folder name)")
+    p.add_argument("--task", choices=["seq2seq", "causal", "cls"], default="seq2seq")
+    p.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--label-names", help="comma-separated labels for /v1/classify (default: the adapters' recipe.yaml)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="inputs per model call (default: 32)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="wait for a batch to fill (default: 10)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting before 503 (default: 256)")
+    p.add_argument("--max-inputs", type=int, default=64, help="inputs per request (default: 64)")
+    p.add_argument("--max-input-chars", type=int, default=4000, help="characters per input (default: 4000)")
+    p.add_argument("--max-input-tokens", type=int, default=512, help="inputs are truncated to this (default: 512)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="cap on max_new_tokens (default: 128)")
+    p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="(default: 2 MiB)")
+    p.add_argument("--request-timeout-s", type=float, default=30.0, help="(default: 30)")
+    p.add_argument("--api-key", help="require this key (Authorization: Bearer / X-API-Key); default: $IA3_API_KEY")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--no-hub", action="store_true", help="refuse loading adapters from the Hub at run time")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # texts may come after options
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
 

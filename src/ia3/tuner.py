@@ -93,6 +93,8 @@ class IA3Model(nn.Module):
         """Add adapter `adapter_name` as described by `config`; returns the resolved config it stores."""
         if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE_ADAPTER or "." in adapter_name:
             raise ValueError(f"Invalid adapter name {adapter_name!r}: use a non-empty name without '.' (not {BASE_ADAPTER!r})")
+        if hasattr(nn.ParameterDict(), adapter_name) or hasattr(nn.ModuleDict(), adapter_name):
+            raise ValueError(f"Invalid adapter name {adapter_name!r}: it is the name of a torch container method; pick another")
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or pick another name")
         if not isinstance(config, IA3Config):

@@ -177,7 +177,8 @@ def build_config(
                 if unknown:
                     raise ValueError(f"{source}: unknown key(s) {[f'{key}.{u}' for u in unknown]}; "
                                      f"{key} accepts {sorted(allowed)}")
-                merged[key].update(value)
+                for name, item in value.items():  # YAML 1.1 reads `8e-3` as a string: coerce like a flag
+                    merged[key][name] = _coerce(item, getattr(GROUPS[key](), name), f"{key}.{name}")
             else:
                 raise ValueError(f"{source}: unknown key {key!r}; the config accepts output_dir, {sorted(GROUPS)}")
     for key, value in (overrides or {}).items():

@@ -128,8 +128,9 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
         out.mkdir(parents=True, exist_ok=True)
         resolved = RecipeConfig(output_dir=cfg.output_dir, model=m, data=type(d)(**{**d.__dict__, "label_names": label_names}), train=t)
         resolved.save(out / RECIPE_FILE)
-        if not resume:
-            atomic_write_text(out / LOG_FILE, "")
+        # a fresh run starts an empty log; a resumed one restarts it from the checkpoint's history, which drops the
+        # lines of epochs logged after that checkpoint (a crash between logging an epoch and checkpointing it)
+        atomic_write_text(out / LOG_FILE, "".join(json.dumps(h) + "\n" for h in history))
 
     def checkpoint(epoch: int, batches_done: int) -> None:
         if main:
@@ -166,7 +167,7 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
                     # DDP averages gradients over processes: scale by `world` so the step's gradient is the
                     # gradient of (sum of all processes' losses) / units, whatever the split
                     accelerator.backward(summed * world / units)
-                loss_sum += float(accelerator.reduce(summed.detach(), reduction="sum")) if world > 1 else float(summed)
+                loss_sum += float(accelerator.reduce(summed.detach(), reduction="sum")) if world > 1 else float(summed.detach())
             loss_units += units
             optimizer.step()
             scheduler.step()

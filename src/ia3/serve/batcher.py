@@ -1,0 +1,293 @@
+"""Dynamic batching: one worker thread owns the model; requests queue up and are served in shared batches.
+
+A `Job` is one request: some rows (inputs) that all use one adapter, and a `key` saying which requests may share a
+batch (same kind and compatible parameters, e.g. the same `max_new_tokens` and `num_beams`). The worker takes the
+oldest waiting job, waits up to `max_wait_s` (from that job's arrival) for more rows with the same key, and then
+runs up to `max_batch_size` rows, taken in arrival order, in one call, whatever their adapters. A request with more
+rows than fit is spread over consecutive batches. Control tasks (loading or deleting an adapter) run on the same
+thread between batches, so the model is never changed while it runs.
+
+`max_queue` bounds the requests admitted and not yet answered: one more raises `QueueFull` (HTTP 503) at once.
+A request that times out is cancelled: its rows not yet taken are dropped and late results are discarded.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ia3.serve.errors import QueueFull, ShuttingDown
+
+log = logging.getLogger("ia3.serve")
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: `rows` (the inputs), their `adapter`, the batching `key` and the parameters `params`."""
+
+    kind: str
+    key: Hashable
+    rows: list[Any]
+    adapter: str
+    params: Any = None
+    id: int = field(default_factory=lambda: next(_ids))
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    taken: int = 0  # rows handed to batches so far
+    done: int = 0  # rows with a result
+    results: list[Any] = field(default_factory=list)
+    closed: bool = False  # answered, failed or cancelled
+
+
+@dataclass
+class Batch:
+    """Rows of one or more jobs, run in one model call: `items[i] = (job, row index in the job)`."""
+
+    kind: str
+    key: Hashable
+    items: list[tuple[Job, int]]
+
+    @property
+    def rows(self) -> list[Any]:
+        return [job.rows[i] for job, i in self.items]
+
+    @property
+    def adapters(self) -> list[str]:
+        return [job.adapter for job, _ in self.items]
+
+    @property
+    def params(self) -> Any:
+        return self.items[0][0].params
+
+
+class Batcher:
+    """Queue + worker thread. `run_batch(batch)` returns one result per row (or an exception for that row)."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[Batch], list[Any]],
+        *,
+        max_batch_size: int = 32,
+        max_wait_s: float = 0.01,
+        max_queue: int = 256,
+        on_batch: Callable[[Batch, float], None] | None = None,
+    ) -> None:
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.on_batch = on_batch
+        self._cond = threading.Condition()
+        self._pending: deque[Job] = deque()  # jobs with rows not yet taken, in arrival order
+        self._control: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        self._live = 0  # admitted jobs not yet closed
+        self._max_live = 0
+        self._paused = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="ia3-serve-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker; jobs still queued are failed with 503 (the batch running finishes first)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._cond:
+            pending = list(self._pending)
+            self._pending.clear()
+            controls = list(self._control)
+            self._control.clear()
+        for job in pending:
+            self._fail(job, ShuttingDown())
+        for _, future in controls:
+            if not future.done():
+                future.set_exception(ShuttingDown())
+
+    def pause(self) -> None:
+        """Take no new batch until `resume` (requests keep queueing, within `max_queue`)."""
+        with self._cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    # -- submitting ------------------------------------------------------------------------------------------------
+    def submit(self, job: Job) -> concurrent.futures.Future:
+        """Queue `job`; its future gets the list of per-row results. Raises `QueueFull` or `ShuttingDown`."""
+        if not job.rows:
+            raise ValueError("a job needs at least one row")
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown()
+            if self._live >= self.max_queue:
+                raise QueueFull(self.max_queue)
+            self._live += 1
+            self._max_live = max(self._max_live, self._live)
+            job.results = [None] * len(job.rows)
+            job.enqueued_at = time.monotonic()
+            self._pending.append(job)
+            self._cond.notify_all()
+        return job.future
+
+    def cancel(self, job: Job) -> None:
+        """Give up on `job` (e.g. its request timed out): rows not yet run are dropped, late results discarded."""
+        with self._cond:
+            if job.closed:
+                return
+            self._close(job)
+            with contextlib.suppress(ValueError):
+                self._pending.remove(job)
+        job.future.cancel()
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run `fn()` on the worker thread between batches (e.g. change the adapters); its future gets the result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown()
+            self._control.append((fn, future))
+            self._cond.notify_all()
+        return future
+
+    # -- state -----------------------------------------------------------------------------------------------------
+    def depth(self) -> int:
+        """Requests admitted and not yet answered."""
+        with self._cond:
+            return self._live
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"depth": self._live, "max_depth": self._max_live, "capacity": self.max_queue,
+                    "pending_rows": sum(len(j.rows) - j.taken for j in self._pending), "paused": self._paused}
+
+    # -- worker ----------------------------------------------------------------------------------------------------
+    def _close(self, job: Job) -> None:  # with the lock held
+        if not job.closed:
+            job.closed = True
+            self._live -= 1
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        with self._cond:
+            if job.closed:
+                return
+            self._close(job)
+            with contextlib.suppress(ValueError):
+                self._pending.remove(job)
+        if not job.future.done():
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                job.future.set_exception(error)
+
+    def _rows_waiting(self, key: Hashable) -> int:
+        return sum(len(j.rows) - j.taken for j in self._pending if j.key == key)
+
+    def _next(self) -> Batch | tuple[Callable[[], Any], concurrent.futures.Future] | None:
+        """The next thing to run (a batch or a control task); None when stopping. Waits as needed."""
+        with self._cond:
+            while True:
+                if self._stopping:
+                    return None
+                if self._paused or (not self._pending and not self._control):
+                    self._cond.wait()
+                    continue
+                if self._control:
+                    return self._control.popleft()
+                first = self._pending[0]
+                deadline = first.enqueued_at + self.max_wait_s
+                now = time.monotonic()
+                if self._rows_waiting(first.key) < self.max_batch_size and now < deadline:
+                    self._cond.wait(deadline - now)
+                    continue  # re-check: the first job may be gone, control may have arrived
+                return self._take(first.key)
+
+    def _take(self, key: Hashable) -> Batch:  # with the lock held
+        items: list[tuple[Job, int]] = []
+        room = self.max_batch_size
+        kind = self._pending[0].kind
+        for job in list(self._pending):
+            if room == 0:
+                break
+            if job.key != key:
+                continue
+            n = min(room, len(job.rows) - job.taken)
+            items.extend((job, i) for i in range(job.taken, job.taken + n))
+            job.taken += n
+            room -= n
+            if job.taken == len(job.rows):
+                self._pending.remove(job)
+        return Batch(kind, key, items)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._next()
+            if item is None:
+                return
+            if isinstance(item, tuple):
+                fn, future = item
+                try:
+                    result = fn()
+                except BaseException as err:  # the control task failed; the worker goes on
+                    future.set_exception(err)
+                else:
+                    future.set_result(result)
+                continue
+            self._run(item)
+
+    def _run(self, batch: Batch) -> None:
+        live = [(job, i) for job, i in batch.items if not job.closed]
+        if not live:
+            return
+        batch = Batch(batch.kind, batch.key, live)
+        start = time.perf_counter()
+        try:
+            results = self.run_batch(batch)
+            if len(results) != len(batch.items):
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch.items)} rows")
+        except BaseException as err:  # a failed batch fails its requests; the worker goes on
+            log.exception("batch of %d rows failed", len(batch.items))
+            for job in dict.fromkeys(job for job, _ in batch.items):
+                self._fail(job, err)
+            return
+        if self.on_batch is not None:
+            try:
+                self.on_batch(batch, time.perf_counter() - start)
+            except Exception:  # metrics must never break serving
+                log.exception("on_batch hook failed")
+        finished: list[Job] = []
+        failed: list[tuple[Job, BaseException]] = []
+        with self._cond:
+            for (job, i), result in zip(batch.items, results):
+                if job.closed:
+                    continue
+                if isinstance(result, BaseException):
+                    failed.append((job, result))
+                    continue
+                job.results[i] = result
+                job.done += 1
+                if job.done == len(job.rows):
+                    self._close(job)
+                    finished.append(job)
+        for job, error in failed:
+            self._fail(job, error)
+        for job in finished:
+            if not job.future.done():
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    job.future.set_result(job.results)

@@ -1,0 +1,150 @@
+"""Adapter names, where an adapter's files may come from, and what is loaded.
+
+Names match `NAME_RE` (letters, digits, `_` and `-`, starting with a letter or digit, at most 64 characters): no
+dots, slashes or `..`, so a name is always one folder below the adapters root, and its resolved path (symlinks
+followed) must stay inside the root. Only `adapter_model.safetensors` is read, never a pickled `.bin`.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ia3.config import CONFIG_NAME, IA3Config
+from ia3.serialization import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
+from ia3.serve.errors import ApiError
+from ia3.tuner import BASE_ADAPTER
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+REVISION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]{0,127}")
+TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM", "cls": "SEQ_CLS"}
+
+
+def check_name(name: str) -> str:
+    """`name` if it is a valid adapter name, else a 422 ApiError (`__base__` is reserved)."""
+    if name == BASE_ADAPTER:
+        raise ApiError(422, "invalid_adapter_name", f"{BASE_ADAPTER!r} is reserved for the base model")
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise ApiError(422, "invalid_adapter_name", f"Invalid adapter name {str(name)[:80]!r}: use 1-64 letters, digits, "
+                       "'_' or '-', starting with a letter or digit")
+    return name
+
+
+@dataclass
+class AdapterInfo:
+    name: str
+    source: str
+    path: str
+    task_type: str | None
+    base_model: str | None
+    loaded_at: float = field(default_factory=time.time)
+
+    def public(self) -> dict:
+        return {"name": self.name, "source": self.source, "task_type": self.task_type, "base_model": self.base_model,
+                "loaded_at": self.loaded_at}
+
+
+class Registry:
+    """Where adapters come from (`root`, the Hub) and which are loaded (updated by the model's worker thread)."""
+
+    def __init__(self, root: str | None, task: str, allow_hub: bool = True) -> None:
+        self.root = Path(root).resolve() if root is not None else None
+        if self.root is not None and not self.root.is_dir():
+            raise ValueError(f"adapters folder {root} does not exist or is not a folder")
+        self.task = task
+        self.allow_hub = allow_hub
+        self._lock = threading.Lock()
+        self._loaded: dict[str, AdapterInfo] = {}
+
+    # -- what is loaded --------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._loaded)
+
+    def has(self, name: str) -> bool:
+        with self._lock:
+            return name in self._loaded
+
+    def infos(self) -> list[dict]:
+        with self._lock:
+            return [info.public() for info in self._loaded.values()]
+
+    def add(self, info: AdapterInfo) -> None:
+        with self._lock:
+            self._loaded[info.name] = info
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._loaded.pop(name, None)
+
+    # -- where adapters come from ----------------------------------------------------------------------------------
+    def startup_folders(self) -> list[tuple[str, Path]]:
+        """(name, folder) for every subfolder of the root that looks like an adapter, sorted by name."""
+        if self.root is None:
+            return []
+        found = []
+        for child in sorted(self.root.iterdir()):
+            if child.is_dir() and NAME_RE.fullmatch(child.name) and (child / WEIGHTS_NAME).is_file():
+                found.append((child.name, child))
+        return found
+
+    def local_folder(self, name: str) -> Path:
+        """The checked folder of adapter `name` under the root (404 when absent, 403 when it leads outside)."""
+        check_name(name)
+        if self.root is None:
+            raise ApiError(404, "adapter_not_found", "This server has no adapters folder; give a Hub id as 'source'")
+        folder = (self.root / name).resolve()
+        if folder.parent != self.root:
+            raise ApiError(403, "forbidden_path", f"Adapter folder {name!r} leads outside the adapters folder")
+        if not folder.is_dir():
+            raise ApiError(404, "adapter_not_found", f"No adapter folder {name!r} in the adapters folder")
+        self._check_files(folder, name)
+        for item in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (folder / item).resolve().is_relative_to(self.root):
+                raise ApiError(403, "forbidden_path", f"{name}/{item} leads outside the adapters folder")
+        return folder
+
+    def _check_files(self, folder: Path, label: str) -> None:
+        if not (folder / WEIGHTS_NAME).is_file():
+            if (folder / PICKLE_WEIGHTS_NAME).is_file():
+                raise ApiError(422, "unsupported_format", f"Adapter {label!r} has only a pickled {PICKLE_WEIGHTS_NAME}; "
+                               f"the server loads {WEIGHTS_NAME} only (convert it to safetensors)")
+            raise ApiError(404, "adapter_not_found", f"Adapter {label!r} has no {WEIGHTS_NAME}")
+        if not (folder / CONFIG_NAME).is_file():
+            raise ApiError(404, "adapter_not_found", f"Adapter {label!r} has no {CONFIG_NAME}")
+
+    def hub_folder(self, repo_id: str, revision: str | None) -> Path:
+        """Download the adapter files of Hub repo `repo_id` (config and safetensors only); the local snapshot."""
+        if not self.allow_hub:
+            raise ApiError(403, "hub_disabled", "Loading adapters from the Hub is disabled on this server")
+        if not isinstance(repo_id, str) or not HUB_ID_RE.fullmatch(repo_id) or ".." in repo_id:
+            raise ApiError(422, "invalid_source", f"Invalid Hub id {str(repo_id)[:100]!r}: expected 'owner/name'")
+        if revision is not None and (not REVISION_RE.fullmatch(revision) or ".." in revision):
+            raise ApiError(422, "invalid_source", f"Invalid revision {revision[:100]!r}")
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+        except Exception as err:  # offline, unknown repo, network: the client learns why, the server goes on
+            missing = type(err).__name__ in ("RepositoryNotFoundError", "RevisionNotFoundError", "LocalEntryNotFoundError",
+                                             "EntryNotFoundError", "GatedRepoError")
+            raise ApiError(404 if missing else 502, "adapter_not_found" if missing else "hub_error",
+                           f"Could not fetch {repo_id!r} from the Hub: {type(err).__name__}: {str(err)[:300]}") from None
+        self._check_files(folder, repo_id)
+        return folder
+
+    def read_config(self, folder: Path, label: str) -> IA3Config:
+        """The adapter's config, checked against the served task."""
+        try:
+            config = IA3Config.from_pretrained(folder)
+        except (ValueError, OSError) as err:
+            raise ApiError(422, "invalid_adapter", f"Adapter {label!r}: {str(err)[:500]}") from None
+        want = TASK_TYPES[self.task]
+        if config.task_type not in (None, want):
+            raise ApiError(422, "adapter_incompatible", f"Adapter {label!r} is for task {config.task_type}; this server "
+                           f"serves {self.task} ({want})")
+        return config
