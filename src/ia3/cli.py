@@ -219,7 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)  # texts may come after options
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "predict":  # texts may also come after options: `predict DIR --mode generate "text"`
+        args.texts += [e for e in extra if not e.startswith("-")]
+        extra = [e for e in extra if e.startswith("-")]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
 
