@@ -281,3 +281,79 @@ def test_cli_bad_input_is_a_clear_error(tmp_path, model_dirs):
     assert done.returncode == 2 and "--train.epochs takes an integer" in done.stderr
     done = _cli("predict", str(tmp_path / "missing"), "text")
     assert done.returncode == 2 and "is not a folder" in done.stderr
+
+
+def test_financial_phrasebank_from_the_hub_zip(tmp_path, monkeypatch):
+    """`financial_phrasebank` is read from the dataset's original zip (current `datasets` cannot run its script)."""
+    import zipfile
+
+    import huggingface_hub
+
+    archive = tmp_path / "FinancialPhraseBank-v1.0.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("FinancialPhraseBank-v1.0/Sentences_AllAgree.txt",
+                    "Profit rose .@positive\r\nSales fell .@negative\r\nThe AGM is in May .@neutral\r\n".encode("latin-1"))
+        zf.writestr("FinancialPhraseBank-v1.0/Sentences_50Agree.txt", "x@positive\r\ny@negative\r\n")
+    calls = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename, kwargs.get("repo_type")))
+        return str(archive)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    ex = load_examples("financial_phrasebank", subset="sentences_allagree")
+    assert calls == [("takala/financial_phrasebank", "data/FinancialPhraseBank-v1.0.zip", "dataset")]
+    assert ex.texts == ["Profit rose .", "Sales fell .", "The AGM is in May ."] and ex.labels == [2, 0, 1]
+    assert len(load_examples("financial_phrasebank", subset="sentences_50agree")) == 2
+    with pytest.raises(DataError, match="subsets"):
+        load_examples("financial_phrasebank", subset="sentences_90agree")
+
+
+def test_parquet_and_jsonl_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = {"sentence": ["up a lot", "down a lot", "flat"], "y": ["pos", "neg", "pos"]}
+    pq.write_table(pa.table(rows), tmp_path / "d.parquet")
+    ex = load_examples(str(tmp_path / "d.parquet"), text_column="sentence", label_column="y")
+    assert ex.label_names == ["neg", "pos"] and ex.labels == [1, 0, 1]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"sentence": s, "y": y}) + "\n" for s, y in zip(*rows.values())))
+    assert load_examples(str(tmp_path / "d.jsonl"), text_column="sentence", label_column="y").texts == ex.texts
+
+
+def test_merge_and_push_commands(tmp_path, model_dirs, small_data, monkeypatch):
+    import huggingface_hub
+    import transformers
+
+    from ia3.recipe.adapters import merge_to_full_model, push_adapter
+
+    out = tmp_path / "run"
+    train(_cfg(out, model_dirs["cls"], "cls", **{"train.epochs": "1", "train.plots": "false"}), progress=False)
+    merged_dir = merge_to_full_model(out, tmp_path / "merged")
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    assert not any("ia3" in name for name, _ in merged.named_parameters())
+    _, predictions, examples = evaluate_run(out, progress=False)
+    tok = transformers.AutoTokenizer.from_pretrained(merged_dir)
+    with torch.no_grad():
+        logits = merged(**tok(examples.texts[:8], return_tensors="pt", padding=True)).logits
+    assert [examples.label_names[i] for i in logits.argmax(-1).tolist()] == [p["label"] for p in predictions[:8]]
+    with pytest.raises(FileExistsError):
+        merge_to_full_model(out, merged_dir)
+
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            uploaded["repo"] = repo_id
+
+        def upload_folder(self, repo_id, folder_path, allow_patterns=None, **kwargs):
+            uploaded["files"] = sorted(p.name for p in Path(folder_path).iterdir()
+                                       if any(p.match(pat) for pat in allow_patterns))
+            return "ok"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert push_adapter(out, "someone/finsent-ia3") == "ok"
+    assert uploaded == {"repo": "someone/finsent-ia3", "files": ["adapter_config.json", "adapter_model.safetensors"]}

@@ -1,0 +1,298 @@
+"""Fault injection: SIGKILL during training and during saving.
+
+(a) `python -m ia3 train` processes are killed at seeded random moments of training (between steps, inside a
+    checkpoint save, during evaluation, during the final save) and resumed with `--resume`, again and again until a
+    run completes. After every kill `checkpoints/latest` must name a complete checkpoint that loads; the adapter a
+    resumed run ends with must be bit for bit the one an uninterrupted run gives, and metrics.jsonl has one line per
+    epoch.
+(b) Processes that save in a loop (`save_tensors` of a 16 MB tensor; `PeftModel.save_pretrained` of an adapter with
+    an 8 MB head) are killed at random moments: the target path always holds nothing or a complete file, and the
+    temporary files a kill leaves behind are hidden `.tmp` files that no loader takes for an adapter. The saving
+    processes are forked from one server that imported torch once, so that each kill costs a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_dirs import DEMO, make_model_dir
+
+from ia3 import IA3Config, PeftModel, get_peft_model
+from ia3.recipe.checkpoint import LATEST, find_checkpoint, load_checkpoint
+from ia3.recipe.config import ModelArgs
+from ia3.recipe.modeling import TASK_TYPE, load_base_model
+from ia3.serialization import WEIGHTS_NAME, load_tensors
+
+pytestmark = pytest.mark.slow
+
+SEED = 20240611
+MIN_KILLS = 10
+MAX_KILLS_PER_CHAIN = 4
+LABELS = ["negative", "neutral", "positive"]
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    return {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp), "HF_HOME": str(tmp / "hf"),
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+# -- (a) kill training, resume ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    model = make_model_dir(root / "models", "cls")  # dropout on: the checkpointed RNG must carry it across a kill
+    lines = DEMO.read_text(encoding="utf-8").splitlines(keepends=True)
+    data = root / "data100.csv"
+    data.write_text("".join(lines[:101]), encoding="utf-8")
+    config = root / "run.yaml"
+    config.write_text(
+        f"model:\n  name: {model}\n  task: cls\n"
+        f"data:\n  dataset: {data}\n  subset: null\n  text_column: text\n  val_split: 0.1\n"
+        "train:\n  epochs: 2\n  batch_size: 16\n  eval_batch_size: 64\n  lr: 0.05\n  precision: fp32\n"
+        "  checkpoint_every: 1\n  plots: false\n  generation_eval: false\n"
+    )
+    return root, model, config
+
+
+def _launch(config: Path, out: Path, resume: bool, tmp: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ia3", "-q", "train", "--config", str(config), "--output-dir", str(out)]
+    if resume:
+        cmd.append("--resume")
+    return subprocess.Popen(cmd, env=_env(tmp), cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_ready(proc: subprocess.Popen, out: Path, since_ns: int) -> float:
+    """Block until the run has loaded everything and starts training (it rewrites recipe.yaml just before the
+    loop); returns that moment (time.monotonic())."""
+    recipe = out / "recipe.yaml"
+    while proc.poll() is None:
+        try:
+            if recipe.stat().st_mtime_ns >= since_ns:
+                return time.monotonic()
+        except FileNotFoundError:
+            pass
+        time.sleep(0.005)
+    return time.monotonic()
+
+
+def _check_latest(out: Path, probe) -> str | None:
+    """`checkpoints/latest`, when present, names a complete checkpoint that restores into a fresh model."""
+    root = out / "checkpoints"
+    if not (root / LATEST).exists():
+        assert find_checkpoint(out) is None
+        return None
+    name = (root / LATEST).read_text()
+    assert re.fullmatch(r"step-\d{8}\n", name), repr(name)
+    folder = root / name.strip()
+    assert find_checkpoint(out) == folder
+    peft_model, optimizer, scheduler = probe()
+    meta = load_checkpoint(folder, peft_model, optimizer, scheduler)
+    assert meta["step"] == int(name[5:13]) and {"epoch", "batches_done", "history"} <= set(meta)
+    saved = load_tensors(folder / "adapter" / WEIGHTS_NAME)
+    for key, value in peft_model.adapter_state_dict().items():
+        assert torch.equal(value, saved[key])
+    assert IA3Config.from_pretrained(folder / "adapter").task_type == "SEQ_CLS"
+    return name.strip()
+
+
+def test_sigkill_during_training_then_resume_is_bit_identical(run_setup, tmp_path):
+    root, model_dir, config = run_setup
+    started = time.monotonic()
+
+    def probe():
+        base = load_base_model(ModelArgs(name=str(model_dir), task="cls"), "cls", LABELS)
+        peft_model = get_peft_model(base, IA3Config(task_type=TASK_TYPE["cls"]))
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=0.05)
+        from transformers import get_linear_schedule_with_warmup
+
+        return peft_model, optimizer, get_linear_schedule_with_warmup(optimizer, 0, 12)
+
+    # the uninterrupted run, timed: kills are drawn over its training span
+    ref = tmp_path / "reference"
+    launched_ns = time.time_ns()
+    proc = _launch(config, ref, False, tmp_path)
+    ready = _wait_ready(proc, ref, launched_ns)
+    _, err = proc.communicate(timeout=300)
+    span = time.monotonic() - ready
+    assert proc.returncode == 0, err[-3000:]
+    reference = load_file(ref / "adapter_model.safetensors")
+
+    rng = random.Random(SEED)
+    kills, runs, chains, outcomes = 0, 0, 0, []
+    while kills < MIN_KILLS:
+        assert runs < 40, f"only {kills} kills landed in {runs} runs"
+        chains += 1
+        out = tmp_path / f"chain{chains}"
+        resume, chain_kills = False, 0
+        while True:
+            launched_ns = time.time_ns()
+            proc = _launch(config, out, resume, tmp_path)
+            runs += 1
+            _wait_ready(proc, out, launched_ns)
+            delay = rng.uniform(0, span) if chain_kills < MAX_KILLS_PER_CHAIN else None
+            if delay is not None:
+                try:
+                    proc.wait(timeout=delay)
+                except subprocess.TimeoutExpired:
+                    proc.send_signal(signal.SIGKILL)
+            _, err = proc.communicate(timeout=300)
+            if proc.returncode == -signal.SIGKILL:
+                kills += 1
+                chain_kills += 1
+                outcomes.append((round(delay, 3), _check_latest(out, probe)))
+                resume = find_checkpoint(out) is not None  # killed before the first checkpoint: start afresh
+                continue
+            assert proc.returncode == 0, err[-3000:]
+            break
+        resumed = load_file(out / "adapter_model.safetensors")
+        assert resumed.keys() == reference.keys()
+        for key in reference:
+            assert torch.equal(resumed[key], reference[key]), f"chain {chains}: {key} differs after resuming"
+        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [h["epoch"] for h in history] == [0, 1], "metrics.jsonl must hold one line per epoch"
+        assert json.loads((out / "metrics.json").read_text())["step"] == history[-1]["step"]
+    print(f"\n{kills} kills in {runs} runs over {chains} chains ({time.monotonic() - started:.0f} s; training span "
+          f"{span:.2f} s); (delay s, latest) per kill: {outcomes}")
+
+
+# -- (b) kill while saving --------------------------------------------------------------------------------------------
+SERVER = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    from torch import nn
+    torch.set_num_threads(1)
+    from ia3 import IA3Config, get_peft_model
+    from ia3.serialization import save_tensors
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(64, 256)
+            self.head = nn.Linear(256, 8192)  # an 8 MB head, trained in full: makes each save take a while
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    def peft_model():
+        return get_peft_model(Net(), IA3Config(target_modules=["body"], modules_to_save=["head"]))
+
+    def loop(mode, folder):
+        if mode == "tensors":
+            big = torch.empty(4 * 1024 * 1024)
+            i = 0
+            while True:
+                i += 1
+                big.fill_(float(i))
+                save_tensors({"w": big, "i": torch.tensor([i])}, os.path.join(folder, "adapter_model.safetensors"),
+                             metadata={"i": str(i)})
+        model = peft_model()
+        i = 0
+        while True:
+            i += 1
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.fill_(float(i))
+            model.save_pretrained(folder)
+
+    print("ready", flush=True)
+    for line in sys.stdin:
+        mode, folder = line.split()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                loop(mode, folder)
+            finally:
+                os._exit(1)
+        print(pid, flush=True)
+        os.waitpid(pid, 0)
+        print("reaped", flush=True)
+    """
+)
+TEMP_FILE = re.compile(r"\.(adapter_model\.safetensors|adapter_config\.json)\.[A-Za-z0-9_]+\.tmp")
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(64, 256)
+        self.head = torch.nn.Linear(256, 8192)
+
+
+def _check_folder(folder: Path, mode: str) -> tuple[bool, int]:
+    """Returns (target present, number of leftover temp files)."""
+    names = {p.name for p in folder.iterdir()}
+    targets = {WEIGHTS_NAME} if mode == "tensors" else {WEIGHTS_NAME, "adapter_config.json"}
+    leftovers = names - targets
+    assert all(TEMP_FILE.fullmatch(n) for n in leftovers), leftovers  # hidden, and not *.safetensors / *.json
+    weights = folder / WEIGHTS_NAME
+    if mode == "tensors":
+        if not weights.exists():
+            return False, len(leftovers)
+        tensors = load_tensors(weights)  # complete: raises on a truncated file
+        i = int(tensors["i"][0])
+        assert tensors["w"].shape == (4 * 1024 * 1024,) and bool((tensors["w"] == i).all()), "a torn write"
+        return True, len(leftovers)
+    if weights.exists():
+        tensors = load_tensors(weights)
+        assert tensors.keys() == {"base_model.model.body.ia3_l", "base_model.model.head.weight",
+                                  "base_model.model.head.bias"}
+        i = tensors["base_model.model.body.ia3_l"].flatten()[0]
+        assert all(bool((t == i).all()) for t in tensors.values()), "tensors from different saves in one file"
+    config = folder / "adapter_config.json"
+    if config.exists():
+        assert IA3Config.from_pretrained(folder).modules_to_save == ["head"]
+    if weights.exists() and config.exists():
+        loaded = PeftModel.from_pretrained(_Net(), folder)
+        assert torch.equal(loaded.base_model.model.head.modules_to_save["default"].bias,
+                           tensors["base_model.model.head.bias"])
+    else:  # a half-saved adapter is refused, never loaded from a temp file
+        with pytest.raises(FileNotFoundError):
+            PeftModel.from_pretrained(_Net(), folder)
+    return weights.exists() and config.exists(), len(leftovers)
+
+
+@pytest.mark.parametrize("mode", ["tensors", "adapter"])
+def test_sigkill_while_saving_never_leaves_a_truncated_file(tmp_path, mode):
+    trials = 25
+    server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=_env(tmp_path), cwd=tmp_path)
+    try:
+        assert server.stdout.readline().strip() == "ready", server.stderr.read()
+        rng = random.Random(f"{SEED}-{mode}")
+        present = leftovers = mid_write = 0
+        for trial in range(trials):
+            folder = tmp_path / f"t{trial}"
+            folder.mkdir()
+            server.stdin.write(f"{mode} {folder}\n")
+            server.stdin.flush()
+            pid = int(server.stdout.readline())
+            time.sleep(rng.uniform(0.0, 0.6))
+            os.kill(pid, signal.SIGKILL)
+            assert server.stdout.readline().strip() == "reaped"
+            has, left = _check_folder(folder, mode)
+            present += has
+            leftovers += left
+            mid_write += left > 0
+    finally:
+        server.stdin.close()
+        server.kill()
+        server.wait()
+    print(f"\n{mode}: {trials} kills; a complete target after {present}, nothing after {trials - present}; "
+          f"{mid_write} kills landed mid-write ({leftovers} temp files left)")
+    assert mid_write >= 1, "no kill landed inside a write: the test exercised nothing"
+    assert present >= 1
