@@ -219,7 +219,7 @@ def check_load_tensors(path: Path, data: bytes) -> dict | None:
         assert list(tensor.shape) == entry["shape"], name
         assert tensor.dtype == ST_DTYPES[entry["dtype"]], name
         begin, end = entry["data_offsets"]
-        raw = tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         assert raw == data[8 + n + begin : 8 + n + end], name
     return tensors
 

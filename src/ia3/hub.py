@@ -46,8 +46,6 @@ def resolve_file(
             return None
         raise FileNotFoundError(f"The Hub repo {name_or_path!s} has no file {filename}") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
-        if missing_ok and isinstance(err, LocalEntryNotFoundError) is False and "404" in str(err):
-            return None
         raise FileNotFoundError(
             f"{name_or_path!s} is neither a local folder nor a reachable Hub repo with {filename}: {err}"
         ) from None

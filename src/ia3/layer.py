@@ -90,9 +90,7 @@ class IA3Layer(nn.Module):
         """Create the vector of `adapter_name`: ones (the identity), or N(0, 1) draws when `init_ones` is False."""
         weight = self.base_layer.weight
         dtype = dtype or weight.dtype
-        if weight.device.type == "meta":
-            vector = torch.empty(self.vector_shape(), dtype=dtype, device="meta")
-        elif init_ones:
+        if init_ones:
             vector = torch.ones(self.vector_shape(), dtype=dtype, device=weight.device)
         else:
             vector = torch.randn(self.vector_shape()).to(device=weight.device, dtype=dtype)

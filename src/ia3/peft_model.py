@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections.abc import Iterator
@@ -42,8 +43,6 @@ class PeftModel(nn.Module):
         if peft_config.base_model_name_or_path is None:
             name = getattr(model, "name_or_path", None) or None
             if name:
-                import dataclasses
-
                 peft_config = dataclasses.replace(peft_config, base_model_name_or_path=name)
         self.base_model = IA3Model(model, peft_config, adapter_name, autocast_adapter_dtype)
 
@@ -147,8 +146,6 @@ class PeftModel(nn.Module):
             folder = Path(save_directory) if adapter_name == "default" else Path(save_directory) / adapter_name
             folder.mkdir(parents=True, exist_ok=True)
             save_tensors(self.adapter_state_dict(adapter_name), folder / WEIGHTS_NAME)
-            import dataclasses
-
             dataclasses.replace(self.peft_config[adapter_name], inference_mode=True).save_pretrained(folder)
 
     def push_to_hub(
@@ -200,8 +197,6 @@ class PeftModel(nn.Module):
         The adapter's `task_type` picks the subclass (as in PEFT). Every tensor of the file must fit a module of
         `model` and every adapted module must get its tensor: anything else raises, naming the keys.
         """
-        import dataclasses
-
         if config is None:
             config = IA3Config.from_pretrained(model_id, subfolder=subfolder, revision=revision, token=token)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
@@ -230,8 +225,6 @@ class PeftModel(nn.Module):
         allow_pickle: bool = False,
     ) -> None:
         """Load another adapter into this model under `adapter_name` (not made active)."""
-        import dataclasses
-
         config = IA3Config.from_pretrained(model_id, subfolder=subfolder, revision=revision, token=token)
         config = dataclasses.replace(config, inference_mode=not is_trainable, init_ia3_weights=True)
         wrapped_before = {name for name, _ in self.base_model.ia3_layers()} | {n for n, _ in self.base_model.wrappers()}

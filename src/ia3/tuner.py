@@ -144,8 +144,7 @@ class IA3Model(nn.Module):
                 found.append(name)
                 inside.append(name)
         optional = set(TASK_HEADS.get(config.task_type or "", []))
-        missing = [m for m in config.modules_to_save if m not in optional and not matches([m], "") and not any(
-            matches([m], f) for f in found)]
+        missing = [m for m in config.modules_to_save if m not in optional and not any(matches([m], f) for f in found)]
         if missing:
             raise ValueError(f"modules_to_save names {missing}, which match no module of this {type(self.model).__name__}")
         return found

@@ -54,13 +54,20 @@ def _loss_sum(model, enc, indices: list[int], cfg: RecipeConfig, device) -> torc
         lp, mask = choice_logprobs(model, enc, indices, device)
         gold = torch.tensor([enc.labels[i] for i in indices], device=lp.device)
         return tfew_losses(lp, mask, gold)["total"] * len(indices)
-    batch = {k: v.to(device) for k, v in train_batch(enc, indices).items()}
+    batch = _to_device(train_batch(enc, indices), device)
     logits = model(**batch).logits.float()
     labels = batch["labels"]
     if cfg.model.task == "causal":  # position t predicts token t + 1
         logits, labels = logits[:, :-1], labels[:, 1:]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                              ignore_index=-100, reduction="sum")
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Pinned, asynchronous copies to a GPU (pinning buys nothing on the CPU, so it is skipped there)."""
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def _log(path: Path, record: dict) -> None:
