@@ -139,6 +139,15 @@ class LiveServer:
         self.thread.join(15)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # tiny models: one intra-op thread is faster, and far faster on a busy machine (no OpenMP spinning)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return tmp_path_factory.mktemp("serve")
@@ -194,6 +203,10 @@ def test_generate_and_classify_equal_offline(server, s2s):
                                           "parameters": {"max_new_tokens": 500, "num_beams": 2}})
     assert r.status_code == 200 and r.json()["parameters"]["max_new_tokens"] == 12
     assert [o["text"] for o in r.json()["outputs"]] == [s2s.generate("c", TEXTS[2], 12, num_beams=2)]
+    # sampling with a seed runs alone and is reproducible
+    sample = {"adapter": "a", "inputs": TEXTS[0], "parameters": {"do_sample": True, "seed": 3, "top_k": 5}}
+    first, second = server.post("/v1/generate", json=sample), server.post("/v1/generate", json=sample)
+    assert first.status_code == 200 and first.json()["outputs"] == second.json()["outputs"]
     # custom label strings per request
     r = server.post("/v1/classify", json={"adapter": "a", "inputs": "Sales", "parameters": {"labels": ["up", "down"]}})
     assert r.status_code == 200 and r.json()["labels"] == ["up", "down"]
@@ -368,7 +381,8 @@ def test_adapter_load_and_unload_during_traffic(server, s2s):
         with ThreadPoolExecutor(2) as pool:
             queued = pool.submit(httpx.post, f"{server.url}/v1/generate", timeout=30,
                                  json={"adapter": "late", "inputs": "Sales"})
-            _wait_depth(server, 1)
+            while not any(job.adapter == "late" for job in list(server.service.batcher._pending)):
+                time.sleep(0.005)
             deleting = pool.submit(httpx.delete, f"{server.url}/v1/adapters/late", timeout=30)
             while not server.service.batcher._control:
                 time.sleep(0.005)
@@ -384,6 +398,28 @@ def test_adapter_load_and_unload_during_traffic(server, s2s):
         shutil.rmtree(s2s.adapters / "late", ignore_errors=True)
     assert not problems, problems[:3]
     assert count[0] >= 4
+
+
+def test_no_adapters_at_start_then_load(s2s, root):
+    empty = root / "empty-adapters"
+    empty.mkdir()
+    srv = LiveServer(ServeConfig(model=str(s2s.model_dir), adapters_dir=str(empty), task="seq2seq", label_names=LABELS))
+    try:
+        body = {"inputs": TEXTS[:2], "parameters": {"max_new_tokens": 6}}
+        r = srv.post("/v1/generate", json={"adapter": BASE_ADAPTER, **body})
+        assert r.status_code == 200 and [o["text"] for o in r.json()["outputs"]] == [
+            s2s.generate(BASE_ADAPTER, t) for t in TEXTS[:2]]
+        shutil.copytree(s2s.adapters / "b", empty / "b")
+        assert srv.post("/v1/adapters/b").status_code == 201  # the first adapter wraps the model
+        r = srv.post("/v1/generate", json={"adapter": "b", **body})
+        assert r.status_code == 200 and [o["text"] for o in r.json()["outputs"]] == [
+            s2s.generate("b", t) for t in TEXTS[:2]]
+        assert srv.client.delete("/v1/adapters/b").status_code == 200
+        r = srv.post("/v1/classify", json={"adapter": BASE_ADAPTER, "inputs": TEXTS[:2]})
+        assert r.status_code == 200
+        _check_classify(s2s, BASE_ADAPTER, TEXTS[:2], r.json())
+    finally:
+        srv.close()
 
 
 def test_adapter_endpoint_safety(server, s2s, root):
@@ -433,6 +469,8 @@ def test_bad_inputs_are_json_4xx_and_server_keeps_serving(server):
     for inputs in ([], "", ["ok", "   "]):
         _check_error(post("/v1/classify", json={"adapter": "a", "inputs": inputs}), 422, "invalid_request")
     _check_error(post("/v1/classify", json={"adapter": "a", "inputs": "x", "parameters": {"labels": []}}), 422)
+    _check_error(post("/v1/classify", json={"adapter": "a", "inputs": "x", "parameters": {"labels": ["up " * 40]}}),
+                 422, "invalid_labels")  # more tokens than max_label_tokens
     _check_error(post("/v1/classify", json={"adapter": "nope", "inputs": "x"}), 404, "adapter_not_found")
     _check_error(post("/v1/generate", json={"adapter": "a", "inputs": ["x"] * 9}), 413, "too_many_inputs")
     _check_error(post("/v1/generate", json={"adapter": "a", "inputs": "word " * 100}), 413, "input_too_long")
@@ -490,7 +528,8 @@ def test_cli_serve_subprocess(s2s):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    env = {**os.environ, "IA3_API_KEY": "k", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "IA3_API_KEY": "k", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "ia3", "serve", "--model", str(s2s.model_dir), "--adapters",
                              str(s2s.adapters), "--port", str(port), "--label-names", ",".join(LABELS),
                              "--max-batch-size", "4", "--log-level", "warning"],

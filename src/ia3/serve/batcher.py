@@ -24,7 +24,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ia3.serve.errors import QueueFull, ShuttingDown
+from ia3.serve.errors import ApiError, QueueFull, ShuttingDown
 
 log = logging.getLogger("ia3.serve")
 _ids = itertools.count()
@@ -121,7 +121,7 @@ class Batcher:
                 future.set_exception(ShuttingDown())
 
     def pause(self) -> None:
-        """Take no new batch until `resume` (requests keep queueing, within `max_queue`)."""
+        """Take no new batch (nor control task) until `resume`; requests keep queueing, within `max_queue`."""
         with self._cond:
             self._paused = True
 
@@ -262,7 +262,10 @@ class Batcher:
             if len(results) != len(batch.items):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch.items)} rows")
         except BaseException as err:  # a failed batch fails its requests; the worker goes on
-            log.exception("batch of %d rows failed", len(batch.items))
+            if isinstance(err, ApiError):  # the requests' fault (e.g. labels too long), not the server's
+                log.info("batch of %d rows refused: %s", len(batch.items), err.message)
+            else:
+                log.exception("batch of %d rows failed", len(batch.items))
             for job in dict.fromkeys(job for job, _ in batch.items):
                 self._fail(job, err)
             return

@@ -7,6 +7,7 @@ followed) must stay inside the root. Only `adapter_model.safetensors` is read, n
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -18,6 +19,7 @@ from ia3.serialization import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
 from ia3.serve.errors import ApiError
 from ia3.tuner import BASE_ADAPTER
 
+log = logging.getLogger("ia3.serve")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 REVISION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]{0,127}")
@@ -88,7 +90,17 @@ class Registry:
             return []
         found = []
         for child in sorted(self.root.iterdir()):
-            if child.is_dir() and NAME_RE.fullmatch(child.name) and (child / WEIGHTS_NAME).is_file():
+            if not child.is_dir() or not ((child / WEIGHTS_NAME).is_file() or (child / PICKLE_WEIGHTS_NAME).is_file()):
+                continue
+            if not NAME_RE.fullmatch(child.name):
+                log.warning("skipping adapter folder %r: not a valid adapter name (letters, digits, '_', '-')",
+                            child.name)
+            elif not (child / WEIGHTS_NAME).is_file():
+                log.warning("skipping adapter folder %r: only a pickled %s (safetensors only)", child.name,
+                            PICKLE_WEIGHTS_NAME)
+            elif not child.resolve().is_relative_to(self.root):
+                log.warning("skipping adapter folder %r: it leads outside the adapters folder", child.name)
+            else:
                 found.append((child.name, child))
         return found
 
