@@ -4,12 +4,17 @@ Each process trains on `global_batch[rank::world]` and the loss is a sum over th
 follow the single-process trajectory up to float rounding (per-slice padding and a different summation order).
 The tiny models here have dropout switched off: with dropout, each process draws its own masks for its own rows, a
 legitimate difference that no split can avoid.
+
+On a machine without a GPU, `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.x runs
+`--cpu` through its simple launcher; several CPU processes need `mpirun`), so the launches here use the shipped DDP
+config, configs/accelerate/ddp.yaml (torch.distributed.run, as `--multi_gpu`), for which ia3's trainer asks accelerate
+for the CPU and gloo itself. The FSDP and DeepSpeed configs need GPUs (and deepspeed): they are checked here for
+validity only; scripts/gpu_check.sh runs them on a GPU machine.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -21,8 +26,8 @@ import torch
 from safetensors.torch import load_file
 from tiny_dirs import DEMO, make_model_dir
 
-pytestmark = pytest.mark.slow
-
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs" / "accelerate"
 VENV_BIN = Path(sys.executable).parent
 ACCELERATE = shutil.which("accelerate", path=str(VENV_BIN)) or shutil.which("accelerate")
 EPOCHS = 2
@@ -71,9 +76,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cmd: list[str], tmp: Path) -> None:
+def _run(cmd: list[str], tmp: Path, ok: bool = True) -> subprocess.CompletedProcess:
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp), timeout=400, cwd=tmp)
-    assert done.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-6000:]}"
+    if ok:
+        assert done.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-6000:]}"
+    return done
+
+
+def _launch_two(*args: str, script: list[str] | None = None) -> list[str]:
+    return [ACCELERATE, "launch", "--config_file", str(CONFIGS / "ddp.yaml"), "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port()),
+            *(script or ["-m", "ia3", "-q", "train"]), *args]
 
 
 def _files(folder: Path) -> set[str]:
@@ -93,6 +107,7 @@ def _expected_files(steps_per_epoch: int) -> set[str]:
     return files
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ACCELERATE is None, reason="needs the accelerate CLI")
 @pytest.mark.parametrize("task", ["cls", "seq2seq"])
 def test_two_processes_match_one(setup, tmp_path, task):
@@ -100,9 +115,7 @@ def test_two_processes_match_one(setup, tmp_path, task):
     config = _config(tmp_path, models[task], task, data)
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, "-m", "ia3", "-q", "train", "--config", str(config), "--output-dir", str(one)], tmp_path)
-    _run([ACCELERATE, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-          "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port()),
-          "-m", "ia3", "-q", "train", "--config", str(config), "--output-dir", str(two)], tmp_path)
+    _run(_launch_two("--config", str(config), "--output-dir", str(two)), tmp_path)
 
     # the same adapter, within fp32 rounding
     a, b = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
@@ -137,4 +150,109 @@ def test_two_processes_match_one(setup, tmp_path, task):
         if key.startswith("state."):  # AdamW moments
             torch.testing.assert_close(ckpt_b[key], ckpt_a[key], atol=1e-5, rtol=1e-3)
     assert json.loads((two / "metrics.json").read_text())["epoch"] == EPOCHS - 1
-    assert os.path.getsize(two / "recipe.yaml") == os.path.getsize(one / "recipe.yaml")
+    assert (two / "recipe.yaml").read_text().replace(str(two), "") == (one / "recipe.yaml").read_text().replace(str(one), "")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ACCELERATE is None, reason="needs the accelerate CLI")
+def test_two_processes_are_two(setup, tmp_path):
+    """The launch above really runs two ranks: a batch of 15 cannot be split between them."""
+    root, data, models = setup
+    config = _config(tmp_path, models["cls"], "cls", data)
+    done = _run(_launch_two("--config", str(config), "--output-dir", str(tmp_path / "x"), "--train.batch_size", "15"),
+                tmp_path, ok=False)
+    assert done.returncode != 0 and "must be divisible by the 2 processes" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ACCELERATE is None, reason="needs the accelerate CLI")
+def test_gpu_check_loop_runs_on_cpu(setup, tmp_path):
+    """scripts/gpu_check_loop.py (the library in a plain accelerate loop, saved from a gathered state dict): one
+    process and two DDP processes give the same adapter. gpu_check.sh runs it under FSDP and DeepSpeed on GPUs."""
+    root, data, models = setup
+    script = [str(ROOT / "scripts" / "gpu_check_loop.py"), "--model", str(models["cls"]), "--steps", "4"]
+    one = _run([sys.executable, *script, "--out", str(tmp_path / "one")], tmp_path)
+    two = _run(_launch_two("--out", str(tmp_path / "two"), script=script), tmp_path)
+    r1, r2 = json.loads(one.stdout.strip().splitlines()[-1]), json.loads(two.stdout.strip().splitlines()[-1])
+    assert (r1["world"], r2["world"]) == (1, 2) and r1["frozen_params_unchanged"] and r2["frozen_params_unchanged"]
+    assert r2["losses"] == pytest.approx(r1["losses"], rel=1e-5)
+    a, b = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
+
+
+# -- fast checks ---------------------------------------------------------------------------------------------------------
+def test_accelerate_configs_are_valid():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    found = {p.stem: load_config_from_file(str(p)) for p in CONFIGS.glob("*.yaml")}
+    assert set(found) == {"ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"}
+    assert found["ddp"].distributed_type == DistributedType.MULTI_GPU
+    fsdp = found["fsdp"]
+    assert fsdp.distributed_type == DistributedType.FSDP
+    assert fsdp.fsdp_config["fsdp_use_orig_params"] is True and fsdp.fsdp_config["fsdp_version"] == 1
+    assert fsdp.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    for stage in (2, 3):
+        cfg = found[f"deepspeed_zero{stage}"]
+        assert cfg.distributed_type == DistributedType.DEEPSPEED
+        assert cfg.mixed_precision is None  # with a DeepSpeed JSON, accelerate refuses mixed_precision in the YAML
+        ds = json.loads((ROOT / cfg.deepspeed_config["deepspeed_config_file"]).read_text())
+        assert ds["zero_optimization"]["stage"] == stage
+        assert "optimizer" not in ds  # DeepSpeed steps only the optimizer we pass: the frozen base stays frozen
+        assert ds["bf16"]["enabled"] == "auto" and ds["fp16"]["enabled"] == "auto"
+        if stage == 3:
+            zero = ds["zero_optimization"]
+            assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+            assert zero["stage3_param_persistence_threshold"] >= 16384  # (IA)^3 vectors stay whole on every process
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_train_refuses_sharded_launches(monkeypatch, tmp_path, kind):
+    import ia3.recipe.train as train_module
+    from ia3.recipe.config import build_config
+
+    class Sharded:
+        distributed_type = kind
+
+    monkeypatch.setattr(train_module, "_accelerator", lambda cfg: Sharded())
+    cfg = build_config(overrides={"output_dir": str(tmp_path / "o"), "data.dataset": "demo"})
+    with pytest.raises(ValueError, match=rf"not under {kind}: launch with configs/accelerate/ddp.yaml"):
+        train_module.train(cfg, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(4, 6)
+        self.head = torch.nn.Linear(6, 2)
+
+
+class _FSDPLike(torch.nn.Module):
+    """A stand-in for torch FSDP's nesting: the model's modules sit under `_fsdp_wrapped_module`."""
+
+    def __init__(self):
+        super().__init__()
+        self._fsdp_wrapped_module = _Net()
+
+
+def test_save_pretrained_from_a_gathered_state_dict(tmp_path):
+    """`save_pretrained(state_dict=accelerator.get_state_dict(model))`, as under FSDP/ZeRO-3 where the live parameters
+    are shards: the adapter comes from the state dict, under the keys an unwrapped model has."""
+    from ia3 import IA3Config, PeftModel, get_peft_model
+
+    config = IA3Config(target_modules=["q"], modules_to_save=["head"])
+    model = get_peft_model(_FSDPLike(), config)
+    gathered = {k.replace("_fsdp_wrapped_module.", ""): torch.full_like(v, 7.0) for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "a", state_dict=gathered)
+    saved = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert set(saved) == {"base_model.model.q.ia3_l", "base_model.model.head.weight", "base_model.model.head.bias"}
+    assert all(bool((t == 7).all()) for t in saved.values())  # from the state dict, not the live (all-ones) vectors
+    loaded = PeftModel.from_pretrained(_Net(), tmp_path / "a")  # and it fits the plain model
+    assert bool((loaded.base_model.model.q.ia3_l["default"] == 7).all())
+    del gathered["base_model.model.q.ia3_l.default"]
+    with pytest.raises(ValueError, match=r"state_dict lacks 1 tensor.*q\.ia3_l\.default"):
+        model.save_pretrained(tmp_path / "b", state_dict=gathered)

@@ -104,7 +104,7 @@ class IA3Config:
             problems.append(f"`peft_type` must be {PEFT_TYPE!r} for an (IA)^3 adapter; got {self.peft_type!r}")
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
-        if self.task_type is not None and self.task_type not in TaskType.__members__:
+        if self.task_type is not None and (not isinstance(self.task_type, str) or self.task_type not in TaskType.__members__):
             problems.append(f"`task_type` must be one of {sorted(TaskType.__members__)} or None; got {self.task_type!r}")
         self.target_modules = _as_names(self.target_modules, "target_modules", problems)
         self.exclude_modules = _as_names(self.exclude_modules, "exclude_modules", problems)
@@ -113,7 +113,7 @@ class IA3Config:
             names = _as_names(self.modules_to_save, "modules_to_save", problems)
             if isinstance(names, str):
                 problems.append(f"`modules_to_save` must be a list of module names; got the string {names!r}")
-            else:
+            elif names is not None:
                 # keep the user's order: PEFT writes the list as given
                 self.modules_to_save = list(dict.fromkeys(self.modules_to_save or []))
         for name in ("fan_in_fan_out", "init_ia3_weights", "inference_mode"):
@@ -185,7 +185,7 @@ class IA3Config:
         path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, revision=revision, token=token)
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError, huge ints, deep nesting
             raise ValueError(f"{path} is not valid JSON: {err}") from None
         if isinstance(data, dict):
             data.update(kwargs)

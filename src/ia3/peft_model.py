@@ -20,6 +20,13 @@ from ia3.serialization import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, load_tensors, s
 from ia3.tuner import IA3Model
 
 PREFIX = "base_model.model."
+# Modules that torch's FSDP (version 1) and activation checkpointing insert between a module and its children; the
+# state dicts they produce leave them out, and so do adapter keys.
+WRAPPER_MODULES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def _unwrapped_name(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_MODULES)
 
 
 class PeftModel(nn.Module):
@@ -111,18 +118,36 @@ class PeftModel(nn.Module):
             return self.base_model.model.generate(*args, **kwargs)
 
     # -- saving ----------------------------------------------------------------------------------------------------
-    def adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-        """The tensors PEFT saves for `adapter_name`, under PEFT's keys (adapter name stripped)."""
+    def adapter_state_dict(
+        self, adapter_name: str = "default", state_dict: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The tensors PEFT saves for `adapter_name`, under PEFT's keys (adapter name stripped).
+
+        `state_dict`: take them from this full state dict of the model (keys as in `self.state_dict()`) instead of
+        the live parameters, e.g. `accelerator.get_state_dict(model)` under FSDP or DeepSpeed ZeRO-3, where each
+        process holds only a shard of every parameter.
+        """
         self.base_model._check_names([adapter_name])
         out: dict[str, torch.Tensor] = {}
+        full: dict[str, str] = {}  # PEFT's key -> the key in self.state_dict()
         for name, layer in self.base_model.ia3_layers():
+            name = _unwrapped_name(name)
             if adapter_name in layer.ia3_l:
                 out[f"{PREFIX}{name}.ia3_l"] = layer.ia3_l[adapter_name].detach()
+                full[f"{PREFIX}{name}.ia3_l"] = f"{PREFIX}{name}.ia3_l.{adapter_name}"
         for name, wrapper in self.base_model.wrappers():
+            name = _unwrapped_name(name)
             if adapter_name in wrapper.modules_to_save:
                 for key, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
+                    key = _unwrapped_name(key)
                     out[f"{PREFIX}{name}.{key}"] = tensor.detach()
-        return out
+                    full[f"{PREFIX}{name}.{key}"] = f"{PREFIX}{name}.modules_to_save.{adapter_name}.{key}"
+        if state_dict is None:
+            return out
+        missing = [full[k] for k in out if full[k] not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict lacks {len(missing)} tensor(s) of adapter {adapter_name!r}, e.g. {missing[:3]}")
+        return {k: state_dict[full[k]].detach() for k in out}
 
     def save_pretrained(
         self,
@@ -133,7 +158,11 @@ class PeftModel(nn.Module):
         **kwargs: Any,
     ) -> None:
         """Write `adapter_config.json` and `adapter_model.safetensors` (adapters other than `"default"` go in a
-        subfolder named after them), each file atomically: a crash never leaves a half-written file."""
+        subfolder named after them), each file atomically: a crash never leaves a half-written file.
+
+        As in PEFT, `state_dict=` (a full state dict of the model, e.g. `accelerator.get_state_dict(model)` under
+        FSDP or ZeRO-3) supplies the tensors instead of the live parameters."""
+        state_dict = kwargs.pop("state_dict", None)
         if not safe_serialization:
             raise ValueError("ia3 saves adapters as safetensors only (safe_serialization=False is not supported)")
         if Path(save_directory).is_file():
@@ -145,7 +174,7 @@ class PeftModel(nn.Module):
         for adapter_name in names:
             folder = Path(save_directory) if adapter_name == "default" else Path(save_directory) / adapter_name
             folder.mkdir(parents=True, exist_ok=True)
-            save_tensors(self.adapter_state_dict(adapter_name), folder / WEIGHTS_NAME)
+            save_tensors(self.adapter_state_dict(adapter_name, state_dict), folder / WEIGHTS_NAME)
             dataclasses.replace(self.peft_config[adapter_name], inference_mode=True).save_pretrained(folder)
 
     def push_to_hub(

@@ -34,7 +34,12 @@ def save_checkpoint(root: Path, step: int, peft_model, optimizer, scheduler, pro
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # half-written checkpoints (and `latest` temp files) of a run killed mid-save; one process writes here
+    for stale in [*root.glob(".tmp-step-*"), *root.glob(f".{LATEST}.*.tmp")]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     tmp.mkdir()
     peft_model.save_pretrained(tmp / "adapter")
     tensors, opt_meta = _optimizer_tensors(optimizer)

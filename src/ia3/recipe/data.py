@@ -98,17 +98,23 @@ def _read_table(path: Path) -> list[dict]:
     if suffix == ".csv" or suffix == ".tsv":
         reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
         rows = []
-        for row in reader:
-            if None in row:
-                raise DataError(f"{path}, line {reader.line_num}: more fields than the header has columns")
-            rows.append(row)
+        try:
+            for row in reader:
+                if None in row:
+                    raise DataError(f"{path}, line {reader.line_num}: more fields than the header has columns")
+                rows.append(row)
+        except csv.Error as err:  # e.g. a field over the csv module's size limit
+            raise DataError(f"{path}, line {reader.line_num}: unreadable CSV ({err})") from None
         return rows
     if suffix in (".jsonl", ".json"):
         if suffix == ".json" and text.lstrip().startswith("["):
             try:
                 data = json.loads(text)
-            except json.JSONDecodeError as err:
+            except (ValueError, RecursionError) as err:  # JSONDecodeError, huge integers, deep nesting
                 raise DataError(f"{path}: invalid JSON ({err})") from None
+            for number, row in enumerate(data, start=1):
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}, record {number}: expected a JSON object, got {type(row).__name__}")
             return data
         rows = []
         for number, line in enumerate(text.split("\n"), start=1):
@@ -116,13 +122,19 @@ def _read_table(path: Path) -> list[dict]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}, line {number}: invalid JSON ({err.msg})") from None
+            except (ValueError, RecursionError) as err:  # JSONDecodeError, huge integers, deep nesting
+                raise DataError(f"{path}, line {number}: invalid JSON ({getattr(err, 'msg', err)})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
         return rows
     raise DataError(f"{path}: unknown file type {suffix!r}; use .csv, .tsv, .jsonl, .json, .parquet or .txt (sentence@label)")
+
+
+def _is_int(text: str) -> bool:
+    """`text` is a plain integer (`-1`, `2`); not `²`, `--1` or `1_0`, which `str.isdigit` or `int` also take."""
+    digits = text[1:] if text.startswith("-") else text
+    return digits.isascii() and digits.isdigit() and len(digits) < 19
 
 
 def rows_to_examples(
@@ -163,7 +175,7 @@ def rows_to_examples(
             raise DataError(f"{source}, record {number}: empty or missing text in column {text_column!r}")
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(label_names):
             label = value
-        elif isinstance(value, str) and value.strip().lstrip("-").isdigit() and value.strip() not in name_to_id:
+        elif isinstance(value, str) and _is_int(value.strip()) and value.strip() not in name_to_id:
             label = int(value.strip())
             if not 0 <= label < len(label_names):
                 raise DataError(f"{source}, record {number}: label id {label} is outside 0..{len(label_names) - 1}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -35,7 +36,13 @@ def _accelerator(cfg: RecipeConfig):
     precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    return Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision])
+    # Several processes (`accelerate launch --multi_gpu`, `torchrun`) on a machine without an accelerator: unless
+    # told to use the CPU, accelerate makes each one a lone process (all training on everything, all writing the
+    # output files); with cpu=True they train together over gloo.
+    api = getattr(torch, "accelerator", None)
+    no_device = not api.is_available() if hasattr(api, "is_available") else not torch.cuda.is_available()
+    cpu = no_device and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=cpu, mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision])
 
 
 def _units(enc, indices: list[int], cfg: RecipeConfig) -> int:
@@ -82,6 +89,14 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
     Returns the final evaluation metrics (plus `seconds_per_epoch`).
     """
     accelerator = _accelerator(cfg)
+    if accelerator.distributed_type in ("FSDP", "DEEPSPEED"):
+        # Sharded parameters and ZeRO optimizers: this loop would evaluate and save the local shards of the vectors
+        # and write optimizer checkpoints in a format it cannot read back. Refuse before any work is done.
+        raise ValueError(
+            f"ia3 train runs on one process or with DDP, not under {str(accelerator.distributed_type).split('.')[-1]}: "
+            "launch with configs/accelerate/ddp.yaml (or --multi_gpu). (IA)^3's vectors and optimizer state are tiny, "
+            "so ZeRO-2 saves nothing over DDP; for base models that need FSDP or ZeRO-3, see configs/accelerate/README.md."
+        )
     main = accelerator.is_main_process
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.train.seed)
