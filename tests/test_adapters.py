@@ -286,3 +286,19 @@ def test_peft_model_passes_attributes_through():
     assert model.config is base.config
     assert isinstance(model, ia3.PeftModelForSeq2SeqLM)
     assert copy.deepcopy(model.peft_config["default"]) == model.peft_config["default"]
+
+
+def test_hooks_on_a_wrapped_base_layer_still_run():
+    """The layer calls F.linear directly for plain nn.Linear bases; a hook (e.g. accelerate's offload) must
+    switch that off so the hook runs and its effect shows."""
+    model = ia3.get_peft_model(M.t5(), ia3.IA3Config(task_type="SEQ_2_SEQ_LM"))
+    layer = next(m for m in model.modules() if isinstance(m, ia3.IA3Layer) and not m.is_feedforward)
+    batch = M.batch("t5")
+    with torch.no_grad():
+        before = model(**batch).logits
+    calls = []
+    handle = layer.base_layer.register_forward_hook(lambda mod, inp, out: calls.append(1) or out * 2)
+    with torch.no_grad():
+        hooked = model(**batch).logits
+    handle.remove()
+    assert calls and not torch.allclose(before, hooked)

@@ -12,7 +12,9 @@ Convolutions scale channels the same way, with vectors of shape `(1, C, 1, ...)`
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 from transformers.pytorch_utils import Conv1D
 
 
@@ -47,7 +49,8 @@ class IA3Layer(nn.Module):
         self.is_feedforward = is_feedforward
         self.in_features = in_features
         self.out_features = out_features
-        self.active_adapters: list[str] = []
+        self._active: list[str] = []
+        self._active_vectors: list[nn.Parameter] = []  # the active adapters' vectors, looked up once
         self.disabled = False
         self.merged_adapters: list[str] = []
         # Exact copies of the base weight and bias taken at the first merge, restored by `unmerge`.
@@ -101,7 +104,7 @@ class IA3Layer(nn.Module):
             raise ValueError(f"Adapter {adapter_name!r} is merged into {type(self.base_layer).__name__}; unmerge first")
         if adapter_name in self.ia3_l:
             del self.ia3_l[adapter_name]
-        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+        self.active_adapters = [a for a in self._active if a != adapter_name]
 
     # -- forward ---------------------------------------------------------------------------------------------------
     def scaling(self) -> torch.Tensor | None:
@@ -165,11 +168,27 @@ class IA3Layer(nn.Module):
             if scale is None:
                 return self.base_layer(x, *args, **kwargs)
             if self.kind != "conv":
-                scale = scale.reshape(-1)
+                scale = scale.view(-1)
         if self.is_feedforward:
-            return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype), *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        return (result * scale).to(result.dtype)
+            scaled = x * scale if x.dtype == scale.dtype else (x.to(scale.dtype) * scale).to(x.dtype)
+            return self._base(scaled, args, kwargs)
+        result = self._base(x, args, kwargs)
+        out = result * scale
+        return out if out.dtype == result.dtype else out.to(result.dtype)
+
+    def _base(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The base layer's output; a plain `nn.Linear` without hooks is applied with `F.linear` directly, which
+        skips a module call per layer (the same computation)."""
+        base = self.base_layer
+        if (
+            type(base) is nn.Linear
+            and not args
+            and not kwargs
+            and not (base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__)
+            and not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
+        ):
+            return F.linear(x, base.weight, base.bias)
+        return base(x, *args, **kwargs)
 
     # -- merging ---------------------------------------------------------------------------------------------------
     def _weight_scale(self, vector: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ class IA3Model(nn.Module):
         self.peft_config: dict[str, IA3Config] = {}
         self.active_adapters: list[str] = []
         self.autocast_adapter_dtype = autocast_adapter_dtype
+        self._table_cache: dict = {}  # per-example vector tables, see `_set_row_scales`
         self.inject_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
 
@@ -161,6 +162,7 @@ class IA3Model(nn.Module):
 
     def _refresh(self) -> None:
         """Push the active adapters to every layer and set `requires_grad`: only active, trainable adapters."""
+        self._table_cache = {}  # adapters were added, removed or switched: rebuild per-example tables
         trainable = {n for n in self.active_adapters if not self.peft_config[n].inference_mode}
         for param_name, param in self.model.named_parameters():
             if ".ia3_l." not in param_name and ".modules_to_save." not in param_name:
@@ -221,17 +223,14 @@ class IA3Model(nn.Module):
             raise ValueError(f"adapter_names must be a non-empty list with one adapter name per row; got {adapter_names!r}")
         names = list(adapter_names)
         self._check_names(sorted(set(names)), allow_base=True)
-        merged = [name for name, layer in self.ia3_layers() if layer.merged_adapters]
+        named = list(self.ia3_layers())
+        merged = [name for name, layer in named if layer.merged_adapters]
         if merged:
             raise ValueError(f"Per-example adapters need unmerged layers, but {merged[:3]} are merged; call unmerge_adapter()")
         unique = list(dict.fromkeys(names))
-        layers = [layer for _, layer in self.ia3_layers()]
-        device = next((layer.base_layer.weight.device for layer in layers), torch.device("cpu"))
-        index = torch.tensor([unique.index(n) for n in names], device=device)
+        layers = [layer for _, layer in named]
         try:
-            for layer in layers:
-                table = torch.stack([layer.vector_or_ones(n) for n in unique])  # (adapters, F)
-                layer.set_row_scales(table.index_select(0, index.to(table.device)))  # (batch, F)
+            self._set_row_scales(layers, unique, [unique.index(n) for n in names])
             for _, wrapper in self.wrappers():
                 wrapper._row_adapters = names
             yield
@@ -240,6 +239,49 @@ class IA3Model(nn.Module):
                 layer.set_row_scales(None)
             for _, wrapper in self.wrappers():
                 wrapper._row_adapters = None
+
+    def _set_row_scales(self, layers: list[IA3Layer], unique: list[str], rows: list[int]) -> None:
+        """Give every layer its `(batch, F)` per-row vectors with a few tensor ops for the whole model.
+
+        Layers are grouped by device and vector dtype; in each group every adapter's vectors (ones where it does not
+        touch a layer) are concatenated into one flat vector, the adapters' flat vectors stacked into an
+        `(adapters, total_F)` table, its rows gathered once, and each layer handed a column slice. Outside autograd
+        the tables are cached and rebuilt only when a vector changes (tracked by the tensors' version counters).
+        """
+        plan = self._table_cache.get(tuple(unique))
+        if plan is None or any(group["vectors"] and group["vectors"][0].device != group["device"] for group in plan):
+            plan = []
+            by_key: dict[tuple, list[IA3Layer]] = {}
+            for layer in layers:
+                ref = next(iter(layer.ia3_l.values()), layer.base_layer.weight)
+                by_key.setdefault((ref.device, ref.dtype), []).append(layer)
+            for (device, dtype), group in by_key.items():
+                vectors = [layer.ia3_l[n] for layer in group for n in unique if n in layer.ia3_l]
+                plan.append({"device": device, "dtype": dtype, "layers": group, "vectors": vectors,
+                             "versions": None, "table": None})
+            if len(self._table_cache) >= 8:  # a server sees many mixes: keep the newest few
+                self._table_cache.pop(next(iter(self._table_cache)))
+            self._table_cache[tuple(unique)] = plan
+        grad = torch.is_grad_enabled()
+        for group in plan:
+            if grad and any(v.requires_grad for v in group["vectors"]):
+                table = self._row_table(group["layers"], unique, group["dtype"])  # part of the autograd graph
+            else:
+                versions = [v._version for v in group["vectors"]]
+                if group["versions"] != versions:
+                    with torch.no_grad():
+                        group["table"] = self._row_table(group["layers"], unique, group["dtype"])
+                    group["versions"] = versions
+                table = group["table"]
+            gathered = table.index_select(0, torch.tensor(rows, device=group["device"]))  # (batch, total_F)
+            offset = 0
+            for layer in group["layers"]:
+                layer.set_row_scales(gathered[:, offset : offset + layer.num_features])
+                offset += layer.num_features
+
+    @staticmethod
+    def _row_table(group: list[IA3Layer], unique: list[str], dtype: torch.dtype) -> torch.Tensor:
+        return torch.stack([torch.cat([layer.vector_or_ones(n).to(dtype) for layer in group]) for n in unique])
 
     # -- merging ---------------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
