@@ -1,0 +1,78 @@
+"""Row 3: inference overhead. `generate` (3 new tokens, greedy, batch 8) on tiny T5 and tiny GPT-2: ia3 unmerged
+and ia3 merged (`merge_adapter()`, layers still wrapped) against the bare base model.
+
+Targets: unmerged / base <= 1.05; merged / base <= 1.02. peft's unmerged time is recorded in the JSON for reference.
+Every variant produces exactly 3 tokens (min_new_tokens=3), so all do the same work.
+
+Usage: python bench/row3_inference.py [--quick | --full]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import common
+import models as tiny
+import torch
+import workloads as W
+from common import Mode, Result
+
+NEW_TOKENS = 3
+ROWS, LENGTH = 8, 32
+LABEL = {"t5": "tiny T5", "gpt2": "tiny GPT-2"}
+
+
+def variants(name: str) -> dict[str, torch.nn.Module]:
+    """The same base weights (same seed) four ways; the adapters have random vectors (init_ia3_weights=False)."""
+    task = W.TASK[name]
+    base = getattr(tiny, name)(0)
+    unmerged = W.wrap("ia3", getattr(tiny, name)(0), task)
+    merged = W.wrap("ia3", getattr(tiny, name)(0), task)
+    merged.merge_adapter()
+    theirs = W.wrap("peft", getattr(tiny, name)(0), task)
+    W.copy_adapters(unmerged, theirs)
+    return {"base": base, "ia3 unmerged": unmerged, "ia3 merged": merged, "peft unmerged": theirs}
+
+
+def bench_model(name: str, mode: Mode) -> list[Result]:
+    models = {k: m.to(W.device()).eval() for k, m in variants(name).items()}
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 99, (ROWS, LENGTH), generator=g).to(W.device())
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    kwargs = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": False, "num_beams": 1,
+              "pad_token_id": 0}
+
+    def gen(model):
+        @torch.no_grad()
+        def call():
+            return model.generate(**inputs, **kwargs)
+        return call
+
+    outputs = {k: gen(m)() for k, m in models.items()}
+    same = bool(torch.equal(outputs["ia3 unmerged"], outputs["ia3 merged"])
+                and torch.equal(outputs["ia3 unmerged"], outputs["peft unmerged"]))
+    times = common.interleaved({k: gen(m) for k, m in models.items()}, mode.repeats * 2, mode.warmup)
+    ms = times.medians_ms()
+    extra = {"rows": ROWS, "tokens": LENGTH, "new_tokens": NEW_TOKENS, "repeats": mode.repeats * 2,
+             "adapted_outputs_agree": same, "ms": ms, **times.to_json(),
+             "peft_unmerged_over_base": ms["peft unmerged"] / ms["base"]}
+    label = f"generate {NEW_TOKENS} tokens, {LABEL[name]} ({ROWS}x{LENGTH})"
+    return [Result("3", f"{label}, ia3 unmerged", ms["ia3 unmerged"], ms["base"], "ms", "base", 1.05, extra),
+            Result("3", f"{label}, ia3 merged", ms["ia3 merged"], ms["base"], "ms", "base", 1.02, extra)]
+
+
+def run(mode: Mode) -> list[Result]:
+    results = []
+    for name in ("t5", "gpt2"):
+        results += bench_model(name, mode)
+        print(f"  row 3 {name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in results[-1].extra["ms"].items()),
+              flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.row_main("3", __doc__.splitlines()[0], run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
