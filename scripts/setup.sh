@@ -12,10 +12,11 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     pip install "torch>=2.2"
-  elif pip install --no-index "torch==2.13.0" 2>/dev/null; then
-    :
+  elif tmp=$(mktemp -d) && pip download --no-deps --no-index -d "$tmp" "torch==2.13.0" >/dev/null 2>&1; then
+    rm -rf "$tmp"
+    pip install "torch==2.13.0"        # the local CPU wheel (pip's find-links); its dependencies from PyPI
   else
-    pip install "torch>=2.2" --index-url https://download.pytorch.org/whl/cpu
+    pip install "torch>=2.2" --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
   fi
 fi
 extras="demo"
