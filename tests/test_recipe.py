@@ -281,6 +281,8 @@ def test_cli_bad_input_is_a_clear_error(tmp_path, model_dirs):
     assert done.returncode == 2 and "--train.epochs takes an integer" in done.stderr
     done = _cli("predict", str(tmp_path / "missing"), "text")
     assert done.returncode == 2 and "is not a folder" in done.stderr
+    done = _cli("serve", "--model", "m", "--adapters", str(tmp_path), "--threads", "0")
+    assert done.returncode == 2 and "--threads must be at least 1" in done.stderr
 
 
 def test_financial_phrasebank_from_the_hub_zip(tmp_path, monkeypatch):

@@ -139,6 +139,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise ValueError(f"ia3 serve needs fastapi and uvicorn ({err}): pip install 'ia3[serve]'") from None
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1; got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     labels = [n.strip() for n in args.label_names.split(",") if n.strip()] if args.label_names else None
     config = ServeConfig(
         model=args.model, adapters_dir=args.adapters, task=args.task, label_names=labels, device=args.device,
@@ -214,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--no-hub", action="store_true", help="refuse loading adapters from the Hub at run time")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--threads", type=int, help="torch CPU threads for the model (default: torch's); 1 is often fastest "
+                   "on a small, busy machine, where spinning OpenMP threads compete with the HTTP workers")
     p.set_defaults(func=cmd_serve)
     return parser
 
