@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    if args.quiet:
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
