@@ -6,6 +6,7 @@ library without `target_modules` targets the same modules and loads in the other
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -140,8 +141,6 @@ def resolve_config(config: IA3Config, model: nn.Module) -> IA3Config:
     Raises:
         ValueError: the model type has no default targets, naming the model's linear layers to pick from.
     """
-    import dataclasses
-
     changes: dict[str, object] = {}
     model_type = model_type_of(model)
     if config.target_modules is None:
