@@ -167,15 +167,18 @@ class Trainer:
         self.losses: list[float] = []
         self.loss_tensors: list[torch.Tensor] = []
 
-    def step(self) -> None:
+    def forward_backward(self) -> None:
         torch.manual_seed(1000 + len(self.loss_tensors))
         dev = self.batch["input_ids"].device.type
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.autocast):
             loss = self.model(**self.batch).loss
         loss.backward()
+        self.loss_tensors.append(loss.detach())  # read after timing: .item() would sync the GPU inside the step
+
+    def step(self) -> None:
+        self.forward_backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.loss_tensors.append(loss.detach())  # read after timing: .item() would sync the GPU inside the step
 
     def finish(self) -> list[float]:
         self.losses = [float(t) for t in self.loss_tensors]
@@ -213,13 +216,8 @@ class FloorTrainer(Trainer):
             return None
         return hook
 
-    def step(self) -> None:
-        torch.manual_seed(1000 + len(self.loss_tensors))
-        dev = self.batch["input_ids"].device.type
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.autocast):
-            loss = self.model(**self.batch).loss
-        loss.backward()
-        self.loss_tensors.append(loss.detach())
+    def step(self) -> None:  # no optimizer: the floor times the forward and the backward alone
+        self.forward_backward()
 
 
 def adapted_modules(peft_model: torch.nn.Module) -> tuple[str, ...]:

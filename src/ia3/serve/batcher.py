@@ -150,13 +150,8 @@ class Batcher:
 
     def cancel(self, job: Job) -> None:
         """Give up on `job` (e.g. its request timed out): rows not yet run are dropped, late results discarded."""
-        with self._cond:
-            if job.closed:
-                return
-            self._close(job)
-            with contextlib.suppress(ValueError):
-                self._pending.remove(job)
-        job.future.cancel()
+        if self._withdraw(job):
+            job.future.cancel()
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run `fn()` on the worker thread between batches (e.g. change the adapters); its future gets the result."""
@@ -185,13 +180,19 @@ class Batcher:
             job.closed = True
             self._live -= 1
 
-    def _fail(self, job: Job, error: BaseException) -> None:
+    def _withdraw(self, job: Job) -> bool:
+        """Close `job` and take it off the queue; False when it was already closed."""
         with self._cond:
             if job.closed:
-                return
+                return False
             self._close(job)
             with contextlib.suppress(ValueError):
                 self._pending.remove(job)
+        return True
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        if not self._withdraw(job):
+            return
         if not job.future.done():
             with contextlib.suppress(concurrent.futures.InvalidStateError):
                 job.future.set_exception(error)
