@@ -32,7 +32,8 @@ from tiny_dirs import DEMO, make_model_dir
 from ia3 import IA3Config, PeftModel, get_peft_model
 from ia3.recipe.checkpoint import LATEST, find_checkpoint, load_checkpoint
 from ia3.recipe.config import ModelArgs
-from ia3.recipe.modeling import TASK_TYPE, load_base_model
+from ia3.recipe.modeling import load_base_model
+from ia3.tasks import TASKS
 from ia3.serialization import WEIGHTS_NAME, load_tensors
 
 pytestmark = pytest.mark.slow
@@ -148,7 +149,7 @@ def test_sigkill_during_training_then_resume_is_bit_identical(run_setup, tmp_pat
 
     def probe():
         base = load_base_model(ModelArgs(name=str(model_dir), task="cls"), "cls", LABELS)
-        peft_model = get_peft_model(base, IA3Config(task_type=TASK_TYPE["cls"]))
+        peft_model = get_peft_model(base, IA3Config(task_type=TASKS["cls"].peft_task_type))
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=0.05)
         from transformers import get_linear_schedule_with_warmup

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ia3.base_models import load_pretrained, resolve_base_model
 from ia3.config import IA3Config
 from ia3.peft_model import (
     PeftModel,
@@ -15,11 +16,11 @@ from ia3.peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
+from ia3.tasks import TASKS
 
+# transformers' auto class for each PEFT task type: the recipe's tasks know theirs; the other task types here
 _TASK_AUTO_CLASS = {
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
+    **{task.peft_task_type: task.auto_class for task in TASKS.values()},
     "TOKEN_CLS": "AutoModelForTokenClassification",
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
     "FEATURE_EXTRACTION": "AutoModel",
@@ -47,15 +48,16 @@ class _AutoPeftModel:
         **model_kwargs: Any,
     ) -> PeftModel:
         """Read the adapter's config, load `base_model_name_or_path` (at `revision`) with the transformers auto
-        class of its task, then the adapter. `model_kwargs` (e.g. `torch_dtype`, `device_map`) go to the base model.
+        class of its task, then the adapter. `model_kwargs` (e.g. `dtype`, `device_map`, `gguf_file`) go to the base
+        model. The base may be a Hub id, a folder, a `.gguf` file or `module:<package>` (see `ia3.base_models`).
         """
         import transformers
 
         config = IA3Config.from_pretrained(pretrained_model_name_or_path, revision=revision, token=token)
-        task = config.task_type
-        if cls.target_task is not None and task != cls.target_task:
+        task_type = config.task_type
+        if cls.target_task is not None and task_type != cls.target_task:
             raise ValueError(
-                f"The adapter {pretrained_model_name_or_path} is for task {task!r}; {cls.__name__} loads "
+                f"The adapter {pretrained_model_name_or_path} is for task {task_type!r}; {cls.__name__} loads "
                 f"{cls.target_task!r} adapters (use AutoPeftModel for any task)"
             )
         if not config.base_model_name_or_path:
@@ -63,10 +65,11 @@ class _AutoPeftModel:
                 f"The adapter config in {pretrained_model_name_or_path} names no base_model_name_or_path; load the "
                 "base model yourself and call PeftModel.from_pretrained(base_model, adapter)"
             )
-        auto_class = getattr(transformers, _TASK_AUTO_CLASS.get(task or "", "AutoModel"))
-        base = auto_class.from_pretrained(
-            config.base_model_name_or_path, revision=config.revision, token=token, trust_remote_code=trust_remote_code,
-            **model_kwargs,
+        auto_class = getattr(transformers, _TASK_AUTO_CLASS.get(task_type or "", "AutoModel"))
+        # a Hub id, a folder, a .gguf file or module:<package> (see ia3.base_models)
+        ref = resolve_base_model(config.base_model_name_or_path, model_kwargs.pop("gguf_file", None))
+        base = load_pretrained(
+            auto_class, ref, revision=config.revision, token=token, trust_remote_code=trust_remote_code, **model_kwargs
         )
         return cls.peft_class.from_pretrained(
             base, pretrained_model_name_or_path, adapter_name=adapter_name, is_trainable=is_trainable,

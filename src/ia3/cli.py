@@ -7,15 +7,25 @@
     ia3 inspect ADAPTER_DIR
     ia3 push ADAPTER_DIR REPO_ID [--private]
     ia3 serve --model MODEL --adapters DIR [--task seq2seq|causal|cls] [--port 8000] ...   (needs ia3[serve])
+
+Every recipe setting is a flag (`--train.lr`) and every `ServeConfig` field a flag of `serve` (`--max-batch-size`),
+derived from the dataclasses: their docstrings are the help, their annotations say how a value is read. `-q` goes
+before or after the command. Bad input and failures of the environment (ValueError, RuntimeError, OSError) end as
+one `ia3 CMD: error: ...` line and exit status 2; IA3_DEBUG=1 shows their traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ia3.serve.config import ServeConfig
 
 # Short flags for the settings people change most; every setting also has its dotted flag (--train.lr).
 ALIASES = {
@@ -25,15 +35,42 @@ ALIASES = {
     "--loss": "train.loss", "--output-dir": "output_dir",
 }
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo" / "demo.yaml"
+# what a command may raise for bad input or a failing environment: a one-line error, exit 2 (other errors are bugs)
+EXPECTED_ERRORS = (ValueError, RuntimeError, OSError)
+
+
+def _show(value: object) -> str:
+    """A default as one would type it on the command line."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(value)
+    if isinstance(value, str) and (not value or value != value.strip() or "\n" in value):
+        return repr(value)
+    return str(value)
+
+
+def _help(doc: str, default: object = None, show_default: bool = True) -> str:
+    text = doc.replace("%", "%%")
+    return f"{text} (default: {_show(default).replace('%', '%%')})" if show_default else text
 
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
-    from ia3.recipe.config import all_keys
+    """One flag per recipe setting, derived from the config dataclasses: help from their docs, the value read by
+    its annotation in `build_config` (so every bad value is reported at once)."""
+    from ia3.recipe.config import metavar, settings
 
-    group = parser.add_argument_group("settings (defaults < --config file < these flags)")
-    for key, default in all_keys():
-        flags = [f"--{key}"] + [alias for alias, target in ALIASES.items() if target == key and alias != f"--{key}"]
-        group.add_argument(*flags, dest=f"set:{key}", default=None, metavar="V", help=f"(default: {default})")
+    group = parser.add_argument_group(
+        "settings (defaults < --config file < these flags; lists are comma-separated, `none` unsets an optional one)")
+    for s in settings():
+        flags = [f"--{s.key}"] + [alias for alias, target in ALIASES.items() if target == s.key and alias != f"--{s.key}"]
+        kwargs: dict = {"dest": f"set:{s.key}", "default": None, "help": _help(s.help, s.default),
+                        "metavar": "{" + ",".join(s.choices) + "}" if s.choices else metavar(s.hint)}
+        if s.hint is bool:  # `--train.plots` alone means true
+            kwargs.update(nargs="?", const="true")
+        group.add_argument(*flags, **kwargs)
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -134,7 +171,6 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from ia3.serve import ServeConfig
         from ia3.serve.app import run
     except ImportError as err:
         raise ValueError(f"ia3 serve needs fastapi and uvicorn ({err}): pip install 'ia3[serve]'") from None
@@ -145,85 +181,147 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    labels = [n.strip() for n in args.label_names.split(",") if n.strip()] if args.label_names else None
-    config = ServeConfig(
-        model=args.model, adapters_dir=args.adapters, task=args.task, label_names=labels, device=args.device,
-        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-        max_inputs=args.max_inputs, max_input_chars=args.max_input_chars, max_input_tokens=args.max_input_tokens,
-        max_new_tokens=args.max_new_tokens, max_body_bytes=args.max_body_bytes,
-        request_timeout_s=args.request_timeout_s, api_key=args.api_key or os.environ.get("IA3_API_KEY") or None,
-        allow_hub=not args.no_hub,
-    )
-    run(config, host=args.host, port=args.port, log_level=args.log_level)
+    run(serve_config(args), host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The `ServeConfig` of parsed `ia3 serve` flags (each value read by its field's annotation; all problems at
+    once); `--api-key` defaults to $IA3_API_KEY."""
+    from ia3.recipe.config import ConfigError, coerce, field_types
+    from ia3.serve.config import ServeConfig, flag_name
+
+    kwargs, problems = {}, []
+    for name, hint in field_types(ServeConfig).items():
+        value = getattr(args, f"serve:{name}")
+        if name == "api_key":
+            value = value or os.environ.get("IA3_API_KEY") or None
+        if value is None:
+            continue
+        try:
+            kwargs[name] = coerce(value, hint, flag_name(name))
+        except ValueError as err:
+            problems.append(str(err))
+    try:
+        config = ServeConfig(**kwargs)
+    except ConfigError as err:
+        problems.extend(err.problems)
+    if problems:
+        raise ConfigError(problems, "Invalid serve config")
+    return config
+
+
+def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per `ServeConfig` field (`--max-batch-size`), help from its docstring, then the server's own."""
+    from ia3.recipe.config import field_docs, field_types, metavar
+    from ia3.serve.config import ServeConfig, flag_name
+    from ia3.tasks import TASKS
+
+    docs, hints = field_docs(ServeConfig), field_types(ServeConfig)
+    for f in dataclasses.fields(ServeConfig):
+        flag, hint, doc = flag_name(f.name), hints[f.name], docs.get(f.name, "")
+        kwargs: dict = {"dest": f"serve:{f.name}", "default": None}
+        if f.name == "api_key":
+            kwargs.update(metavar="KEY", help=_help(doc + " Default: $IA3_API_KEY.", show_default=False))
+        elif hint is bool:  # a flag that flips the default: `--no-hub` (allow_hub), `--no-mix-adapters`
+            kwargs.update(action="store_const", const=not f.default,
+                          help=_help(("turn off: " if f.default else "") + doc, show_default=False))
+        else:
+            required = f.name in ("model", "adapters_dir")
+            kwargs.update(metavar={"model": "MODEL", "adapters_dir": "DIR"}.get(f.name, metavar(hint)), required=required,
+                          help=_help(doc, f.default, not required))
+        if f.name == "task":
+            kwargs.update(choices=list(TASKS), metavar="{" + ",".join(TASKS) + "}")
+        parser.add_argument(flag, **kwargs)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                        help="uvicorn's log level (default: info)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads for the model (default: torch's); 1 is often "
+                        "fastest on a small, busy machine, where spinning OpenMP threads compete with the HTTP workers")
+
+
+def _add_quiet(parser: argparse.ArgumentParser, default: object = False) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="no progress bars or per-epoch lines")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ia3", description="(IA)^3 fine-tuning: train, evaluate, predict, merge, share")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    _add_quiet(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train an adapter (no --config: the bundled offline demo)")
-    p.add_argument("--config", type=Path, help="YAML file with output_dir and model/data/train sections")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
+    def command(name: str, func, summary: str, usage: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=summary, description=summary, usage=usage)
+        _add_quiet(p, default=argparse.SUPPRESS)  # also after the command; SUPPRESS keeps `ia3 -q CMD`'s value
+        p.set_defaults(func=func)
+        return p
+
+    settings_usage = "[--SECTION.KEY VALUE ...]"
+    p = command("train", cmd_train, "train an adapter (no --config: the bundled offline demo)",
+                f"ia3 train [-q] [--config FILE] [--resume [CHECKPOINT]] {settings_usage}")
+    p.add_argument("--config", type=Path, metavar="FILE", help="YAML file with output_dir and model/data/train sections")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from the output dir's latest checkpoint, or from the given checkpoint path")
     _add_settings(p)
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="metrics of a trained adapter on its validation split")
+    p = command("eval", cmd_eval, "metrics of a trained adapter on its validation split",
+                f"ia3 eval [-q] ADAPTER_DIR [--split {{val,all}}] [--output FILE] {settings_usage}")
     p.add_argument("adapter", help="output folder of `ia3 train` (or an adapter folder)")
-    p.add_argument("--split", choices=["val", "all"], default="val")
-    p.add_argument("--output", help="also write each example's prediction as JSON lines to this file")
+    p.add_argument("--split", choices=["val", "all"], default="val",
+                   help="the run's validation split, or all the examples of its dataset (default: val)")
+    p.add_argument("--output", metavar="FILE", help="also write each example's prediction as JSON lines to this file")
     _add_settings(p)
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="labels for texts (arguments, --file, or stdin); JSON lines out")
-    p.add_argument("adapter")
-    p.add_argument("texts", nargs="*")
-    p.add_argument("--file", help="one text per line, or JSON lines with a 'text' field")
-    p.add_argument("--mode", choices=["rank", "generate"], default="rank")
+    p = command("predict", cmd_predict, "labels for texts (arguments, --file, or stdin); JSON lines out",
+                f"ia3 predict [-q] ADAPTER_DIR [TEXT ...] [--file FILE] [--mode {{rank,generate}}] {settings_usage}")
+    p.add_argument("adapter", help="output folder of `ia3 train` (or an adapter folder)")
+    p.add_argument("texts", nargs="*", help="texts to label (none and no --file: one per line on stdin)")
+    p.add_argument("--file", metavar="FILE", help="one text per line, or JSON lines with a 'text' field")
+    p.add_argument("--mode", choices=["rank", "generate"], default="rank",
+                   help="rank: the most likely of the label names; generate: the label the model writes (default: rank)")
     _add_settings(p)
-    p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("merge", help="merge the adapter into its base model and save the full model")
-    p.add_argument("adapter")
-    p.add_argument("--output", required=True)
-    p.set_defaults(func=cmd_merge)
+    p = command("merge", cmd_merge, "merge the adapter into its base model and save the full model")
+    p.add_argument("adapter", help="output folder of `ia3 train` (or an adapter folder)")
+    p.add_argument("--output", required=True, help="folder for the merged model (must not exist)")
 
-    p = sub.add_parser("inspect", help="base model, targets, counts and size of an adapter")
-    p.add_argument("adapter")
-    p.set_defaults(func=cmd_inspect)
+    p = command("inspect", cmd_inspect, "base model, targets, counts and size of an adapter")
+    p.add_argument("adapter", help="output folder of `ia3 train` (or an adapter folder)")
 
-    p = sub.add_parser("push", help="upload an adapter folder to the Hugging Face Hub")
-    p.add_argument("adapter")
-    p.add_argument("repo_id")
-    p.add_argument("--private", action="store_true")
-    p.set_defaults(func=cmd_push)
+    p = command("push", cmd_push, "upload an adapter folder to the Hugging Face Hub")
+    p.add_argument("adapter", help="output folder of `ia3 train` (or an adapter folder)")
+    p.add_argument("repo_id", help="the Hub repository to create or update, e.g. you/finsent-ia3")
+    p.add_argument("--private", action="store_true", help="create the repository private")
 
-    p = sub.add_parser("serve", help="HTTP API: one base model, many adapters mixed in every batch (ia3[serve])")
-    p.add_argument("--model", required=True, help="base model: Hub id or local folder (with its tokenizer)")
-    p.add_argument("--adapters", required=True, help="folder of adapter folders (each loaded under its folder name)")
-    p.add_argument("--task", choices=["seq2seq", "causal", "cls"], default="seq2seq")
-    p.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--label-names", help="comma-separated labels for /v1/classify (default: the adapters' recipe.yaml)")
-    p.add_argument("--max-batch-size", type=int, default=32, help="inputs per model call (default: 32)")
-    p.add_argument("--max-wait-ms", type=float, default=10.0, help="wait for a batch to fill (default: 10)")
-    p.add_argument("--max-queue", type=int, default=256, help="requests waiting before 503 (default: 256)")
-    p.add_argument("--max-inputs", type=int, default=64, help="inputs per request (default: 64)")
-    p.add_argument("--max-input-chars", type=int, default=4000, help="characters per input (default: 4000)")
-    p.add_argument("--max-input-tokens", type=int, default=512, help="inputs are truncated to this (default: 512)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="cap on max_new_tokens (default: 128)")
-    p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="(default: 2 MiB)")
-    p.add_argument("--request-timeout-s", type=float, default=30.0, help="(default: 30)")
-    p.add_argument("--api-key", help="require this key (Authorization: Bearer / X-API-Key); default: $IA3_API_KEY")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--no-hub", action="store_true", help="refuse loading adapters from the Hub at run time")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--threads", type=int, help="torch CPU threads for the model (default: torch's); 1 is often fastest "
-                   "on a small, busy machine, where spinning OpenMP threads compete with the HTTP workers")
-    p.set_defaults(func=cmd_serve)
+    p = command("serve", cmd_serve, "HTTP API: one base model, many adapters mixed in every batch (ia3[serve])",
+                "ia3 serve --model MODEL --adapters DIR [--task TASK] [--port PORT] [options]")
+    _add_serve_flags(p)
     return parser
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
+
+
+def _unknown_flags(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """`unrecognized arguments: --train.lrr 1; did you mean --train.lr?` (the close matches of each unknown flag)."""
+    import difflib
+
+    from ia3.recipe.config import close_matches
+
+    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    dotted = [o[2:] for o in options if "." in o]
+    flags = [e.split("=", 1)[0] for e in extra if e.startswith("--")]
+    hints = []
+    for flag in flags:
+        close = ["--" + k for k in close_matches(flag[2:], dotted)] if "." in flag else []
+        close = close or difflib.get_close_matches(flag, options, n=3, cutoff=0.75)
+        if close:
+            hints.append(" or ".join(close) + (f" for {flag}" if len(flags) > 1 else ""))
+    message = f"unrecognized arguments: {' '.join(extra)}"
+    return message + (f"; did you mean {', '.join(hints)}?" if hints else f" ({parser.prog} --help lists the flags)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         args.texts += [e for e in extra if not e.startswith("-")]
         extra = [e for e in extra if e.startswith("-")]
     if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        sub = _subparser(parser, args.command)
+        sub.error(_unknown_flags(sub, extra))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
 
@@ -242,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
+    except EXPECTED_ERRORS as err:
+        if os.environ.get("IA3_DEBUG"):
+            raise
         print(f"ia3 {args.command}: error: {err}", file=sys.stderr)
         return 2
 

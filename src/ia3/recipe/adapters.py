@@ -38,15 +38,15 @@ def merge_to_full_model(adapter_dir: str | Path, output_dir: str | Path, safe_me
     """Merge a trained run's adapter into its base model and save the full model (and tokenizer) to `output_dir`."""
     from ia3.recipe.inference import load_run, run_config
 
-    cfg = run_config(adapter_dir)
-    tokenizer, model = load_run(adapter_dir, cfg, cfg.data.label_names or [], device="cpu")
-    merged = model.merge_and_unload(safe_merge=safe_merge)
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; pick a new --output folder")
+    cfg = run_config(adapter_dir)
+    task, model = load_run(adapter_dir, cfg, cfg.data.label_names or [], device="cpu")
+    merged = model.merge_and_unload(safe_merge=safe_merge)
     tmp = out.with_name(f".{out.name}.tmp")
     merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    task.tokenizer.save_pretrained(tmp)
     if out.exists():
         out.rmdir()
     tmp.rename(out)

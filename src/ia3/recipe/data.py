@@ -251,9 +251,11 @@ def load_examples(
 
 
 def train_val_split(examples: Examples, val_fraction: float, seed: int) -> tuple[Examples, Examples]:
-    """Shuffle with `seed` and hold out `val_fraction` (at least one example on each side)."""
+    """Shuffle with `seed` and hold out `val_fraction` (at least one example on each side; 0: no validation)."""
+    if val_fraction == 0:
+        return examples, examples.subset([])
     if not 0 < val_fraction < 1:
-        raise DataError(f"data.val_split must be between 0 and 1; got {val_fraction}")
+        raise DataError(f"--data.val_split must be at least 0 and below 1; got {val_fraction}")
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_val = max(1, math.ceil(len(order) * val_fraction))  # as datasets.train_test_split(test_size=...)

@@ -7,7 +7,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from ia3.recipe.features import Encoded, choice_logprobs, epoch_batches, generation_batch, train_batch
+from ia3.recipe.features import Encoded, epoch_batches
 from ia3.recipe.metrics import classification_report
 
 
@@ -21,35 +21,23 @@ def match_label(text: str, label_names: list[str]) -> int:
 def score_batch(model, enc: Encoded, indices: list[int], device) -> tuple[list[int], list[list[float]], float, int]:
     """Rank classification of one batch: (predicted ids, per-label scores, summed gold NLL, gold token count).
 
-    seq2seq/causal: a label's score is its mean token log-probability (length-normalised); cls: the logits.
+    Generative tasks: a label's score is its mean token log-probability (length-normalised); cls: the logits.
     """
-    if enc.task == "cls":
-        batch = {k: v.to(device) for k, v in train_batch(enc, indices).items()}
-        logits = model(**batch).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
-        return logits.argmax(-1).tolist(), logits.tolist(), float(nll), len(indices)
-    lp, mask = choice_logprobs(model, enc, indices, device)
-    scores = lp.sum(-1) / mask.sum(-1).clamp(min=1)  # (B, C)
-    gold = torch.tensor([enc.labels[i] for i in indices], device=lp.device)
-    rows = torch.arange(len(indices), device=lp.device)
-    return scores.argmax(-1).tolist(), scores.tolist(), float(-lp[rows, gold].sum()), int(mask[rows, gold].sum())
+    scores, nll, units = enc.task.score(model, enc.inputs(indices), enc.choice_ids, device)
+    gold = torch.tensor(enc.gold(indices), device=scores.device)
+    rows = torch.arange(len(indices), device=scores.device)
+    return scores.argmax(-1).tolist(), scores.tolist(), float(nll[rows, gold].sum()), int(units[rows, gold].sum())
 
 
 @torch.no_grad()
-def generate_labels(model, tokenizer, enc: Encoded, indices: list[int], label_length: int, device) -> list[str]:
+def generate_labels(model, enc: Encoded, indices: list[int], label_length: int, device) -> list[str]:
     """Greedy generation of up to `label_length` new tokens per input, decoded."""
-    batch = {k: v.to(device) for k, v in generation_batch(enc, indices).items()}
-    out = model.generate(**batch, max_new_tokens=label_length, do_sample=False, num_beams=1,
-                         pad_token_id=tokenizer.pad_token_id)
-    if enc.task == "causal":
-        out = out[:, batch["input_ids"].shape[1]:]
-    return tokenizer.batch_decode(out, skip_special_tokens=True)
+    return enc.task.generate(model, enc.inputs(indices), device, max_new_tokens=label_length)
 
 
 @torch.no_grad()
 def evaluate(
     model,
-    tokenizer,
     enc: Encoded,
     label_names: list[str],
     *,
@@ -67,6 +55,7 @@ def evaluate(
         predictions has one dict per example in `enc` order: `label`, `scores` and `generated` (if generated).
     """
     device = device or next(model.parameters()).device
+    generation = generation and enc.task.generates
     was_training = model.training
     model.eval()
     n = len(enc)
@@ -82,8 +71,8 @@ def evaluate(
         tokens += count
         for i, p, s in zip(indices, pred, sc):
             rank[i], scores[i] = p, s
-        if generation and enc.task != "cls":
-            for i, text in zip(indices, generate_labels(model, tokenizer, enc, indices, label_length, device)):
+        if generation:
+            for i, text in zip(indices, generate_labels(model, enc, indices, label_length, device)):
                 generated[i] = text
     model.train(was_training)
     golds = enc.labels
@@ -91,7 +80,7 @@ def evaluate(
     metrics["loss"] = nll / max(tokens, 1)
     metrics["ppl"] = math.exp(min(metrics["loss"], 50))
     metrics["n"] = n
-    if generation and enc.task != "cls":
+    if generation:
         gen_ids = [match_label(t or "", label_names) for t in generated]
         gen_report = classification_report(golds, gen_ids, label_names)
         metrics["generation_accuracy"] = gen_report["accuracy"]

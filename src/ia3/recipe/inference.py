@@ -11,12 +11,11 @@ import yaml
 from ia3 import IA3Config, PeftModel
 from ia3.recipe.config import RecipeConfig, build_config
 from ia3.recipe.data import Examples, load_examples, train_val_split
-from ia3.recipe.evaluate import evaluate, generate_labels, score_batch
-from ia3.recipe.features import encode
-from ia3.recipe.modeling import load_base_model, load_tokenizer
+from ia3.recipe.evaluate import evaluate
+from ia3.recipe.features import encode, encode_choices
+from ia3.recipe.modeling import load_base_model, load_tokenizer, make_task
 from ia3.recipe.train import RECIPE_FILE
-
-_TASK_OF = {"SEQ_2_SEQ_LM": "seq2seq", "CAUSAL_LM": "causal", "SEQ_CLS": "cls"}
+from ia3.tasks import TASK_OF_PEFT_TYPE, Task, get_task
 
 
 def run_config(adapter_dir: str | Path, overrides: dict[str, Any] | None = None) -> RecipeConfig:
@@ -31,21 +30,23 @@ def run_config(adapter_dir: str | Path, overrides: dict[str, Any] | None = None)
         base = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
     else:
         adapter = IA3Config.from_pretrained(folder)
-        if adapter.task_type not in _TASK_OF:
+        if adapter.task_type not in TASK_OF_PEFT_TYPE:
             raise ValueError(f"{folder}: adapter task_type {adapter.task_type!r} is not a recipe task "
-                             f"({sorted(_TASK_OF)})")
-        base = {"model": {"name": adapter.base_model_name_or_path, "task": _TASK_OF[adapter.task_type]}}
+                             f"({sorted(TASK_OF_PEFT_TYPE)})")
+        base = {"model": {"name": adapter.base_model_name_or_path, "task": TASK_OF_PEFT_TYPE[adapter.task_type].name}}
     base["output_dir"] = str(folder)
     return build_config(base=base, overrides=overrides)
 
 
-def load_run(adapter_dir: str | Path, cfg: RecipeConfig, label_names: list[str], device: str | None = None):
-    """(tokenizer, PeftModel in eval mode) for the run in `adapter_dir`."""
-    tokenizer = load_tokenizer(cfg.model, cfg.model.task)
+def load_run(
+    adapter_dir: str | Path, cfg: RecipeConfig, label_names: list[str], device: str | None = None
+) -> tuple[Task, PeftModel]:
+    """(task bound to the run's tokenizer, PeftModel in eval mode) for the run in `adapter_dir`."""
+    task = make_task(cfg.model, cfg.data, load_tokenizer(cfg.model, cfg.model.task))
     base = load_base_model(cfg.model, cfg.model.task, label_names)
     model = PeftModel.from_pretrained(base, adapter_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return tokenizer, model.to(device).eval()
+    return task, model.to(device).eval()
 
 
 def evaluate_run(
@@ -63,9 +64,9 @@ def evaluate_run(
         _, examples = train_val_split(examples, d.val_split, cfg.train.seed)
     elif split != "all":
         raise ValueError(f"split must be 'val' or 'all'; got {split!r}")
-    tokenizer, model = load_run(adapter_dir, cfg, examples.label_names)
-    enc = encode(tokenizer, examples, cfg.model.task, d.max_length, d.label_length, d.prompt)
-    metrics, predictions = evaluate(model, tokenizer, enc, examples.label_names, batch_size=cfg.train.eval_batch_size,
+    task, model = load_run(adapter_dir, cfg, examples.label_names)
+    enc = encode(task, examples, d.max_length, d.label_length)
+    metrics, predictions = evaluate(model, enc, examples.label_names, batch_size=cfg.train.eval_batch_size,
                                     label_length=d.label_length, generation=cfg.train.generation_eval,
                                     progress=progress)
     for text, row, gold in zip(examples.texts, predictions, examples.labels):
@@ -84,7 +85,7 @@ def predict(
     if mode not in ("rank", "generate"):
         raise ValueError(f"mode must be 'rank' or 'generate'; got {mode!r}")
     cfg = run_config(adapter_dir, overrides)
-    if mode == "generate" and cfg.model.task == "cls":
+    if mode == "generate" and not get_task(cfg.model.task).generates:
         raise ValueError("mode 'generate' needs a label-generation task; this run is a classifier (use rank)")
     label_names = cfg.data.label_names
     if not label_names:
@@ -92,19 +93,22 @@ def predict(
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
     if bad:
         raise ValueError(f"Input(s) {bad[:5]} are empty; every input needs some text")
-    tokenizer, model = load_run(adapter_dir, cfg, label_names)
-    examples = Examples([t.strip() for t in texts], [0] * len(texts), label_names)
+    task, model = load_run(adapter_dir, cfg, label_names)
     d = cfg.data
-    enc = encode(tokenizer, examples, cfg.model.task, d.max_length, d.label_length, d.prompt)
+    choices = encode_choices(task, label_names, d.label_length)
+    try:
+        inputs = task.encode([t.strip() for t in texts], d.max_length, max((len(c) for c in choices), default=0))
+    except ValueError as err:
+        raise ValueError(f"{err} (--data.max_length is {d.max_length})") from None
     device = next(model.parameters()).device
     out: list[dict] = []
     for start in range(0, len(texts), batch_size):
         indices = list(range(start, min(start + batch_size, len(texts))))
         if mode == "rank":
-            preds, scores, _, _ = score_batch(model, enc, indices, device)
-            out += [{"text": texts[i], "label": label_names[p], "scores": dict(zip(label_names, s))}
-                    for i, p, s in zip(indices, preds, scores)]
+            scores = task.score(model, [inputs[i] for i in indices], choices, device)[0]
+            out += [{"text": texts[i], "label": label_names[int(s.argmax())], "scores": dict(zip(label_names, s.tolist()))}
+                    for i, s in zip(indices, scores)]
         else:
-            generated = generate_labels(model, tokenizer, enc, indices, d.label_length, device)
+            generated = task.generate(model, [inputs[i] for i in indices], device, max_new_tokens=d.label_length)
             out += [{"text": texts[i], "generated": g.strip()} for i, g in zip(indices, generated)]
     return out

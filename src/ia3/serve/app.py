@@ -425,8 +425,8 @@ def create_app(config: ServeConfig | None = None, *, service: Service | None = N
     @app.post("/v1/generate", response_model=GenerateResponse, dependencies=auth, responses=ERRORS)
     async def generate(body: GenerateRequest) -> dict:
         """Generate text for each input with the adapter (greedy unless `do_sample`)."""
-        if svc.engine.task == "cls":
-            raise ApiError(422, "unsupported", "This server runs a classifier (task cls); use /v1/classify")
+        if not svc.engine.task.generates:
+            raise ApiError(422, "unsupported", f"This server runs a classifier (task {cfg.task}); use /v1/classify")
         texts = svc.check_inputs(body.inputs)
         svc.check_adapter(body.adapter)
         p = body.parameters
@@ -451,7 +451,7 @@ def create_app(config: ServeConfig | None = None, *, service: Service | None = N
         svc.check_adapter(body.adapter)
         labels = body.parameters.labels
         if labels is not None:
-            if svc.engine.task == "cls":
+            if not svc.engine.task.generates:
                 raise ApiError(422, "invalid_request", "parameters.labels: a classifier's labels are its head's classes")
             if not labels or len(labels) > cfg.max_labels:
                 raise ApiError(422, "invalid_request", f"parameters.labels: give 1 to {cfg.max_labels} labels")

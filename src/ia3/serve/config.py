@@ -5,30 +5,48 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-TASKS = ("seq2seq", "causal", "cls")
+from ia3.recipe.config import Checks, field_types
+from ia3.tasks import TASKS
+
+# fields whose `ia3 serve` flag is not derived from their name
+FLAG_NAMES = {"adapters_dir": "--adapters", "allow_hub": "--no-hub"}
+
+
+def flag_name(field: str) -> str:
+    """The `ia3 serve` flag of a `ServeConfig` field: `max_batch_size` -> `--max-batch-size`; a bool that is on by
+    default gets the flag that turns it off (`mix_adapters` -> `--no-mix-adapters`)."""
+    if field in FLAG_NAMES:
+        return FLAG_NAMES[field]
+    on = any(f.name == field and f.default is True for f in dataclasses.fields(ServeConfig))
+    return ("--no-" if on else "--") + field.replace("_", "-")
 
 
 @dataclass
 class ServeConfig:
-    """Settings of the server (the CLI flags of `ia3 serve` map one to one).
+    """Settings of the server (each is a flag of `ia3 serve`: `max_batch_size` is `--max-batch-size`).
 
     Args:
-        model: base model, a Hub id or a local folder (with its tokenizer).
+        model: the base model: a Hub id, a local folder (with its tokenizer), a `.gguf` file path, or
+            `module:<package>` (a package whose folder holds a model folder or one .gguf file).
         adapters_dir: folder of adapter folders; each subfolder whose name is a valid adapter name and that holds
             `adapter_model.safetensors` is loaded at start under that name. `POST /v1/adapters/{name}` loads
             `adapters_dir/name` later. None: no local adapters (Hub ids only, if `allow_hub`).
         task: `seq2seq`, `causal` or `cls` (a sequence classifier whose head each adapter brings).
+        gguf_file: name of the .gguf file inside the `model` folder (a .gguf path or a module: package with one
+            .gguf needs none).
         label_names: labels `/v1/classify` ranks (seq2seq/causal) or the head's classes (cls). None: the first
             `recipe.yaml` (data.label_names) found among the adapters, else (cls) the model config's labels.
-        device: `cpu`, `cuda`, ...; None picks cuda when available.
+        device: `cpu`, `cuda`, `cuda:1`, ...; None picks cuda when available.
         max_batch_size: rows (inputs) per forward / generate call.
         max_wait_ms: how long the oldest waiting request may wait for others to fill its batch.
         max_queue: requests admitted and not finished; one more is answered 503.
-        max_inputs / max_input_chars: per request: number of inputs, characters per input (413 beyond).
+        max_inputs: inputs per request (413 beyond).
+        max_input_chars: characters per input (413 beyond).
         max_input_tokens: inputs are truncated to this many tokens (and to what the model's positions allow).
         max_new_tokens: the cap on `parameters.max_new_tokens` (larger values are clamped to it).
         max_beams: the cap on `parameters.num_beams` (422 beyond).
-        max_labels / max_label_tokens: per classify request: label strings, tokens per label.
+        max_labels: label strings per classify request.
+        max_label_tokens: tokens per label of a classify request.
         max_body_bytes: request bodies larger than this get 413 before parsing.
         request_timeout_s: a request not answered within this (queueing included) gets 504.
         api_key: when set, `/v1/*` and `/metrics` need `Authorization: Bearer KEY` or `X-API-Key: KEY`.
@@ -39,6 +57,7 @@ class ServeConfig:
     model: str
     adapters_dir: str | None = None
     task: str = "seq2seq"
+    gguf_file: str | None = None
     label_names: list[str] | None = None
     device: str | None = None
     max_batch_size: int = 32
@@ -58,25 +77,19 @@ class ServeConfig:
     mix_adapters: bool = True
 
     def __post_init__(self) -> None:
-        problems: list[str] = []
-        if self.task not in TASKS:
-            problems.append(f"task must be one of {list(TASKS)}; got {self.task!r}")
-        if not isinstance(self.model, str) or not self.model:
-            problems.append("model must name a Hub id or a local folder")
+        c = Checks(self, flag_name)
+        c.text("model", "a Hub id, a local folder, a .gguf file or module:<package>")
+        c.choice("task", TASKS)
+        c.gguf("gguf_file")
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("max_wait_ms", "request_timeout_s"):
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-                    problems.append(f"{f.name} must be a number >= 0; got {value!r}")
-            elif f.name.startswith("max_") and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                problems.append(f"{f.name} must be an integer >= 1; got {value!r}")
-        if self.request_timeout_s == 0:
-            problems.append("request_timeout_s must be > 0")
-        if self.label_names is not None:
-            names = list(self.label_names)
-            if not names or any(not isinstance(n, str) or not n.strip() for n in names) or len(set(names)) != len(names):
-                problems.append(f"label_names must be distinct non-empty strings; got {self.label_names!r}")
-        if self.api_key is not None and not self.api_key:
-            problems.append("api_key must not be empty (leave it unset for no key)")
-        if problems:
-            raise ValueError("Invalid serve config:\n  - " + "\n  - ".join(problems))
+            if f.name.startswith("max_") and field_types(ServeConfig)[f.name] is int:
+                c.integer(f.name, 1)
+        if c.ok("max_wait_ms"):
+            c.require(0 <= self.max_wait_ms < float("inf"), f"--max-wait-ms must be a number >= 0; got {self.max_wait_ms!r}")
+        if c.ok("request_timeout_s"):
+            c.require(0 < self.request_timeout_s < float("inf"),
+                      f"--request-timeout-s must be a number > 0; got {self.request_timeout_s!r}")
+        c.names("label_names")
+        if c.ok("api_key"):
+            c.require(bool(self.api_key), "--api-key must not be empty (leave it unset for no key)")
+        c.done("Invalid serve config")

@@ -1,10 +1,10 @@
 """The model side of the server: tokenizer, base model with its adapters, and one batched call per batch.
 
 Only the batcher's worker thread calls an `Engine` (tokenizers and the model are not shared between threads).
-Tokenisation follows the recipe (`ia3.recipe.features.encode`): seq2seq and cls inputs get the tokenizer's special
-tokens; causal prompts get BOS only when the tokenizer adds one, and no EOS. Batches pad to their longest row:
-on the left for causal generation, on the right otherwise, so each row's answer equals the same input run alone
-(to float32 rounding).
+Tokenisation, scoring and generation are the task's (`ia3.tasks`), exactly as in the recipe: seq2seq and cls inputs
+get the tokenizer's special tokens; causal prompts get BOS only when the tokenizer adds one, and no EOS. Batches pad
+to their longest row (causal rows on the left, with position ids that skip the padding), so each row's answer
+equals the same input run alone (to float32 rounding).
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import torch
 import yaml
 
 from ia3.recipe.config import ModelArgs
-from ia3.recipe.evaluate import score_batch
-from ia3.recipe.features import Encoded, _mask, _pad, encode_choices
-from ia3.recipe.modeling import AUTO_CLASS, load_base_model, load_tokenizer, resolve_model_path
+from ia3.recipe.modeling import load_base_model, load_tokenizer
 from ia3.serve.config import ServeConfig
 from ia3.serve.errors import ApiError
+from ia3.tasks import LabelLengthError, get_task
 from ia3.tuner import BASE_ADAPTER
 
 log = logging.getLogger("ia3.serve")
@@ -59,27 +58,22 @@ class Engine:
 
     def __init__(self, config: ServeConfig, label_names: list[str] | None) -> None:
         self.config = config
-        self.task = config.task
-        args = ModelArgs(name=config.model, task=config.task)
-        self.tokenizer = load_tokenizer(args, config.task)
-        if config.task == "cls" and not label_names:
-            import transformers
-
-            model = getattr(transformers, AUTO_CLASS["cls"]).from_pretrained(resolve_model_path(config.model))
+        task_class = get_task(config.task)
+        args = ModelArgs(name=config.model, task=config.task, gguf_file=getattr(config, "gguf_file", None))
+        tokenizer = load_tokenizer(args, task_class)
+        self.task = task_class(tokenizer, chat_template=getattr(config, "chat_template", False))
+        model = load_base_model(args, task_class, label_names or [])
+        if not task_class.generates and not label_names:  # a classifier's labels are its head's classes
             label_names = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
-        else:
-            model = load_base_model(args, config.task, label_names or [])
         self.label_names = list(label_names) if label_names else None
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(device)
         self.base = model.to(self.device).eval()  # the HF model; adapters wrap its layers in place
         self.peft = None  # ia3 PeftModel, created with the first adapter
-        self.pad_id = self.tokenizer.pad_token_id
-        if self.pad_id is None:
-            raise ValueError(f"The tokenizer of {config.model!r} has no pad token (nor EOS to pad with)")
+        self.tokenizer = tokenizer
         self.max_input_tokens = self._input_budget()
         self._choices: dict[tuple[str, ...], list[list[int]]] = {}
-        if self.label_names and self.task != "cls":
+        if self.label_names and task_class.generates:
             self.choices(tuple(self.label_names))  # a label too long for max_label_tokens fails at start
 
     def _input_budget(self) -> int:
@@ -87,7 +81,8 @@ class Engine:
         positions = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
         budget = self.config.max_input_tokens
         if positions:
-            reserve = max(self.config.max_new_tokens, self.config.max_label_tokens) if self.task == "causal" else 0
+            # a decoder-only model writes its answer in the positions after the prompt
+            reserve = max(self.config.max_new_tokens, self.config.max_label_tokens) if self.task.answer_follows_prompt else 0
             budget = min(budget, int(positions) - reserve)
         if budget < 1:
             raise ValueError(f"The model takes {positions} positions: nothing is left for the input after "
@@ -118,21 +113,17 @@ class Engine:
     # -- inputs ----------------------------------------------------------------------------------------------------
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, truncated to `max_input_tokens`."""
-        tok = self.tokenizer
-        if self.task == "causal":
-            bos = [tok.bos_token_id] if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False) else []
-            ids = tok(texts, add_special_tokens=False, truncation=True, max_length=self.max_input_tokens - len(bos))
-            return [bos + row for row in ids["input_ids"]]
-        return tok(texts, truncation=True, max_length=self.max_input_tokens)["input_ids"]
+        return self.task.encode(texts, self.max_input_tokens)
 
     def choices(self, labels: tuple[str, ...]) -> list[list[int]]:
-        """Token ids of each label as the model must produce it (seq2seq: decoder target; causal: ' label' + EOS)."""
+        """Token ids of each label as the model must produce it (the task's choices)."""
         cached = self._choices.get(labels)
         if cached is None:
             try:
-                cached = encode_choices(self.tokenizer, self.task, list(labels), self.config.max_label_tokens)
-            except ValueError as err:
-                raise ApiError(422, "invalid_labels", str(err).replace("data.label_length", "max_label_tokens")) from None
+                cached = self.task.encode_choices(list(labels), self.config.max_label_tokens)
+            except LabelLengthError as err:
+                raise ApiError(422, "invalid_labels", f"parameters.labels: label {err.label!r} is {len(err.tokens)} "
+                               f"tokens long; this server allows {err.limit} (--max-label-tokens)") from None
             if len(self._choices) > 256:
                 self._choices.clear()
             self._choices[labels] = cached
@@ -141,32 +132,19 @@ class Engine:
     # -- running (worker thread) -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, ids: list[list[int]], adapters: list[str], params: GenerateParams) -> list[str]:
-        left = self.task == "causal"
-        input_ids = _pad(ids, self.pad_id, left).to(self.device)
-        attention = _mask(ids, left).to(self.device)
-        kwargs = dict(max_new_tokens=params.max_new_tokens, num_beams=params.num_beams, do_sample=params.do_sample,
-                      num_return_sequences=1, pad_token_id=self.pad_id)
+        kwargs = dict(num_beams=params.num_beams, do_sample=params.do_sample, num_return_sequences=1)
         if params.do_sample:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
             if params.seed is not None:
                 torch.manual_seed(params.seed)
         with self._rows(adapters):
-            out = self.base.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
-        if left:
-            out = out[:, input_ids.shape[1]:]
-        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
+            return self.task.generate(self.base, ids, self.device, params.max_new_tokens, **kwargs)
 
     @torch.inference_mode()
     def classify(self, ids: list[list[int]], adapters: list[str], labels: tuple[str, ...]) -> list[list[float]]:
         """One score per label for each row: the head's logits (cls), else each label's mean token log-probability
-        (rank classification, as `ia3.recipe.evaluate.score_batch`)."""
-        if self.task == "cls":
-            batch = {"input_ids": _pad(ids, self.pad_id).to(self.device),
-                     "attention_mask": _mask(ids).to(self.device)}
-            with self._rows(adapters):
-                logits = self.base(**batch).logits.float()
-            return logits.tolist()
-        enc = Encoded(self.task, ids, [0] * len(ids), self.choices(labels), self.pad_id)
+        (rank classification, as the recipe's evaluation)."""
+        choices = self.choices(labels) if self.task.generates else [[] for _ in labels]
         with self._rows(adapters):
-            _, scores, _, _ = score_batch(self.base, enc, list(range(len(ids))), self.device)
-        return scores
+            scores, _, _ = self.task.score(self.base, ids, choices, self.device)
+        return scores.tolist()

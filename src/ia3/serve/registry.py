@@ -17,13 +17,13 @@ from pathlib import Path
 from ia3.config import CONFIG_NAME, IA3Config
 from ia3.serialization import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
 from ia3.serve.errors import ApiError
+from ia3.tasks import get_task
 from ia3.tuner import BASE_ADAPTER
 
 log = logging.getLogger("ia3.serve")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 REVISION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]{0,127}")
-TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM", "cls": "SEQ_CLS"}
 
 
 def check_name(name: str) -> str:
@@ -155,7 +155,7 @@ class Registry:
             config = IA3Config.from_pretrained(folder)
         except (ValueError, OSError) as err:
             raise ApiError(422, "invalid_adapter", f"Adapter {label!r}: {str(err)[:500]}") from None
-        want = TASK_TYPES[self.task]
+        want = get_task(self.task).peft_task_type
         if config.task_type not in (None, want):
             raise ApiError(422, "adapter_incompatible", f"Adapter {label!r} is for task {config.task_type}; this server "
                            f"serves {self.task} ({want})")

@@ -1,0 +1,447 @@
+"""Tasks: everything that differs between label generation (seq2seq, causal LM) and a classifier head.
+
+A `Task` is bound to a tokenizer and owns, for its kind of model:
+
+* which transformers auto class loads the model, and PEFT's task type for the adapter;
+* how a text becomes model input (prompt template, BOS/EOS rules, an optional chat template) and how a label
+  becomes the token sequence the model must produce (its "choice");
+* the training loss, computing the LM head only where a label token is predicted;
+* rank classification: each choice's summed log-probability (no fake labels needed);
+* generation of new tokens and their decoding.
+
+The recipe (features, training, evaluation, prediction), the CLI and the server call these methods; no other module
+branches on the task's name. A new task is one new subclass registered in `TASKS`.
+
+Token conventions:
+* seq2seq: encoder input = the text with the tokenizer's special tokens; choice = the label as decoder target (EOS
+  included, as the tokenizer adds it).
+* causal: input = the prompt (`prompt` with the text; BOS only where the tokenizer adds one; wrapped in the chat
+  template when `chat_template`), choice = `" " + label` + EOS, or with a chat template the assistant's turn holding
+  the label, up to and including its end-of-turn token. Rows are padded on the left, with explicit position ids, so
+  every row's label tokens sit in the last positions and `logits_to_keep` computes the head only there.
+* cls: input = the text; the choices are the classifier head's classes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+PROMPT_FIELD = "{text}"
+_SENTINEL = "\u2063IA3_TEXT\u2063"  # stands for the text while a chat template is rendered
+
+
+class LabelLengthError(ValueError):
+    """A label whose token sequence is longer than allowed; callers name their own setting for the limit."""
+
+    def __init__(self, label: str, tokens: list[str], limit: int) -> None:
+        self.label, self.tokens, self.limit = label, tokens, limit
+        super().__init__(f"Label {label!r} is {len(tokens)} tokens long ({tokens}) but at most {limit} are allowed")
+
+
+def pad_rows(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """`(len(rows), longest)` long tensor of `rows`, padded with `value` on the right (or left)."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            if left:
+                out[i, width - len(row) :] = torch.tensor(row)
+            else:
+                out[i, : len(row)] = torch.tensor(row)
+    return out
+
+
+def attention_mask(rows: list[list[int]], left: bool = False) -> torch.Tensor:
+    """1 for the real tokens of `rows` as `pad_rows` lays them out, 0 for padding."""
+    return pad_rows([[1] * len(r) for r in rows], 0, left)
+
+
+def _accepts(model: nn.Module, argument: str) -> bool:
+    forward = getattr(model, "forward", None)
+    try:
+        return argument in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a `PeftModel` (whose forward takes `**kwargs` and hides the signature)."""
+    while isinstance(getattr(model, "module", None), nn.Module):  # DDP and other process wrappers
+        model = model.module
+    inner = getattr(model, "get_base_model", None)
+    return inner() if callable(inner) else model
+
+
+class Task:
+    """One kind of model and what it learns. Subclasses set the class attributes and implement the methods.
+
+    Args:
+        tokenizer: the model's tokenizer (prepared with `prepare_tokenizer`).
+        prompt: the text around each input, with `{text}` where it goes (causal task; the others read the text as
+            it is).
+        chat_template: wrap the prompt in the tokenizer's chat template, as a user turn (causal task).
+    """
+
+    name: ClassVar[str]
+    peft_task_type: ClassVar[str]
+    auto_class: ClassVar[str]
+    generates: ClassVar[bool]
+    """True when the model writes the label (choices are token sequences); False for a classifier head."""
+    answer_follows_prompt: ClassVar[bool] = False
+    """True when the answer takes positions after the prompt (decoder-only models), so both share the context."""
+
+    def __init__(self, tokenizer: Any, prompt: str = PROMPT_FIELD, chat_template: bool = False) -> None:
+        problems = self.check_settings(prompt, chat_template)
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.chat_template = chat_template
+        if tokenizer.pad_token_id is None:
+            raise ValueError("The tokenizer has no pad token (and no EOS token to pad with); set tokenizer.pad_token")
+        self.pad_id: int = tokenizer.pad_token_id
+
+    # -- settings ------------------------------------------------------------------------------------------------
+    @classmethod
+    def check_settings(cls, prompt: str, chat_template: bool) -> list[str]:
+        """Problems with these prompt settings for this task, in flag form (empty when they are fine)."""
+        if chat_template:
+            return [f"--data.chat_template applies to causal (decoder-only) models, not to task {cls.name!r}"]
+        return []
+
+    # -- loading -------------------------------------------------------------------------------------------------
+    @classmethod
+    def prepare_tokenizer(cls, tokenizer: Any, model_name: str) -> None:
+        """Fix up a freshly loaded tokenizer for this task (in place)."""
+
+    @classmethod
+    def model_kwargs(cls, label_names: list[str]) -> dict[str, Any]:
+        """Extra `from_pretrained` arguments for the base model."""
+        return {}
+
+    @classmethod
+    def prepare_model(cls, model: nn.Module) -> None:
+        """Fix up a freshly loaded base model for this task (in place)."""
+
+    # -- encoding ------------------------------------------------------------------------------------------------
+    def encode(self, texts: list[str], max_length: int, reserve: int = 0) -> list[list[int]]:
+        """Token ids of each input, at most `max_length - reserve` long (`reserve`: room kept for the answer)."""
+        raise NotImplementedError
+
+    def encode_choices(self, label_names: list[str], max_tokens: int) -> list[list[int]]:
+        """Token ids of each label as the model must produce it; `LabelLengthError` beyond `max_tokens`."""
+        return [[] for _ in label_names]
+
+    # -- training ------------------------------------------------------------------------------------------------
+    def train_batch(self, inputs: list[list[int]], choices: list[list[int]], gold: list[int]) -> dict[str, torch.Tensor]:
+        """Model inputs for the training loss of rows `inputs` whose answers are `choices[gold[i]]`."""
+        raise NotImplementedError
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed cross-entropy over the batch's label tokens (or rows, for a classifier)."""
+        raise NotImplementedError
+
+    def loss_units(self, choices: list[list[int]], gold: list[int]) -> int:
+        """What `loss_sum` sums over: label tokens (LM) or rows (classifier)."""
+        return sum(len(choices[g]) for g in gold)
+
+    # -- scoring -------------------------------------------------------------------------------------------------
+    def choice_logprobs(
+        self, model: nn.Module, inputs: list[list[int]], choices: list[list[int]], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability of every token of every choice after every input.
+
+        Returns:
+            `(B, C, T)` token log-probs (0 at padding) and the `(B, C, T)` mask of real tokens.
+        """
+        raise NotImplementedError
+
+    def score(
+        self, model: nn.Module, inputs: list[list[int]], choices: list[list[int]], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rank classification of a batch.
+
+        Returns:
+            `scores` `(B, C)`: the mean token log-probability of each choice (length-normalised), or the head's
+            logits; `nll` `(B, C)`: each choice's summed negative log-likelihood; `units` `(B, C)`: its token count
+            (1 for a classifier), so that a gold choice's loss is `nll[i, g] / units[i, g]`.
+        """
+        lp, mask = self.choice_logprobs(model, inputs, choices, device)
+        units = mask.sum(-1)
+        nll = -lp.sum(-1)
+        return -nll / units.clamp(min=1), nll, units
+
+    # -- generation ----------------------------------------------------------------------------------------------
+    def generation_inputs(self, inputs: list[list[int]]) -> dict[str, torch.Tensor]:
+        """`input_ids` and `attention_mask` for `generate`."""
+        return {"input_ids": pad_rows(inputs, self.pad_id), "attention_mask": attention_mask(inputs)}
+
+    def new_tokens(self, output: torch.Tensor, prompt_width: int) -> torch.Tensor:
+        """The generated part of `generate`'s output."""
+        return output
+
+    @torch.no_grad()
+    def generate(
+        self, model: nn.Module, inputs: list[list[int]], device: torch.device, max_new_tokens: int, **kwargs: Any
+    ) -> list[str]:
+        """Decoded new tokens for each input (greedy unless `kwargs` say otherwise; special tokens dropped)."""
+        if not self.generates:
+            raise ValueError(f"Task {self.name!r} does not generate text")
+        batch = {k: v.to(device) for k, v in self.generation_inputs(inputs).items()}
+        kwargs.setdefault("do_sample", False)
+        kwargs.setdefault("num_beams", 1)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, **kwargs)
+        out = self.new_tokens(out, batch["input_ids"].shape[1])
+        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+class Seq2SeqTask(Task):
+    """Encoder-decoder LMs (T5, mT5/mT0, BART): the decoder writes the label."""
+
+    name = "seq2seq"
+    peft_task_type = "SEQ_2_SEQ_LM"
+    auto_class = "AutoModelForSeq2SeqLM"
+    generates = True
+
+
+    def encode(self, texts: list[str], max_length: int, reserve: int = 0) -> list[list[int]]:
+        # the encoder reads the text as it is (the seed recipe's input); `prompt` applies to causal models
+        return self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+    def encode_choices(self, label_names: list[str], max_tokens: int) -> list[list[int]]:
+        choices = []
+        for name in label_names:
+            ids = self.tokenizer(text_target=name, add_special_tokens=True)["input_ids"]
+            if len(ids) > max_tokens:
+                raise LabelLengthError(name, self.tokenizer.convert_ids_to_tokens(ids), max_tokens)
+            choices.append(ids)
+        return choices
+
+    def train_batch(self, inputs, choices, gold):
+        return {"input_ids": pad_rows(inputs, self.pad_id), "attention_mask": attention_mask(inputs),
+                "labels": pad_rows([choices[g] for g in gold], -100)}
+
+    def loss_sum(self, model, batch):
+        # the decoder runs on the label tokens only, so every logit is at a label position already
+        logits = model(**batch).logits.float()
+        return nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
+                                           reduction="sum")
+
+    def choice_logprobs(self, model, inputs, choices, device):
+        """The encoder runs once per input; its states are shared by all choices."""
+        n_choices, batch = len(choices), len(inputs)
+        choice = pad_rows(choices, -100).to(device)  # (C, T)
+        targets = choice.repeat(batch, 1)  # (B*C, T), example-major
+        input_ids = pad_rows(inputs, self.pad_id).to(device)
+        mask = attention_mask(inputs).to(device)
+        hidden = model.get_encoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        hidden = hidden.repeat_interleave(n_choices, dim=0)
+        mask = mask.repeat_interleave(n_choices, dim=0)
+        logits = model(encoder_outputs=(hidden,), attention_mask=mask, labels=targets).logits  # (B*C, T, V)
+        return _gather_logprobs(logits, targets, batch, n_choices)
+
+
+class CausalTask(Task):
+    """Decoder-only LMs (GPT-2, Llama, SmolLM, Qwen, ...): the label is written after the prompt."""
+
+    name = "causal"
+    peft_task_type = "CAUSAL_LM"
+    auto_class = "AutoModelForCausalLM"
+    generates = True
+    answer_follows_prompt = True
+
+    @classmethod
+    def check_settings(cls, prompt: str, chat_template: bool) -> list[str]:
+        if PROMPT_FIELD not in prompt:
+            return [f"--data.prompt must contain {PROMPT_FIELD!r} where the text goes; got {prompt!r}"]
+        return []
+
+    def __init__(self, tokenizer: Any, prompt: str = PROMPT_FIELD, chat_template: bool = False) -> None:
+        super().__init__(tokenizer, prompt, chat_template)
+        if chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("data.chat_template is set but this tokenizer has no chat template; unset it")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("The tokenizer has no EOS token; the causal task ends every label with EOS")
+        add_bos = tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False)
+        self._bos = [tokenizer.bos_token_id] if add_bos and not chat_template else []
+        before, after = self._prompt_parts()
+        self._before = tokenizer(before, add_special_tokens=False)["input_ids"] if before else []
+        self._after = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+
+    def _prompt_parts(self) -> tuple[str, str]:
+        """The prompt's text before and after the input text (the chat template's turn markers included)."""
+        if not self.chat_template:
+            before, _, after = self.prompt.partition(PROMPT_FIELD)
+            return before, after
+        rendered = self._render(self.prompt.replace(PROMPT_FIELD, _SENTINEL))
+        before, found, after = rendered.partition(_SENTINEL)
+        if not found:
+            raise ValueError("The tokenizer's chat template drops the user's message; unset data.chat_template")
+        return before, after
+
+    def _render(self, user: str, answer: str | None = None) -> str:
+        messages = [{"role": "user", "content": user}]
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer is None)
+
+    @classmethod
+    def prepare_tokenizer(cls, tokenizer: Any, model_name: str) -> None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"The tokenizer of {model_name!r} has no EOS token; the causal task ends labels with EOS")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @classmethod
+    def prepare_model(cls, model: nn.Module) -> None:
+        config = getattr(model, "config", None)
+        if config is not None and getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = config.eos_token_id
+
+    def encode(self, texts: list[str], max_length: int, reserve: int = 0) -> list[list[int]]:
+        fixed = len(self._bos) + len(self._before) + len(self._after)
+        budget = max_length - reserve - fixed
+        if budget < 1:
+            raise ValueError(f"A length limit of {max_length} tokens leaves no room for the text: the prompt takes "
+                             f"{fixed} and the answer {reserve}")
+        ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=budget)["input_ids"]
+        return [self._bos + self._before + row + self._after for row in ids]
+
+    def encode_choices(self, label_names: list[str], max_tokens: int) -> list[list[int]]:
+        tok = self.tokenizer
+        choices = []
+        for name in label_names:
+            if self.chat_template:
+                user = self.prompt.replace(PROMPT_FIELD, "")
+                full, prefix = self._render(user, name), self._render(user)
+                if not full.startswith(prefix):
+                    raise ValueError("The chat template renders the assistant's turn in a way that cannot be split "
+                                     "from the prompt; unset data.chat_template")
+                ids = tok(full[len(prefix) :].rstrip(), add_special_tokens=False)["input_ids"]
+            else:
+                ids = tok(" " + name, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            if len(ids) > max_tokens:
+                raise LabelLengthError(name, tok.convert_ids_to_tokens(ids), max_tokens)
+            choices.append(ids)
+        return choices
+
+    def _rows(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Left-padded `rows` with position ids that count real tokens only (so padding changes nothing)."""
+        mask = attention_mask(rows, left=True)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return {"input_ids": pad_rows(rows, self.pad_id, left=True), "attention_mask": mask, "position_ids": positions}
+
+    def train_batch(self, inputs, choices, gold):
+        rows = [inp + choices[g] for inp, g in zip(inputs, gold)]
+        labels = [[-100] * len(inp) + choices[g] for inp, g in zip(inputs, gold)]
+        batch = self._rows(rows)
+        batch["labels"] = pad_rows(labels, -100, left=True)
+        return batch
+
+    def _tail_logits(self, model: nn.Module, batch: dict[str, torch.Tensor], width: int) -> torch.Tensor:
+        """Logits predicting the last `width` tokens of each (left-padded) row: `(B, width, V)`.
+
+        The head runs at the last `width + 1` positions only (transformers' `logits_to_keep`), not at every
+        position of the prompt; the very last position predicts nothing in the row and is dropped.
+        """
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if _accepts(_hf_model(model), "logits_to_keep"):
+            logits = model(**inputs, logits_to_keep=width + 1).logits
+        else:
+            logits = model(**inputs).logits[:, -(width + 1) :]
+        return logits[:, :-1]
+
+    def loss_sum(self, model, batch):
+        labels = batch["labels"]
+        width = int((labels != -100).sum(-1).max())  # the longest label: all label tokens are in the last `width`
+        logits = self._tail_logits(model, batch, width).float()
+        return nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, -width:].flatten(), ignore_index=-100,
+                                           reduction="sum")
+
+    def choice_logprobs(self, model, inputs, choices, device):
+        n_choices, batch = len(choices), len(inputs)
+        width = max(len(c) for c in choices)
+        # each choice right-aligned in a window of `width` tokens; the tokens before it in the window are the
+        # prompt's (or padding), marked -100 in the targets
+        targets = torch.full((batch * n_choices, width), -100, dtype=torch.long)
+        rows = []
+        for b, inp in enumerate(inputs):
+            for c, choice in enumerate(choices):
+                rows.append(inp + choice)
+                targets[b * n_choices + c, width - len(choice) :] = torch.tensor(choice)
+        encoded = {k: v.to(device) for k, v in self._rows(rows).items()}
+        logits = self._tail_logits(model, encoded, width)
+        return _gather_logprobs(logits, targets.to(device), batch, n_choices)
+
+    def generation_inputs(self, inputs):
+        return {"input_ids": pad_rows(inputs, self.pad_id, left=True), "attention_mask": attention_mask(inputs, left=True)}
+
+    def new_tokens(self, output, prompt_width):
+        return output[:, prompt_width:]
+
+
+class ClassificationTask(Task):
+    """Sequence classifiers: a head (trained in full through `modules_to_save`) scores the classes."""
+
+    name = "cls"
+    peft_task_type = "SEQ_CLS"
+    auto_class = "AutoModelForSequenceClassification"
+    generates = False
+
+
+    @classmethod
+    def model_kwargs(cls, label_names: list[str]) -> dict[str, Any]:
+        if not label_names:
+            return {}
+        return {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+                "label2id": {n: i for i, n in enumerate(label_names)}}
+
+    def encode(self, texts: list[str], max_length: int, reserve: int = 0) -> list[list[int]]:
+        return self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+    def train_batch(self, inputs, choices, gold):
+        return {"input_ids": pad_rows(inputs, self.pad_id), "attention_mask": attention_mask(inputs),
+                "labels": torch.tensor(gold)}
+
+    def loss_units(self, choices, gold):
+        return len(gold)
+
+    def loss_sum(self, model, batch):
+        logits = model(**batch).logits.float()
+        return nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
+
+    def score(self, model, inputs, choices, device):
+        batch = {"input_ids": pad_rows(inputs, self.pad_id).to(device), "attention_mask": attention_mask(inputs).to(device)}
+        logits = model(**batch).logits.float()
+        nll = -torch.log_softmax(logits, dim=-1)
+        return logits, nll, torch.ones_like(logits)
+
+    def choice_logprobs(self, model, inputs, choices, device):
+        raise ValueError("A classifier has no label tokens to score; the T-Few losses need a label-generation task")
+
+
+def _gather_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, batch: int, n_choices: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(B*C, T, V)` logits and `(B*C, T)` targets (-100 = not a choice token) -> `(B, C, T)` log-probs and mask."""
+    token_lp = torch.log_softmax(logits.float(), dim=-1)
+    lp = token_lp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    mask = (targets != -100).to(lp.dtype)
+    width = targets.shape[1]
+    return (lp * mask).view(batch, n_choices, width), mask.view(batch, n_choices, width)
+
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (Seq2SeqTask, CausalTask, ClassificationTask)}
+TASK_OF_PEFT_TYPE: dict[str, type[Task]] = {t.peft_task_type: t for t in TASKS.values()}
+
+
+def get_task(name: str) -> type[Task]:
+    """The task class called `name` (`seq2seq`, `causal`, `cls`)."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"Unknown task {name!r}; ia3 knows {sorted(TASKS)}") from None
