@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 
 import models as M
@@ -166,27 +166,37 @@ def test_default_tables_are_consistent_and_equal_peft():
             assert set(DEFAULT_FEEDFORWARD_MODULES[model_type]) == set(PEFT_FF[model_type]), model_type
 
 
+def _fields(**given) -> dict:
+    """What an `IA3Config(**given)` holds, built from the dataclass defaults and the arguments (not from a config)."""
+    return {**{f.name: f.default for f in dataclasses.fields(ia3.IA3Config)}, **given}
+
+
 @pytest.mark.parametrize("name", ["t5", "gpt2", "bert"])
 def test_get_peft_model_does_not_mutate_user_config(name):
     config = ia3.IA3Config(task_type=M.TASK[name])
-    before = copy.deepcopy(config)
     model = ia3.get_peft_model(M.ALL[name](), config)
-    assert config == before
+    # still exactly what the user wrote: compared with the arguments, and with a config built again from them
+    assert dataclasses.asdict(config) == _fields(task_type=M.TASK[name])
+    assert config == ia3.IA3Config(task_type=M.TASK[name])
     assert config.target_modules is None and config.feedforward_modules is None
+    assert config.base_model_name_or_path is None and config.fan_in_fan_out is False
     # the stored config is resolved (defaults filled in), and is a different object
     stored = model.peft_config["default"]
     assert stored is not config
-    assert stored.target_modules == sorted(DEFAULT_TARGET_MODULES[M.ALL[name]().config.model_type])
+    model_type = M.ALL[name]().config.model_type
+    assert stored.target_modules == sorted(DEFAULT_TARGET_MODULES[model_type])
+    assert stored.fan_in_fan_out is (name == "gpt2")  # Conv1D targets
     # adding the same config object as a second adapter leaves it alone too
     model.add_adapter("other", config)
-    assert config == before
+    assert dataclasses.asdict(config) == _fields(task_type=M.TASK[name])
 
 
 def test_all_linear_config_not_mutated_and_resolved():
-    config = ia3.IA3Config(task_type="CAUSAL_LM", target_modules="all-linear", feedforward_modules=["down_proj"])
-    before = copy.deepcopy(config)
+    given = dict(task_type="CAUSAL_LM", target_modules="all-linear", feedforward_modules=["down_proj"])
+    config = ia3.IA3Config(**given)
     model = ia3.get_peft_model(M.llama(), config)
-    assert config == before
+    assert dataclasses.asdict(config) == _fields(**given)
+    assert config == ia3.IA3Config(**given)
     resolved = model.peft_config["default"].target_modules
     assert isinstance(resolved, list) and "model.layers.0.mlp.down_proj" in resolved
     assert not any(n.endswith("lm_head") for n in resolved)

@@ -1,7 +1,7 @@
 """Property-based fuzzing (hypothesis) of the entry points that read untrusted input.
 
 * `IA3Config.from_dict`: any JSON-like dict gives a config that says exactly what the dict said, or a ValueError /
-  TypeError with a message; nothing else.
+  TypeError whose message names the offending key (and the bad value); nothing else.
 * `load_tensors` on mutated safetensors bytes (truncation, byte flips, garbage headers and length fields): a
   ValueError, or tensors with exactly the header's names, dtypes and shapes, holding the file's bytes.
 * `PeftModel.load_adapter_state_dict` with random key sets, shapes and dtypes: all or nothing; a refusal is a
@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -79,46 +80,97 @@ config_dicts = st.fixed_dictionaries(
 ) | st.dictionaries(st.text(max_size=10), json_values, max_size=4)
 
 
-def _expected(data: dict):
-    """What a valid dict must give, field by field; None when the dict is invalid (a refusal is expected)."""
-    if data.get("peft_type") != "IA3" or set(data) - set(FIELDS) - _IGNORED_KEYS:
-        return None
-    if any(data.get(k) for k in ("target_parameters", "layers_to_transform", "layers_pattern")):
-        return None
+def _bad_names(value, key: str):
+    """How the message shows a bad module-name field's value; None when the value is fine."""
+    if isinstance(value, list):
+        bad = [v for v in value if not isinstance(v, str) or not v]
+        return repr(bad) if bad else None
+    if value is None or isinstance(value, str):
+        return repr(value) if key == "modules_to_save" and isinstance(value, str) else None
+    return repr(value)
+
+
+def _verdict(data: dict) -> tuple[dict | None, list[list[tuple[str, str]]]]:
+    """(fields, []) for a dict that must load, field by field; else (None, culprits): the stages of checks that
+    refuse it, each a list of (key, how the message shows the offending value)."""
+    stages = []
+    if data.get("peft_type") != "IA3":
+        stages.append([("peft_type", repr(data.get("peft_type")))])
+    unknown = sorted(set(data) - set(FIELDS) - _IGNORED_KEYS)
+    if unknown:
+        stages.append([(k, UNKNOWN) for k in unknown])
+    unsupported = [(k, repr(data[k])) for k in ("target_parameters", "layers_to_transform", "layers_pattern") if data.get(k)]
+    if unsupported:
+        stages.append(unsupported)
     out = {k: data.get(k, default) for k, default in FIELDS.items()}
+    problems = []
     if out["task_type"] is not None and out["task_type"] not in [t.value for t in TaskType]:
-        return None
+        problems.append(("task_type", repr(out["task_type"])))
     for key in (*NAME_FIELDS, "modules_to_save"):
-        value = out[key]
-        if isinstance(value, list):
-            if not all(isinstance(v, str) and v for v in value):
-                return None
-            out[key] = list(dict.fromkeys(value)) if key == "modules_to_save" else sorted(set(value))
-        elif value is not None and (key == "modules_to_save" or not isinstance(value, str)):
-            return None
-    if any(not isinstance(out[k], bool) for k in BOOL_FIELDS):
-        return None
-    if any(out[k] is not None and not isinstance(out[k], str) for k in STR_FIELDS):
-        return None
+        shown = _bad_names(out[key], key)
+        if shown is not None:
+            problems.append((key, shown))
+        elif isinstance(out[key], list):
+            out[key] = list(dict.fromkeys(out[key])) if key == "modules_to_save" else sorted(set(out[key]))
+    problems += [(k, repr(out[k])) for k in BOOL_FIELDS if not isinstance(out[k], bool)]
+    problems += [(k, repr(out[k])) for k in STR_FIELDS if out[k] is not None and not isinstance(out[k], str)]
     if isinstance(out["target_modules"], str) and out["target_modules"].lower() == "all-linear":
         out["target_modules"] = "all-linear"
     ff, targets = out["feedforward_modules"], out["target_modules"]
-    if isinstance(ff, list) and isinstance(targets, list) and not all(names_overlap(f, targets) for f in ff):
-        return None
-    return out
+    names_ok = not any(k in ("target_modules", "feedforward_modules") for k, _ in problems)
+    if names_ok and isinstance(ff, list) and isinstance(targets, list):  # checked only when both are valid lists
+        extra = sorted(f for f in ff if not names_overlap(f, targets))
+        if extra:
+            problems.append(("feedforward_modules", repr(extra)))
+    if problems:
+        stages.append(problems)
+    return (None, stages) if stages else (out, [])
+
+
+UNKNOWN = "<unknown key>"
+ALLOWED = str(sorted(FIELDS))  # the list of allowed fields that an unknown-key message ends with
+
+
+def _shows(message: str, key: str, shown: str) -> bool:
+    """One line of the message names field `key` (as `key` or key=) and shows the offending value right after
+    "got ", "got <a word or two> ", "=" or "; " (so a short repr such as 0 or '' counts only in that place)."""
+    value_at = re.compile(r"(?:\bgot (?:[a-z]+ ){0,2}|=|; )" + re.escape(shown))
+    return any((f"`{key}`" in line or f"{key}=" in line) and value_at.search(line) for line in message.split("\n"))
+
+
+def _quotes(message: str, key: str, data: dict) -> bool:
+    """The message names unknown key `key` quoted (its repr), not only inside the list of allowed fields and not
+    only inside the repr of another key of `data`: so "" and one-character keys count only when named themselves."""
+    text = message.replace(ALLOWED, "")
+    for other in sorted((repr(k) for k in data if k != key), key=len, reverse=True):
+        if repr(key) in other:
+            text = text.replace(other, "")
+    return repr(key) in text
+
+
+def _names_culprits(message: str, stages: list[list[tuple[str, str]]], data: dict) -> bool:
+    """True when the message names every culprit of one stage of checks (of the unsupported keys, one is enough)."""
+    for stage in stages:
+        if stage[0][1] == UNKNOWN:
+            named = [_quotes(message, key, data) for key, _ in stage]
+        else:
+            named = [_shows(message, key, shown) for key, shown in stage]
+        if all(named) or (stage[0][0] in _IGNORED_KEYS and any(named)):
+            return True
+    return False
 
 
 def check_config(data) -> IA3Config | None:
-    expected = _expected(data) if isinstance(data, dict) else None
+    expected, stages = _verdict(data) if isinstance(data, dict) else (None, [])
     try:
         config = IA3Config.from_dict(data)
     except (ValueError, TypeError) as err:
         assert expected is None, f"a valid config was refused: {err}"
         message = str(err)
         if isinstance(data, dict):  # the message names the culprit (not e.g. "unhashable type: 'list'")
-            assert "peft_type" in message or any(f"{k!r}" in message or f"`{k}`" in message for k in data), message
+            assert _names_culprits(message, stages, data), f"{message!r} names none of {stages}"
         else:
-            assert "JSON object" in message, message
+            assert "JSON object" in message and f"got {type(data).__name__}" in message, message
         return None
     assert expected is not None, f"an invalid config was accepted: {data!r} -> {config!r}"
     assert dataclasses.asdict(config) == expected  # says exactly what the dict said
@@ -137,6 +189,35 @@ def test_fuzz_config_from_dict(data):
 @given(json_values)
 def test_fuzz_config_from_non_dicts(data):
     check_config(data)
+
+
+def test_config_errors_name_short_and_empty_keys():
+    """Keys of zero or one character (and quotes) are named as themselves, quoted."""
+    for key in ["", "r", "'", "`", '"', "a'"]:
+        data = {"peft_type": "IA3", key: 1}
+        with pytest.raises(ValueError) as err:
+            IA3Config.from_dict(data)
+        assert _quotes(str(err.value), key, data), (key, str(err.value))
+
+
+@pytest.mark.parametrize(("data", "message", "names"), [
+    ({"peft_type": "IA3", "r": 1}, f"Unknown key(s) in the adapter config; (IA)^3 configs accept {ALLOWED}", False),
+    ({"peft_type": "IA3", "r": 1}, f"Unknown key(s) ['r'] in the adapter config; (IA)^3 configs accept {ALLOWED}", True),
+    ({"peft_type": "IA3", "": 1}, f"Unknown key(s) in the adapter config; accept {ALLOWED} (see '' in the docs)", True),
+    ({"peft_type": "IA3", "r": 1, "'r'": 2}, "Unknown key(s) [" + repr("'r'") + "]", False),  # 'r' only inside "'r'"
+    ({"peft_type": 3}, "This adapter has the wrong peft_type; ia3 loads only peft_type 'IA3'", False),
+    ({"peft_type": 3}, "This adapter has peft_type=3; ia3 loads only (IA)^3 adapters", True),
+    ({"peft_type": "IA3", "fan_in_fan_out": 0, "revision": 1}, "Invalid:\n  - `fan_in_fan_out` must be a bool", False),
+    ({"peft_type": "IA3", "fan_in_fan_out": 0, "revision": 1}, "Invalid:\n  - `fan_in_fan_out` ...; got 0", False),
+    ({"peft_type": "IA3", "fan_in_fan_out": 0, "revision": 1}, "Invalid:\n  - `fan_in_fan_out` got 1\n  - `revision` got 0",
+     False),
+    ({"peft_type": "IA3", "fan_in_fan_out": 0, "revision": 1}, "Invalid:\n  - `fan_in_fan_out` got 0\n  - `revision` got 1",
+     True),
+])
+def test_config_oracle_refuses_messages_that_miss_the_culprit(data, message, names):
+    """The fuzz oracle itself: a match inside the list of allowed fields, or inside another key, or a field named
+    without its value (or with another field's value) does not count."""
+    assert _names_culprits(message, _verdict(data)[1], data) is names
 
 
 # -- load_tensors on mutated safetensors bytes -------------------------------------------------------------------------

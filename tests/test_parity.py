@@ -137,8 +137,17 @@ def test_mt0_large_trainable_parameters(capsys):
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
-def test_mt0_large_trainable_parameters_peft_oracle(capsys):
-    model = peft.get_peft_model(_mt0_large_meta(), peft.IA3Config(task_type="SEQ_2_SEQ_LM"))
+def test_mt0_large_trainable_parameters_equal_peft(capsys):
+    """MT0_LINE is what peft prints for the same meta model, and ia3 prints the same line because it wraps the same
+    modules with vectors of the same shapes."""
+    ours = ia3.get_peft_model(_mt0_large_meta(), ia3.IA3Config(task_type="SEQ_2_SEQ_LM"))
+    theirs = peft.get_peft_model(_mt0_large_meta(), peft.IA3Config(task_type="SEQ_2_SEQ_LM"))
     capsys.readouterr()
-    model.print_trainable_parameters()
-    assert capsys.readouterr().out == MT0_LINE
+    ours.print_trainable_parameters()
+    line_ours = capsys.readouterr().out
+    theirs.print_trainable_parameters()
+    assert line_ours == capsys.readouterr().out == MT0_LINE
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    trainable = {n: tuple(p.shape) for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable == {n: tuple(p.shape) for n, p in theirs.named_parameters() if p.requires_grad}
+    assert wrapped_shapes(ours) == wrapped_shapes(theirs, peft_side=True)

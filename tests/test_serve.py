@@ -3,6 +3,12 @@
 Offline reference: a separate `PeftModel` in the test process with the same adapters, each request's inputs run
 alone with its adapter set active (`disable_adapter` for `__base__`). Generated text and labels must be equal;
 scores equal to float32 rounding.
+
+State: the module's `s2s` setup (model, adapters folder a/b/c, spare adapter, reference) is built once and never
+written to. Tests that only send requests share one server (`server`), checked before and after each such test to
+still hold exactly a, b, c with an idle, running queue. Tests that load, delete or add adapters, pause the queue,
+count batches or change limits get their own server on their own copy of the adapters folder (`own_server`,
+`own_adapters`), so the tests pass in any order.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from ia3.recipe.evaluate import score_batch  # noqa: E402
 from ia3.recipe.features import encode  # noqa: E402
 from ia3.serve import ServeConfig, create_app  # noqa: E402
 from ia3.serve.batcher import Batcher, Job  # noqa: E402
+from ia3.tasks import get_task  # noqa: E402
 
 LABELS = ["negative", "neutral", "positive"]
 TEXTS = ["Operating profit rose to EUR 13.1 mn .", "Net sales fell", "The company said it will cut jobs in Finland .",
@@ -105,7 +112,7 @@ class Setup:
                 batch = self.tokenizer(text, return_tensors="pt")
                 scores = self._alone(adapter, lambda: self.ref(**batch).logits[0].tolist())
             else:
-                enc = encode(self.tokenizer, Examples([text], [0], LABELS), self.task, 512, 32, "{text}")
+                enc = encode(get_task(self.task)(self.tokenizer), Examples([text], [0], LABELS), 512, 32)
                 model = self.ref.get_base_model()
                 scores = self._alone(adapter, lambda: score_batch(model, enc, [0], torch.device("cpu"))[1][0])
             self._cache[key] = (LABELS[max(range(3), key=scores.__getitem__)], scores)
@@ -158,11 +165,46 @@ def s2s(root):
     return Setup(root, "seq2seq")
 
 
+def _s2s_server(s2s: Setup, adapters_dir: Path) -> LiveServer:
+    return LiveServer(ServeConfig(model=str(s2s.model_dir), adapters_dir=str(adapters_dir), task="seq2seq",
+                                  label_names=LABELS, max_wait_ms=20, max_inputs=8, max_input_chars=300,
+                                  max_body_bytes=64 * 1024, max_new_tokens=12))
+
+
 @pytest.fixture(scope="module")
-def server(s2s):
-    srv = LiveServer(ServeConfig(model=str(s2s.model_dir), adapters_dir=str(s2s.adapters), task="seq2seq",
-                                 label_names=LABELS, max_wait_ms=20, max_inputs=8, max_input_chars=300,
-                                 max_body_bytes=64 * 1024, max_new_tokens=12))
+def _shared_server(s2s):
+    srv = _s2s_server(s2s, s2s.adapters)
+    yield srv
+    srv.close()
+
+
+def _check_untouched(srv: LiveServer, s2s: Setup) -> None:
+    assert sorted(p.name for p in s2s.adapters.iterdir()) == ["a", "b", "c"], "the shared adapters folder changed"
+    assert sorted(a["name"] for a in srv.client.get("/v1/adapters").json()["adapters"]) == ["a", "b", "c"]
+    stats = srv.service.batcher.stats()
+    assert not stats["paused"] and srv.service.batcher.depth() == 0, stats
+
+
+@pytest.fixture
+def server(_shared_server, s2s):
+    """The module's shared server, for tests that only send requests; a test that changed it fails here."""
+    _check_untouched(_shared_server, s2s)
+    yield _shared_server
+    _check_untouched(_shared_server, s2s)
+
+
+@pytest.fixture
+def own_adapters(s2s, tmp_path) -> Path:
+    """This test's own adapters folder, a copy of a, b and c, free to change."""
+    for name in ("a", "b", "c"):
+        shutil.copytree(s2s.adapters / name, tmp_path / "adapters" / name)
+    return tmp_path / "adapters"
+
+
+@pytest.fixture
+def own_server(s2s, own_adapters):
+    """A server of this test alone (its own queue, metrics and loaded adapters) on `own_adapters`."""
+    srv = _s2s_server(s2s, own_adapters)
     yield srv
     srv.close()
 
@@ -216,8 +258,8 @@ def test_generate_and_classify_equal_offline(server, s2s):
     assert "GenerateRequest" in schema["components"]["schemas"]
 
 
-def test_causal_left_padding_and_cls_heads(root):
-    causal = Setup(root, "causal")
+def test_causal_left_padding_and_cls_heads(tmp_path):
+    causal = Setup(tmp_path, "causal")
     srv = LiveServer(ServeConfig(model=str(causal.model_dir), adapters_dir=str(causal.adapters), task="causal",
                                  label_names=LABELS, max_wait_ms=50, max_new_tokens=16, max_label_tokens=8))
     try:
@@ -242,7 +284,7 @@ def test_causal_left_padding_and_cls_heads(root):
     finally:
         srv.close()
 
-    cls = Setup(root, "cls")
+    cls = Setup(tmp_path, "cls")
     srv = LiveServer(ServeConfig(model=str(cls.model_dir), adapters_dir=str(cls.adapters), task="cls",
                                  label_names=LABELS, max_wait_ms=50))
     try:
@@ -269,7 +311,8 @@ def _wait_depth(srv: LiveServer, n: int, timeout: float = 20.0) -> None:
 
 
 # -- dynamic batching ----------------------------------------------------------------------------------------------
-def test_concurrent_mixed_adapter_requests(server, s2s):
+def test_concurrent_mixed_adapter_requests(own_server, s2s):
+    server = own_server  # pauses the queue and counts batches: a server of its own
     requests = []
     for i in range(12):
         adapter = ["a", "b", "c", BASE_ADAPTER][i % 4]
@@ -339,7 +382,8 @@ def test_batcher_groups_by_key_and_splits_big_requests():
 
 
 # -- adapters loaded and unloaded during traffic ---------------------------------------------------------------------
-def test_adapter_load_and_unload_during_traffic(server, s2s):
+def test_adapter_load_and_unload_during_traffic(own_server, own_adapters, s2s):
+    server = own_server  # loads and deletes adapters: a server and adapters folder of its own
     expected = {(a, t): s2s.generate(a, t) for a in ("a", "b") for t in TEXTS}
     late_answers = [s2s.generate("late", t) for t in TEXTS]
     stop = threading.Event()
@@ -363,7 +407,7 @@ def test_adapter_load_and_unload_during_traffic(server, s2s):
         t.start()
     try:
         _check_error(server.post("/v1/generate", json={"adapter": "late", "inputs": "x"}), 404, "adapter_not_found")
-        shutil.copytree(s2s.spare / "late", s2s.adapters / "late")
+        shutil.copytree(s2s.spare / "late", own_adapters / "late")
         r = server.post("/v1/adapters/late")
         assert r.status_code == 201, r.text
         assert r.json()["adapter"]["name"] == "late"
@@ -395,13 +439,12 @@ def test_adapter_load_and_unload_during_traffic(server, s2s):
         stop.set()
         for t in threads:
             t.join(30)
-        shutil.rmtree(s2s.adapters / "late", ignore_errors=True)
     assert not problems, problems[:3]
     assert count[0] >= 4
 
 
-def test_no_adapters_at_start_then_load(s2s, root):
-    empty = root / "empty-adapters"
+def test_no_adapters_at_start_then_load(s2s, tmp_path):
+    empty = tmp_path / "empty-adapters"
     empty.mkdir()
     srv = LiveServer(ServeConfig(model=str(s2s.model_dir), adapters_dir=str(empty), task="seq2seq", label_names=LABELS))
     try:
@@ -422,26 +465,24 @@ def test_no_adapters_at_start_then_load(s2s, root):
         srv.close()
 
 
-def test_adapter_endpoint_safety(server, s2s, root):
+def test_adapter_endpoint_safety(own_server, own_adapters, s2s, tmp_path):
+    server = own_server  # writes into its adapters folder: a server and folder of its own
     for name in ("bad.name", "__base__", "-x", "a" * 65, "%2E%2E", "..%5C..%5Cx", "a%00"):
         _check_error(server.post(f"/v1/adapters/{name}"), 422, "invalid_adapter_name")
     for path in ("/v1/adapters/../../etc", "/v1/adapters/a%2F..%2F..%2Fetc"):  # slashes: no such route
         _check_error(server.post(path), 404, "not_found")
     _check_error(server.post("/v1/adapters/nothere"), 404, "adapter_not_found")
     # a symlink in the adapters folder that leads outside it
-    os.symlink(s2s.spare / "late", s2s.adapters / "evil")
-    try:
-        _check_error(server.post("/v1/adapters/evil"), 403, "forbidden_path")
-    finally:
-        (s2s.adapters / "evil").unlink()
+    os.symlink(s2s.spare / "late", own_adapters / "evil")
+    _check_error(server.post("/v1/adapters/evil"), 403, "forbidden_path")
     # pickled weights are refused
-    pickled = s2s.adapters / "pickled"
+    pickled = own_adapters / "pickled"
     pickled.mkdir()
     shutil.copy(s2s.spare / "late" / "adapter_config.json", pickled)
     (pickled / "adapter_model.bin").write_bytes(b"not read")
     _check_error(server.post("/v1/adapters/pickled"), 422, "unsupported_format")
     # an adapter of another task / shape
-    _save_adapter("cls", make_model_dir(root / "other", "cls"), s2s.adapters / "wrongtask", 3)
+    _save_adapter("cls", make_model_dir(tmp_path / "other", "cls"), own_adapters / "wrongtask", 3)
     _check_error(server.post("/v1/adapters/wrongtask"), 422, "adapter_incompatible")
     # Hub ids: checked, and (offline here) a clear error
     _check_error(server.post("/v1/adapters/x", json={"source": "../../etc"}), 422, "invalid_source")
@@ -487,9 +528,9 @@ def test_bad_inputs_are_json_4xx_and_server_keeps_serving(server):
 
 
 # -- queue, timeout, API key -----------------------------------------------------------------------------------------
-def test_queue_full_timeout_and_api_key(s2s):
+def test_queue_full_timeout_and_api_key(s2s, own_adapters):
     key = "s3cret-key"
-    srv = LiveServer(ServeConfig(model=str(s2s.model_dir), adapters_dir=str(s2s.adapters), task="seq2seq",
+    srv = LiveServer(ServeConfig(model=str(s2s.model_dir), adapters_dir=str(own_adapters), task="seq2seq",
                                  label_names=LABELS, max_queue=1, request_timeout_s=1.0, api_key=key))
     try:
         body = {"adapter": "a", "inputs": "Sales", "parameters": {"max_new_tokens": 6}}
@@ -523,7 +564,7 @@ def test_queue_full_timeout_and_api_key(s2s):
 
 
 # -- command line ------------------------------------------------------------------------------------------------------
-def test_cli_serve_subprocess(s2s):
+def test_cli_serve_subprocess(s2s, own_adapters):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -531,7 +572,7 @@ def test_cli_serve_subprocess(s2s):
     env = {**os.environ, "IA3_API_KEY": "k", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "ia3", "serve", "--model", str(s2s.model_dir), "--adapters",
-                             str(s2s.adapters), "--port", str(port), "--label-names", ",".join(LABELS),
+                             str(own_adapters), "--port", str(port), "--label-names", ",".join(LABELS),
                              "--max-batch-size", "4", "--log-level", "warning"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

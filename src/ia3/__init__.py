@@ -14,7 +14,7 @@ from ia3.auto import (
     AutoPeftModelForTokenClassification,
 )
 from ia3.config import IA3Config, PeftType, TaskType
-from ia3.layer import IA3Layer
+from ia3.layer import IA3Layer, WeightLayout
 from ia3.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -50,5 +50,6 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "TaskType",
+    "WeightLayout",
     "get_peft_model",
 ]

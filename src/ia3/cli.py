@@ -34,7 +34,8 @@ ALIASES = {
     "--epochs": "train.epochs", "--lr": "train.lr", "--batch-size": "train.batch_size", "--seed": "train.seed",
     "--loss": "train.loss", "--output-dir": "output_dir",
 }
-DEMO_CONFIG = Path(__file__).resolve().parent / "demo" / "demo.yaml"
+BUNDLED_CONFIGS = Path(__file__).resolve().parent / "demo"  # `--config NAME` for NAME.yaml here
+DEMO_CONFIG = BUNDLED_CONFIGS / "smollm2.yaml"  # the embedded default: SmolLM2 learns to generate the label
 # what a command may raise for bad input or a failing environment: a one-line error, exit 2 (other errors are bugs)
 EXPECTED_ERRORS = (ValueError, RuntimeError, OSError)
 
@@ -77,6 +78,17 @@ def _overrides(args: argparse.Namespace) -> dict:
     return {k[4:]: v for k, v in vars(args).items() if k.startswith("set:") and v is not None}
 
 
+def bundled_config(config: Path | None) -> Path | None:
+    """`--config` as given, or the bundled config of that name (`--config minilm`) when no such file exists."""
+    if config is None or config.exists() or config.suffix or len(config.parts) > 1:
+        return config
+    bundled = BUNDLED_CONFIGS / f"{config}.yaml"
+    if bundled.is_file():
+        return bundled
+    names = sorted(p.stem for p in BUNDLED_CONFIGS.glob("*.yaml"))
+    raise ValueError(f"--config {config}: no such file, and no bundled config of that name (bundled: {names})")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ia3.recipe.config import build_config
     from ia3.recipe.train import train
@@ -85,11 +97,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config is None and not any(k.startswith(("model.", "data.")) for k in _overrides(args)):
         config = DEMO_CONFIG
         print(f"no --config given: running the bundled demo ({DEMO_CONFIG.name})", file=sys.stderr)
-    cfg = build_config(config, _overrides(args))
+    cfg = build_config(bundled_config(config), _overrides(args))
     resume = True if args.resume == "latest" else args.resume or False
     metrics = train(cfg, resume=resume, progress=not args.quiet)
     if metrics:
-        summary = {k: metrics[k] for k in ("accuracy", "macro_f1", "generation_accuracy", "eval_loss", "seconds_per_epoch")
+        summary = {k: metrics[k] for k in ("zero_shot", "accuracy", "macro_f1", "generation_accuracy", "eval_loss",
+                                            "seconds_per_epoch")
                    if metrics.get(k) is not None}
         print(json.dumps({"output_dir": cfg.output_dir, **summary}))
     return 0
@@ -260,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     settings_usage = "[--SECTION.KEY VALUE ...]"
     p = command("train", cmd_train, "train an adapter (no --config: the bundled offline demo)",
                 f"ia3 train [-q] [--config FILE] [--resume [CHECKPOINT]] {settings_usage}")
-    p.add_argument("--config", type=Path, metavar="FILE", help="YAML file with output_dir and model/data/train sections")
+    p.add_argument("--config", type=Path, metavar="FILE", help="YAML file with output_dir and model/data/train sections, or the name of a bundled config: "
+                   "smollm2 (the default: SmolLM2 generates the label), minilm (MiniLM with a classifier head)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from the output dir's latest checkpoint, or from the given checkpoint path")
     _add_settings(p)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,14 +19,16 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
-        self._row_adapters: list[str] | None = None
+        self._row_adapters: list[str] | None = None  # per-example adapters, one name per batch row
 
     def add_adapter(self, adapter_name: str) -> None:
+        """Add a trainable copy of the original module for `adapter_name`."""
         copy_ = copy.deepcopy(self.original_module)
         copy_.requires_grad_(True)
         self.modules_to_save[adapter_name] = copy_
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Drop `adapter_name`'s copy (if any); the original module runs when it was the active one."""
         if adapter_name in self.modules_to_save:
             del self.modules_to_save[adapter_name]
         if self.active_adapter == adapter_name:
@@ -35,12 +38,18 @@ class ModulesToSaveWrapper(nn.Module):
         """The first of `adapter_names` that has a copy here becomes active (the original module when none)."""
         self.active_adapter = next((n for n in adapter_names if n in self.modules_to_save), None)
 
+    def set_row_adapters(self, adapter_names: list[str] | None) -> None:
+        """Give each batch row its own adapter's copy (one name per row); None returns to `active_adapter`."""
+        self._row_adapters = adapter_names
+
     def module_for(self, adapter_name: str | None) -> nn.Module:
+        """The module that runs for `adapter_name`: its copy, or the original when it has none or is disabled."""
         if self.disabled or adapter_name is None or adapter_name not in self.modules_to_save:
             return self.original_module
         return self.modules_to_save[adapter_name]
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The active adapter's copy (or per-example copies, row by row) applied to `x` of shape `(batch, ...)`."""
         rows = self._row_adapters
         if rows is None or self.disabled:
             return self.module_for(self.active_adapter)(x, *args, **kwargs)

@@ -32,12 +32,17 @@ def _unwrapped_name(name: str) -> str:
 class PeftModel(nn.Module):
     """A model with (IA)^3 adapters; calls, attributes and `generate` pass through to the wrapped model.
 
+    Every adapter operation is a typed method here that delegates to `base_model` (an `IA3Model`). Other
+    attributes pass through to the wrapped model (`config`, `generation_config`, ...), as in PEFT.
+
     Args:
         model: the base model (changed in place: targeted layers are wrapped).
         peft_config: the first adapter's `IA3Config`.
         adapter_name: its name.
         autocast_adapter_dtype: keep vectors in float32 over float16/bfloat16 weights.
     """
+
+    base_model: IA3Model
 
     def __init__(
         self,
@@ -53,7 +58,11 @@ class PeftModel(nn.Module):
                 peft_config = dataclasses.replace(peft_config, base_model_name_or_path=name)
         self.base_model = IA3Model(model, peft_config, adapter_name, autocast_adapter_dtype)
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
+        """Attributes of the wrapped model (`peft_model.config`, `peft_model.generation_config`, ...).
+
+        Looked up through `base_model` as PEFT does, so `peft_model.model` is the wrapped model itself.
+        """
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -64,33 +73,90 @@ class PeftModel(nn.Module):
     # -- adapters --------------------------------------------------------------------------------------------------
     @property
     def peft_config(self) -> dict[str, IA3Config]:
+        """Adapter name -> its (resolved) config."""
         return self.base_model.peft_config
 
     @property
     def active_adapters(self) -> list[str]:
+        """Names of the active adapters (their vectors multiply)."""
         return list(self.base_model.active_adapters)
 
     @property
     def active_adapter(self) -> str | list[str]:
+        """The active adapter's name, or the list of them when several are active."""
         return self.base_model.active_adapter
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Names (relative to the wrapped model) of the modules wrapped by (IA)^3 layers."""
+        return self.base_model.targeted_module_names
 
     def add_adapter(self, adapter_name: str, peft_config: IA3Config) -> None:
         """Add a new adapter (inactive until `set_adapter`)."""
         self.base_model.inject_adapter(adapter_name, peft_config)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make these adapters active (several: their vectors multiply); only active adapters train."""
         self.base_model.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; the other active adapters stay active (it must not be merged)."""
         self.base_model.delete_adapter(adapter_name)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """Create `adapter_name` with vectors `sum_i weights[i] * l_i` (inactive until `set_adapter`).
+
+        A layer that adapter `i` does not touch counts as `l_i = 1` there; see `IA3Model.add_weighted_adapter`.
+        """
+        self.base_model.add_weighted_adapter(adapters, weights, adapter_name)
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the block (merged adapters are unmerged exactly, merged back after)."""
         with self.base_model.disable_adapter():
             yield
 
+    @contextmanager
+    def per_example(self, adapter_names: list[str] | None) -> Iterator[None]:
+        """Inside the block batch row `i` uses adapter `adapter_names[i]` (`"__base__"` for none), for any call
+        of the wrapped model or its parts; `forward` and `generate` do this for their `adapter_names`."""
+        with self.base_model.per_example(adapter_names):
+            yield
+
     def get_base_model(self) -> nn.Module:
+        """The wrapped model (with (IA)^3 layers in place)."""
         return self.base_model.model
+
+    # -- merging ---------------------------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights; `unmerge_adapter` undoes it exactly.
+
+        Args:
+            adapter_names: adapters to merge; default: the active ones.
+            safe_merge: check every layer first and raise (changing nothing) if a merged weight is not finite.
+        """
+        self.base_model.merge_adapter(adapter_names, safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Restore every merged layer's original weights bit for bit."""
+        self.base_model.unmerge_adapter()
+
+    @property
+    def merged(self) -> bool:
+        """True when some layer has adapters merged into its weights."""
+        return self.base_model.merged
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge adapters (default: the active ones) in place and return the plain wrapped model.
+
+        The result has no (IA)^3 layers or `modules_to_save` wrappers (the active adapter's copies stay);
+        this `PeftModel` should not be used afterwards.
+        """
+        return self.base_model.merge_and_unload(safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Return the plain wrapped model with its original weights (merged layers are unmerged first)."""
+        return self.base_model.unload()
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts, counted as PEFT counts them."""
@@ -102,6 +168,7 @@ class PeftModel(nn.Module):
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
+        """Print the trainable and total parameter counts, in PEFT's format."""
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 

@@ -349,10 +349,7 @@ class CausalTask(Task):
         position of the prompt; the very last position predicts nothing in the row and is dropped.
         """
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        if _accepts(_hf_model(model), "logits_to_keep"):
-            logits = model(**inputs, logits_to_keep=width + 1).logits
-        else:
-            logits = model(**inputs).logits[:, -(width + 1) :]
+        logits = model(**inputs, **self._keep(model, width + 1)).logits[:, -(width + 1) :]
         return logits[:, :-1]
 
     def loss_sum(self, model, batch):
@@ -363,19 +360,36 @@ class CausalTask(Task):
                                            reduction="sum")
 
     def choice_logprobs(self, model, inputs, choices, device):
+        """The prompt runs once per input; its key/value cache is shared by all choices.
+
+        Pass 1: the left-padded prompts, keeping the cache and the logits of the last position (which predict each
+        choice's first token). Pass 2: every (input, choice) pair's choice tokens but the last, on that input's
+        cache repeated per choice; their logits predict the choice's remaining tokens.
+        """
         n_choices, batch = len(choices), len(inputs)
         width = max(len(c) for c in choices)
-        # each choice right-aligned in a window of `width` tokens; the tokens before it in the window are the
-        # prompt's (or padding), marked -100 in the targets
-        targets = torch.full((batch * n_choices, width), -100, dtype=torch.long)
-        rows = []
-        for b, inp in enumerate(inputs):
-            for c, choice in enumerate(choices):
-                rows.append(inp + choice)
-                targets[b * n_choices + c, width - len(choice) :] = torch.tensor(choice)
-        encoded = {k: v.to(device) for k, v in self._rows(rows).items()}
-        logits = self._tail_logits(model, encoded, width)
-        return _gather_logprobs(logits, targets.to(device), batch, n_choices)
+        prompts = {k: v.to(device) for k, v in self._rows(inputs).items()}
+        first = model(**prompts, use_cache=width > 1, **self._keep(model, 1))
+        logits = first.logits[:, -1:].repeat_interleave(n_choices, dim=0)  # (B*C, 1, V)
+        targets = pad_rows(choices, -100).repeat(batch, 1).to(device)  # (B*C, T), example-major
+        if width > 1:
+            cache = first.cache if "cache" in first else first.past_key_values
+            cache.batch_repeat_interleave(n_choices)
+            # transformers renamed the argument `past_key_values` to `cache` (5.x)
+            cache_arg = "cache" if _accepts(_hf_model(model), "cache") else "past_key_values"
+            tails = [c[:-1] for c in choices] * batch
+            tail_mask = attention_mask(tails).to(device)
+            mask = torch.cat([prompts["attention_mask"].repeat_interleave(n_choices, dim=0), tail_mask], dim=1)
+            start = prompts["attention_mask"].sum(-1, keepdim=True).repeat_interleave(n_choices, dim=0)
+            positions = start + torch.arange(width - 1, device=device)
+            rest = model(input_ids=pad_rows(tails, self.pad_id).to(device), attention_mask=mask,
+                         position_ids=positions, use_cache=False, **{cache_arg: cache})
+            logits = torch.cat([logits, rest.logits], dim=1)  # (B*C, T, V)
+        return _gather_logprobs(logits, targets, batch, n_choices)
+
+    @staticmethod
+    def _keep(model: nn.Module, positions: int) -> dict[str, int]:
+        return {"logits_to_keep": positions} if _accepts(_hf_model(model), "logits_to_keep") else {}
 
     def generation_inputs(self, inputs):
         return {"input_ids": pad_rows(inputs, self.pad_id, left=True), "attention_mask": attention_mask(inputs, left=True)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,9 +13,9 @@ from torch import nn
 from ia3.config import IA3Config
 from ia3.layer import IA3Layer
 from ia3.modules_to_save import ModulesToSaveWrapper
+from ia3.per_example import BASE_ADAPTER, PerExampleAdapters, check_adapter_names
 from ia3.targets import find_targets, matches, resolve_config
 
-BASE_ADAPTER = "__base__"  # in `adapter_names`: this row uses no adapter
 # Heads that a task trains in full: added to `modules_to_save` when the model has them (as PEFT does).
 TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
 
@@ -46,11 +47,12 @@ class IA3Model(nn.Module):
         self.peft_config: dict[str, IA3Config] = {}
         self.active_adapters: list[str] = []
         self.autocast_adapter_dtype = autocast_adapter_dtype
-        self._table_cache: dict = {}  # per-example vector tables, see `_set_row_scales`
+        self._per_example = PerExampleAdapters()  # per-row vector tables, cached by adapter mix
         self.inject_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
+        """Attributes of the wrapped model (`config`, `generation_config`, ...), as PEFT's tuners pass them on."""
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -58,7 +60,8 @@ class IA3Model(nn.Module):
                 raise
             return getattr(self.model, name)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward."""
         return self.model(*args, **kwargs)
 
     # -- discovery -------------------------------------------------------------------------------------------------
@@ -69,12 +72,19 @@ class IA3Model(nn.Module):
                 yield name, module
 
     def wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        """(name relative to `self.model`, wrapper) for every `modules_to_save` wrapper."""
         for name, module in self.model.named_modules():
             if isinstance(module, ModulesToSaveWrapper):
                 yield name, module
 
     @property
+    def targeted_module_names(self) -> list[str]:
+        """Names (relative to `self.model`) of the modules wrapped by (IA)^3 layers, as PEFT lists them."""
+        return [name for name, _ in self.ia3_layers()]
+
+    @property
     def active_adapter(self) -> str | list[str]:
+        """The active adapter's name, or the list of them when several are active."""
         return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
 
     def _check_names(self, names: list[str], allow_base: bool = False) -> None:
@@ -161,14 +171,16 @@ class IA3Model(nn.Module):
         self._refresh()
 
     def _refresh(self) -> None:
-        """Push the active adapters to every layer and set `requires_grad`: only active, trainable adapters."""
-        self._table_cache = {}  # adapters were added, removed or switched: rebuild per-example tables
+        """Push the active adapters to every layer and wrapper, and set `requires_grad` structurally.
+
+        Everything is frozen first; then, found by type, the vectors of `IA3Layer`s and the copies of
+        `ModulesToSaveWrapper`s train when their adapter is active and not in inference mode.
+        """
+        self._per_example.clear()  # adapters were added, removed or switched: rebuild per-example tables
         trainable = {n for n in self.active_adapters if not self.peft_config[n].inference_mode}
-        for param_name, param in self.model.named_parameters():
-            if ".ia3_l." not in param_name and ".modules_to_save." not in param_name:
-                param.requires_grad_(False)
+        self.model.requires_grad_(False)
         for _, layer in self.ia3_layers():
-            layer.active_adapters = [n for n in self.active_adapters if n in layer.ia3_l]
+            layer.set_adapter([n for n in self.active_adapters if n in layer.ia3_l])
             for name, vector in layer.ia3_l.items():
                 vector.requires_grad_(name in trainable)
         for _, wrapper in self.wrappers():
@@ -177,12 +189,15 @@ class IA3Model(nn.Module):
                 module.requires_grad_(name in trainable)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove `adapter_name` from every layer and wrapper; the other active adapters stay active (the first
+        remaining adapter becomes active when it was the only one)."""
         self._check_names([adapter_name])
         for name, layer in self.ia3_layers():
             if adapter_name in layer.merged_adapters:
                 raise ValueError(f"Adapter {adapter_name!r} is merged into {name}; unmerge_adapter() first")
         for _, layer in list(self.ia3_layers()):
-            layer.delete_adapter(adapter_name)
+            if adapter_name in layer.ia3_l:
+                layer.delete_adapter(adapter_name)
         for _, wrapper in self.wrappers():
             wrapper.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
@@ -194,19 +209,20 @@ class IA3Model(nn.Module):
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model alone inside the block; merged adapters are unmerged (exactly) and merged back after."""
-        merged = {name: list(layer.merged_adapters) for name, layer in self.ia3_layers() if layer.merged_adapters}
-        for name in merged:
-            self.model.get_submodule(name).unmerge()
-        layers = [layer for _, layer in self.ia3_layers()] + [w for _, w in self.wrappers()]
-        for layer in layers:
-            layer.disabled = True
+        merged = {layer: list(layer.merged_adapters) for _, layer in self.ia3_layers() if layer.merged_adapters}
+        for layer in merged:
+            layer.unmerge()
+        modules: list[IA3Layer | ModulesToSaveWrapper] = [layer for _, layer in self.ia3_layers()]
+        modules += [wrapper for _, wrapper in self.wrappers()]
+        for module in modules:
+            module.disabled = True
         try:
             yield
         finally:
-            for layer in layers:
-                layer.disabled = False
-            for name, adapters in merged.items():
-                self.model.get_submodule(name).merge(adapters)
+            for module in modules:
+                module.disabled = False
+            for layer, adapters in merged.items():
+                layer.merge(adapters)
 
     # -- per-example adapters --------------------------------------------------------------------------------------
     @contextmanager
@@ -214,74 +230,21 @@ class IA3Model(nn.Module):
         """Inside the block each batch row uses its own adapter (`BASE_ADAPTER` for none), in one pass.
 
         Every layer gathers its vectors into a `(batch, F)` table once on entry; `generate` reuses it for every
-        decoding step, repeating rows for beams and returned sequences.
+        decoding step, repeating rows for beams and returned sequences. See `ia3.per_example`.
+
+        Args:
+            adapter_names: one adapter name per batch row; None: the active adapters for every row.
+
+        Raises:
+            ValueError: not a non-empty list, unknown names, or a merged layer.
         """
         if adapter_names is None:
             yield
             return
-        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) or not adapter_names:
-            raise ValueError(f"adapter_names must be a non-empty list with one adapter name per row; got {adapter_names!r}")
-        names = list(adapter_names)
+        names = check_adapter_names(adapter_names)
         self._check_names(sorted(set(names)), allow_base=True)
-        named = list(self.ia3_layers())
-        merged = [name for name, layer in named if layer.merged_adapters]
-        if merged:
-            raise ValueError(f"Per-example adapters need unmerged layers, but {merged[:3]} are merged; call unmerge_adapter()")
-        unique = list(dict.fromkeys(names))
-        layers = [layer for _, layer in named]
-        try:
-            self._set_row_scales(layers, unique, [unique.index(n) for n in names])
-            for _, wrapper in self.wrappers():
-                wrapper._row_adapters = names
+        with self._per_example.rows(list(self.ia3_layers()), [w for _, w in self.wrappers()], names):
             yield
-        finally:
-            for layer in layers:
-                layer.set_row_scales(None)
-            for _, wrapper in self.wrappers():
-                wrapper._row_adapters = None
-
-    def _set_row_scales(self, layers: list[IA3Layer], unique: list[str], rows: list[int]) -> None:
-        """Give every layer its `(batch, F)` per-row vectors with a few tensor ops for the whole model.
-
-        Layers are grouped by device and vector dtype; in each group every adapter's vectors (ones where it does not
-        touch a layer) are concatenated into one flat vector, the adapters' flat vectors stacked into an
-        `(adapters, total_F)` table, its rows gathered once, and each layer handed a column slice. Outside autograd
-        the tables are cached and rebuilt only when a vector changes (tracked by the tensors' version counters).
-        """
-        plan = self._table_cache.get(tuple(unique))
-        if plan is None or any(group["vectors"] and group["vectors"][0].device != group["device"] for group in plan):
-            plan = []
-            by_key: dict[tuple, list[IA3Layer]] = {}
-            for layer in layers:
-                ref = next(iter(layer.ia3_l.values()), layer.base_layer.weight)
-                by_key.setdefault((ref.device, ref.dtype), []).append(layer)
-            for (device, dtype), group in by_key.items():
-                vectors = [layer.ia3_l[n] for layer in group for n in unique if n in layer.ia3_l]
-                plan.append({"device": device, "dtype": dtype, "layers": group, "vectors": vectors,
-                             "versions": None, "table": None})
-            if len(self._table_cache) >= 8:  # a server sees many mixes: keep the newest few
-                self._table_cache.pop(next(iter(self._table_cache)))
-            self._table_cache[tuple(unique)] = plan
-        grad = torch.is_grad_enabled()
-        for group in plan:
-            if grad and any(v.requires_grad for v in group["vectors"]):
-                table = self._row_table(group["layers"], unique, group["dtype"])  # part of the autograd graph
-            else:
-                versions = [v._version for v in group["vectors"]]
-                if group["versions"] != versions:
-                    with torch.no_grad():
-                        group["table"] = self._row_table(group["layers"], unique, group["dtype"])
-                    group["versions"] = versions
-                table = group["table"]
-            gathered = table.index_select(0, torch.tensor(rows, device=group["device"]))  # (batch, total_F)
-            offset = 0
-            for layer in group["layers"]:
-                layer.set_row_scales(gathered[:, offset : offset + layer.num_features])
-                offset += layer.num_features
-
-    @staticmethod
-    def _row_table(group: list[IA3Layer], unique: list[str], dtype: torch.dtype) -> torch.Tensor:
-        return torch.stack([torch.cat([layer.vector_or_ones(n).to(dtype) for layer in group]) for n in unique])
 
     # -- merging ---------------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -295,16 +258,17 @@ class IA3Model(nn.Module):
     def _merge(self, adapter_names: list[str] | None, safe_merge: bool, keep_original: bool) -> None:
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         self._check_names(names)
-        layers = list(self.ia3_layers())
+        # each layer merges the adapters it has (an adapter need not touch every layer)
+        layers = [(name, layer, [n for n in names if n in layer.ia3_l]) for name, layer in self.ia3_layers()]
         if safe_merge:
-            broken = [name for name, layer in layers if not layer.check_merge(names)]
+            broken = [name for name, layer, own in layers if not layer.check_merge(own)]
             if broken:
                 raise ValueError(
                     f"Merging adapter(s) {names} would give non-finite weights in {broken[:5]}; nothing was merged. "
                     "The adapter seems broken: check its vectors for NaN/inf or huge values."
                 )
-        for _, layer in layers:
-            layer.merge(names, keep_original=keep_original)
+        for _, layer, own in layers:
+            layer.merge(own, keep_original=keep_original)
 
     def unmerge_adapter(self) -> None:
         """Restore every merged layer's original weights bit for bit."""
@@ -313,15 +277,17 @@ class IA3Model(nn.Module):
 
     @property
     def merged(self) -> bool:
+        """True when some layer has adapters merged into its weights."""
         return any(layer.merged_adapters for _, layer in self.ia3_layers())
 
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Put every layer's base layer back (merged in place first when `merge`: no copy of any weight)."""
         if merge:
             self._merge(adapter_names, safe_merge, keep_original=False)
         for name, layer in list(self.ia3_layers()):
             if not merge and layer.merged_adapters:
                 layer.unmerge()
-            _set_module(self.model, name, layer.to_module())
+            _set_module(self.model, name, layer.base_layer)
         for name, wrapper in list(self.wrappers()):
             keep = wrapper.module_for(wrapper.active_adapter) if merge else wrapper.original_module
             _set_module(self.model, name, keep)
