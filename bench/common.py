@@ -69,10 +69,30 @@ class Mode:
     memory_repeats: int  # row 5: subprocesses per side and model (interleaved; the median is reported)
 
 
-QUICK = Mode("quick", repeats=40, warmup=3, big_steps=2, big_warmup=1, recipe_cap=600, recipe_repeats=3,
-             load_repeats=10, memory_steps=3, memory_repeats=1)
-FULL = Mode("full", repeats=120, warmup=10, big_steps=6, big_warmup=2, recipe_cap=None, recipe_repeats=5,
-            load_repeats=40, memory_steps=5, memory_repeats=3)
+QUICK = Mode(
+    "quick",
+    repeats=40,
+    warmup=3,
+    big_steps=2,
+    big_warmup=1,
+    recipe_cap=600,
+    recipe_repeats=3,
+    load_repeats=10,
+    memory_steps=3,
+    memory_repeats=1,
+)
+FULL = Mode(
+    "full",
+    repeats=120,
+    warmup=10,
+    big_steps=6,
+    big_warmup=2,
+    recipe_cap=None,
+    recipe_repeats=5,
+    load_repeats=40,
+    memory_steps=5,
+    memory_repeats=3,
+)
 
 
 # -- results --------------------------------------------------------------------------------------------------------
@@ -123,8 +143,10 @@ def table(results: list[Result]) -> str:
         ratio = f"{r.ratio:.3f}"
         if r.target is not None and ratio == f"{r.target:.3f}":  # 1.050 would read as met when it is 1.0503
             ratio = f"{r.ratio:.4f}"
-        lines.append(f"| {r.row} | {r.name} | {_fmt(r.ia3, r.unit)} | {r.ref_name}: {_fmt(r.ref, r.unit)} | "
-                     f"{ratio} | {target} | {met} |")
+        lines.append(
+            f"| {r.row} | {r.name} | {_fmt(r.ia3, r.unit)} | {r.ref_name}: {_fmt(r.ref, r.unit)} | "
+            f"{ratio} | {target} | {met} |"
+        )
     return "\n".join(lines)
 
 
@@ -181,13 +203,16 @@ class Timings:
         return {k: 1000 * statistics.median(v) for k, v in self.main.items()}
 
     def to_json(self) -> dict[str, Any]:
-        return {"clock": CLOCK["name"],
-                "wall_ms": {k: spread([1000 * t for t in v]) for k, v in self.wall.items()},
-                "cpu_ms": {k: spread([1000 * t for t in v]) for k, v in self.cpu.items()}}
+        return {
+            "clock": CLOCK["name"],
+            "wall_ms": {k: spread([1000 * t for t in v]) for k, v in self.wall.items()},
+            "cpu_ms": {k: spread([1000 * t for t in v]) for k, v in self.cpu.items()},
+        }
 
 
-def interleaved(fns: dict[str, Callable[..., Any]], repeats: int, warmup: int,
-                prepare: dict[str, Callable[[], Any]] | None = None) -> Timings:
+def interleaved(
+    fns: dict[str, Callable[..., Any]], repeats: int, warmup: int, prepare: dict[str, Callable[[], Any]] | None = None
+) -> Timings:
     """Time each function, interleaved: every repeat calls each once, the order rotating from repeat to repeat
     (for two: A B, B A, A B, ...), so drifts of a shared, noisy machine hit all sides alike.
 
@@ -276,8 +301,11 @@ def code_fingerprint() -> dict[str, Any]:
     for path in sorted((ROOT / "src" / "ia3").rglob("*.py")):
         digest.update(path.relative_to(ROOT).as_posix().encode())
         digest.update(path.read_bytes())
-    return {"commit": _git("rev-parse", "--short", "HEAD"), "src_dirty": bool(_git("status", "--porcelain", "src")),
-            "src_sha256": digest.hexdigest()[:16]}
+    return {
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "src_dirty": bool(_git("status", "--porcelain", "src")),
+        "src_sha256": digest.hexdigest()[:16],
+    }
 
 
 def environment() -> dict[str, Any]:
@@ -287,21 +315,39 @@ def environment() -> dict[str, Any]:
 
     import ia3
 
-    machine = {"cpu": _cpu_model(), "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
-               "torch_threads": torch.get_num_threads(), "clock": CLOCK["name"], "load_average": os.getloadavg(),
-               "platform": platform.platform(),
-               "python": platform.python_version()}
+    machine = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "clock": CLOCK["name"],
+        "load_average": os.getloadavg(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
     if torch.cuda.is_available():
         machine["gpu"] = torch.cuda.get_device_name(0)
-    return {"versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "peft": peft.__version__, "ia3": ia3.__version__},
-            "machine": machine, "code": code_fingerprint()}
+    return {
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "ia3": ia3.__version__,
+        },
+        "machine": machine,
+        "code": code_fingerprint(),
+    }
 
 
 def write_json(path: Path, results: list[Result], mode: Mode, seconds: float, extra: dict | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"mode": asdict(mode), "seconds": round(seconds, 1), **environment(), **(extra or {}),
-            "results": [r.to_json() for r in results]}
+    data = {
+        "mode": asdict(mode),
+        "seconds": round(seconds, 1),
+        **environment(),
+        **(extra or {}),
+        "results": [r.to_json() for r in results],
+    }
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
@@ -311,10 +357,18 @@ def parse_mode(description: str, argv: list[str] | None = None) -> tuple[Mode, a
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="fewer repeats (the default)")
     group.add_argument("--full", action="store_true", help="more repeats, steadier numbers")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default on a CPU: 1, see CLOCK; on a GPU: torch's own choice)")
-    parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
-                        help="what the figures measure (default: cpu with one thread on a CPU, else wall)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default on a CPU: 1, see CLOCK; on a GPU: torch's own choice)",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default=None,
+        help="what the figures measure (default: cpu with one thread on a CPU, else wall)",
+    )
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args(argv)
     configure(args.threads, args.clock)

@@ -33,9 +33,19 @@ GB = 1e9
 def mt0_large_config():
     from transformers import MT5Config
 
-    cfg = MT5Config(vocab_size=250112, d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24,
-                    num_heads=16, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0,
-                    eos_token_id=1)
+    cfg = MT5Config(
+        vocab_size=250112,
+        d_model=1024,
+        d_kv=64,
+        d_ff=2816,
+        num_layers=24,
+        num_decoder_layers=24,
+        num_heads=16,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     # MT5Config forces tie_word_embeddings=True on construction; mt0-large's lm_head is untied (its encoder/decoder
     # embed_tokens share `shared`). transformers keeps the saved lm_head untied on load since the values differ.
     cfg.tie_word_embeddings = False
@@ -59,9 +69,13 @@ def build(model_dir: Path) -> dict:
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(model_dir, safe_serialization=True)
     files = sorted(model_dir.glob("*.safetensors"))
-    return {"parameters": params, "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-            "safetensors_files": [f.name for f in files], "safetensors_bytes": sum(f.stat().st_size for f in files),
-            "build_seconds": round(time.perf_counter() - start, 1)}
+    return {
+        "parameters": params,
+        "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "safetensors_files": [f.name for f in files],
+        "safetensors_bytes": sum(f.stat().st_size for f in files),
+        "build_seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 # -- step 2: load, wrap, train ----------------------------------------------------------------------------------------
@@ -93,9 +107,13 @@ def measure(model_dir: Path, steps: int) -> dict:
 
     def phase(name: str, start: float) -> None:
         s = _status()
-        phases[name] = {"seconds": round(time.perf_counter() - start, 1), "peak_gb": round(s["VmHWM"] / GB, 3),
-                        "rss_gb": round(s["VmRSS"] / GB, 3), "rss_anon_gb": round(s["RssAnon"] / GB, 3),
-                        "rss_file_gb": round(s["RssFile"] / GB, 3)}
+        phases[name] = {
+            "seconds": round(time.perf_counter() - start, 1),
+            "peak_gb": round(s["VmHWM"] / GB, 3),
+            "rss_gb": round(s["VmRSS"] / GB, 3),
+            "rss_anon_gb": round(s["RssAnon"] / GB, 3),
+            "rss_file_gb": round(s["RssFile"] / GB, 3),
+        }
         _reset_peak()
 
     t = time.perf_counter()
@@ -122,9 +140,11 @@ def measure(model_dir: Path, steps: int) -> dict:
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(2, 250112, (2, 32), generator=g),
-             "attention_mask": torch.ones(2, 32, dtype=torch.long),
-             "labels": torch.randint(2, 250112, (2, 8), generator=g)}
+    batch = {
+        "input_ids": torch.randint(2, 250112, (2, 32), generator=g),
+        "attention_mask": torch.ones(2, 32, dtype=torch.long),
+        "labels": torch.randint(2, 250112, (2, 8), generator=g),
+    }
     peft_model.train()
     losses = []
     for _ in range(steps):
@@ -138,20 +158,29 @@ def measure(model_dir: Path, steps: int) -> dict:
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
     peak_phase = max(phases.values(), key=lambda p: p["peak_gb"])
-    return {"weights_bytes": weights_bytes, "weights_gb": round(weights_bytes / GB, 3), "parameters": total,
-            "trainable_parameters": trainable, "embeddings_tied_lm_head_untied": tied,
-            "ru_maxrss_gb": round(usage.ru_maxrss * 1024 / GB, 3),  # Linux reports KiB
-            "vmhwm_peak_gb": max(p["peak_gb"] for p in phases.values()),  # VmHWM, the highest of the phases'
-            "peak_over_weights": round(max(usage.ru_maxrss * 1024, peak_phase["peak_gb"] * GB) / weights_bytes, 3),
-            "second_copy_of_weights": max(usage.ru_maxrss * 1024, peak_phase["peak_gb"] * GB) > 1.5 * weights_bytes,
-            "peak_phase": next(k for k, v in phases.items() if v is peak_phase),
-            "phases": phases, "peak_reset_per_phase": resettable, "losses": losses,
-            "frozen_params_with_grad": len(base_grads)}
+    return {
+        "weights_bytes": weights_bytes,
+        "weights_gb": round(weights_bytes / GB, 3),
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "embeddings_tied_lm_head_untied": tied,
+        "ru_maxrss_gb": round(usage.ru_maxrss * 1024 / GB, 3),  # Linux reports KiB
+        "vmhwm_peak_gb": max(p["peak_gb"] for p in phases.values()),  # VmHWM, the highest of the phases'
+        "peak_over_weights": round(max(usage.ru_maxrss * 1024, peak_phase["peak_gb"] * GB) / weights_bytes, 3),
+        "second_copy_of_weights": max(usage.ru_maxrss * 1024, peak_phase["peak_gb"] * GB) > 1.5 * weights_bytes,
+        "peak_phase": next(k for k, v in phases.items() if v is peak_phase),
+        "phases": phases,
+        "peak_reset_per_phase": resettable,
+        "losses": losses,
+        "frozen_params_with_grad": len(base_grads),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=Path, default=None, help="where to save the random model (default: a temp dir)")
+    parser.add_argument(
+        "--model-dir", type=Path, default=None, help="where to save the random model (default: a temp dir)"
+    )
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "large_model_memory.json")
     parser.add_argument("--_phase", choices=["build", "measure"], help=argparse.SUPPRESS)
@@ -164,12 +193,16 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
     def child(phase: str, model_dir: Path) -> dict:
-        done = subprocess.run([sys.executable, __file__, "--_phase", phase, "--model-dir", str(model_dir),
-                               "--steps", str(args.steps)], capture_output=True, text=True, env=env)
+        done = subprocess.run(
+            [sys.executable, __file__, "--_phase", phase, "--model-dir", str(model_dir), "--steps", str(args.steps)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if done.returncode:
             sys.exit(f"{phase} failed ({done.returncode}):\n{done.stderr[-4000:]}")
         line = next(line for line in reversed(done.stdout.splitlines()) if line.startswith("RESULT "))
-        return json.loads(line[len("RESULT "):])
+        return json.loads(line[len("RESULT ") :])
 
     with tempfile.TemporaryDirectory(prefix="mt0-large-random-") as tmp:
         model_dir = args.model_dir or Path(tmp)
@@ -182,10 +215,16 @@ def main() -> None:
     import torch
     import transformers
 
-    report = {"model": "mt0-large architecture (MT5, random weights, fp32)", "build": built, **measured,
-              "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-              "machine_ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB, 1),
-              "cpus": os.cpu_count()}
+    report = {
+        "model": "mt0-large architecture (MT5, random weights, fp32)",
+        "build": built,
+        **measured,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine_ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB, 1),
+        "cpus": os.cpu_count(),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -99,17 +99,28 @@ def main() -> int:
             for p in model.classifier.parameters():
                 p.requires_grad_(True)
         params = [p for p in model.parameters() if p.requires_grad]
-        print(f"{name}: lr {lr}, batch {a.batch_size}, {a.epochs} epochs, {sum(p.numel() for p in params):,} trainable",
-              flush=True)
-        results[name] = {"lr": lr, **_loop(model, params, train_enc, val_enc, labels, a.epochs, lr, a.batch_size,
-                                             a.seed, group)}
+        print(
+            f"{name}: lr {lr}, batch {a.batch_size}, {a.epochs} epochs, {sum(p.numel() for p in params):,} trainable",
+            flush=True,
+        )
+        results[name] = {
+            "lr": lr,
+            **_loop(model, params, train_enc, val_enc, labels, a.epochs, lr, a.batch_size, a.seed, group),
+        }
     print("\n| run | lr | accuracy | s/epoch |\n|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['lr']} | {r['accuracy']:.4f} | {r['seconds_per_epoch']:.1f} |")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
-            "train": len(train_enc), "val": len(val_enc), "batch_size": a.batch_size, "epochs": a.epochs}
+    meta = {
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "train": len(train_enc),
+        "val": len(val_enc),
+        "batch_size": a.batch_size,
+        "epochs": a.epochs,
+    }
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     return 0
 

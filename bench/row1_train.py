@@ -34,8 +34,11 @@ def bench_model(name: str, mode: Mode) -> Result:
     ours, theirs, bare = W.pair(name, floor=True)
     batch = W.train_batch(name)
     autocast = big and torch.cuda.is_available()  # the GPU run of mt0-large is in bf16 autocast
-    sides = {"ia3": W.Trainer(ours, batch, autocast), "peft": W.Trainer(theirs, batch, autocast),
-             "floor": W.FloorTrainer(bare, batch, autocast, targets=W.adapted_modules(ours))}
+    sides = {
+        "ia3": W.Trainer(ours, batch, autocast),
+        "peft": W.Trainer(theirs, batch, autocast),
+        "floor": W.FloorTrainer(bare, batch, autocast, targets=W.adapted_modules(ours)),
+    }
     repeats, warmup = (mode.big_steps, mode.big_warmup) if big else (mode.repeats, mode.warmup)
     times = common.interleaved({k: t.step for k, t in sides.items()}, repeats, warmup)
     losses = {k: t.finish() for k, t in sides.items() if k != "floor"}
@@ -43,18 +46,36 @@ def bench_model(name: str, mode: Mode) -> Result:
     agree = diff <= LOSS_ATOL
     rows, length = W.BATCH[name]
     ms = times.medians_ms()
-    extra = {"batch": rows, "tokens": length, "steps_timed": repeats, "warmup_steps": warmup,
-             "losses_agree_atol_1e-5": agree, "max_loss_diff": diff, "losses": losses, **times.to_json(),
-             "trainable": sum(p.numel() for p in ours.parameters() if p.requires_grad),
-             "floor_ms": ms["floor"], "best_possible_ratio": ms["floor"] / ms["peft"],
-             "adapter_overhead": {k: 1 - ms["floor"] / ms[k] for k in ("ia3", "peft")},
-             "device": str(W.device()), "bf16_autocast": autocast}
+    extra = {
+        "batch": rows,
+        "tokens": length,
+        "steps_timed": repeats,
+        "warmup_steps": warmup,
+        "losses_agree_atol_1e-5": agree,
+        "max_loss_diff": diff,
+        "losses": losses,
+        **times.to_json(),
+        "trainable": sum(p.numel() for p in ours.parameters() if p.requires_grad),
+        "floor_ms": ms["floor"],
+        "best_possible_ratio": ms["floor"] / ms["peft"],
+        "adapter_overhead": {k: 1 - ms["floor"] / ms[k] for k in ("ia3", "peft")},
+        "device": str(W.device()),
+        "bf16_autocast": autocast,
+    }
     if big:
         tokens = W.batch_tokens(batch)
         extra["tokens_per_s_wall"] = {k: tokens / common.median(v) for k, v in times.wall.items()}
     check = "losses agree" if agree else "**losses differ**"
-    result = Result("1", f"train step, {LABEL[name]} ({rows}x{length}); {check} (max diff {diff:.1e})",
-                    ms["ia3"], ms["peft"], "ms", "peft", TARGET.get(name, DEFAULT_TARGET), extra)
+    result = Result(
+        "1",
+        f"train step, {LABEL[name]} ({rows}x{length}); {check} (max diff {diff:.1e})",
+        ms["ia3"],
+        ms["peft"],
+        "ms",
+        "peft",
+        TARGET.get(name, DEFAULT_TARGET),
+        extra,
+    )
     del ours, theirs, bare, sides
     gc.collect()
     return result
@@ -65,9 +86,11 @@ def run(mode: Mode, models: tuple[str, ...] = W.TRAIN_MODELS) -> list[Result]:
     for name in models:
         results.append(bench_model(name, mode))
         r = results[-1]
-        print(f"  row 1 {name}: ia3 {r.ia3:.2f} ms, peft {r.ref:.2f} ms, ratio {r.ratio:.3f}; floor (base model, "
-              f"no adapter ops) {r.extra['floor_ms']:.2f} ms: best possible ratio {r.extra['best_possible_ratio']:.3f}",
-              flush=True)
+        print(
+            f"  row 1 {name}: ia3 {r.ia3:.2f} ms, peft {r.ref:.2f} ms, ratio {r.ratio:.3f}; floor (base model, "
+            f"no adapter ops) {r.extra['floor_ms']:.2f} ms: best possible ratio {r.extra['best_possible_ratio']:.3f}",
+            flush=True,
+        )
     return results
 
 

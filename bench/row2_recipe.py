@@ -52,8 +52,9 @@ def phrasebank_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                      bos_token="<s>")
+    return tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", bos_token="<s>"
+    )
 
 
 def make_model_dir(root: Path) -> Path:
@@ -62,8 +63,19 @@ def make_model_dir(root: Path) -> Path:
 
     tok = phrasebank_tokenizer()
     torch.manual_seed(0)
-    cfg = tf.T5Config(vocab_size=len(tok), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
-                      num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.1)
+    cfg = tf.T5Config(
+        vocab_size=len(tok),
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        dropout_rate=0.1,
+    )
     path = root / "t5-d64-phrasebank"
     tf.T5ForConditionalGeneration(cfg).save_pretrained(path)
     tok.save_pretrained(path)
@@ -110,12 +122,21 @@ def run_ia3(model_dir: Path, out: Path, cap: int | None) -> dict:
     import ia3.recipe.train as recipe
     from ia3.recipe.config import build_config
 
-    cfg = build_config(overrides={"output_dir": str(out), "model.name": str(model_dir), "model.task": "seq2seq",
-                                  "data.dataset": str(DATA), "train.epochs": 1, "train.plots": False})
+    cfg = build_config(
+        overrides={
+            "output_dir": str(out),
+            "model.name": str(model_dir),
+            "model.task": "seq2seq",
+            "data.dataset": str(DATA),
+            "train.epochs": 1,
+            "train.plots": False,
+        }
+    )
     clock = _EpochClock()
     original_time, original_split = recipe.time, recipe.train_val_split
     recipe.time = clock
     if cap is not None:  # the quick epoch: the recipe's own split, training side cut to its first `cap` examples
+
         def capped(examples, fraction, seed):
             train_ex, val_ex = original_split(examples, fraction, seed)
             return train_ex.subset(list(range(min(cap, len(train_ex))))), val_ex
@@ -125,8 +146,13 @@ def run_ia3(model_dir: Path, out: Path, cap: int | None) -> dict:
         metrics = recipe.train(cfg, progress=False)
     finally:
         recipe.time, recipe.train_val_split = original_time, original_split
-    return {"seconds": clock.epoch(metrics["seconds_per_epoch"]), "eval_loss": metrics["eval_loss"], "accuracy": metrics["accuracy"],
-            "train_loss": metrics["train_loss"], "steps": metrics["step"]}
+    return {
+        "seconds": clock.epoch(metrics["seconds_per_epoch"]),
+        "eval_loss": metrics["eval_loss"],
+        "accuracy": metrics["accuracy"],
+        "train_loss": metrics["train_loss"],
+        "steps": metrics["step"],
+    }
 
 
 def run_peft(model_dir: Path, cap: int | None) -> dict:
@@ -145,18 +171,27 @@ def run_peft(model_dir: Path, cap: int | None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_ex, val_ex = split(cap)
     names = train_ex.label_names
-    inputs = tokenizer(train_ex.texts, max_length=MAX_LENGTH, padding="max_length", truncation=True,
-                       return_tensors="pt")
-    labels = tokenizer(text_target=[names[y] for y in train_ex.labels], max_length=LABEL_LENGTH, padding="max_length",
-                       truncation=True, return_tensors="pt")["input_ids"]
+    inputs = tokenizer(
+        train_ex.texts, max_length=MAX_LENGTH, padding="max_length", truncation=True, return_tensors="pt"
+    )
+    labels = tokenizer(
+        text_target=[names[y] for y in train_ex.labels],
+        max_length=LABEL_LENGTH,
+        padding="max_length",
+        truncation=True,
+        return_tensors="pt",
+    )["input_ids"]
     labels[labels == tokenizer.pad_token_id] = -100
-    rows = [{"input_ids": inputs["input_ids"][i], "attention_mask": inputs["attention_mask"][i], "labels": labels[i]}
-            for i in range(len(train_ex))]
+    rows = [
+        {"input_ids": inputs["input_ids"][i], "attention_mask": inputs["attention_mask"][i], "labels": labels[i]}
+        for i in range(len(train_ex))
+    ]
     torch.manual_seed(SEED)
     loader = DataLoader(rows, shuffle=True, collate_fn=default_data_collator, batch_size=BATCH)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = peft.get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(model_dir),
-                                peft.IA3Config(task_type="SEQ_2_SEQ_LM")).to(device)
+    model = peft.get_peft_model(
+        AutoModelForSeq2SeqLM.from_pretrained(model_dir), peft.IA3Config(task_type="SEQ_2_SEQ_LM")
+    ).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=len(loader))
     val_enc = encode(tokenizer, val_ex, "seq2seq", MAX_LENGTH, LABEL_LENGTH, "{text}")
@@ -175,8 +210,14 @@ def run_peft(model_dir: Path, cap: int | None) -> dict:
     common.sync()
     seconds = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
     metrics, _ = evaluate(model, tokenizer, val_enc, names, generation=False, progress=False)
-    return {"seconds": seconds, "eval_loss": metrics["loss"], "accuracy": metrics["accuracy"],
-            "train_loss": float(total) / max(steps, 1), "steps": steps, "eval_loss_untrained": before["loss"]}
+    return {
+        "seconds": seconds,
+        "eval_loss": metrics["loss"],
+        "accuracy": metrics["accuracy"],
+        "train_loss": float(total) / max(steps, 1),
+        "steps": steps,
+        "eval_loss_untrained": before["loss"],
+    }
 
 
 def run(mode: Mode) -> list[Result]:
@@ -188,29 +229,44 @@ def run(mode: Mode) -> list[Result]:
         root = Path(tmp)
         model_dir = make_model_dir(root)
         for r in range(repeats):  # interleaved: ia3, peft, then peft, ia3, ...
-            for side in (("ia3", "peft") if r % 2 == 0 else ("peft", "ia3")):
+            for side in ("ia3", "peft") if r % 2 == 0 else ("peft", "ia3"):
                 gc.collect()
                 if side == "ia3":
                     runs[side].append(run_ia3(model_dir, root / f"ia3-{r}", mode.recipe_cap))
                 else:
                     runs[side].append(run_peft(model_dir, mode.recipe_cap))
                 last = runs[side][-1]
-                print(f"  row 2 {side}: epoch {last['seconds']['wall']:.1f} s wall, {last['seconds']['cpu']:.1f} s "
-                      f"cpu, eval loss {last['eval_loss']:.4f}, accuracy {last['accuracy']:.3f}", flush=True)
+                print(
+                    f"  row 2 {side}: epoch {last['seconds']['wall']:.1f} s wall, {last['seconds']['cpu']:.1f} s "
+                    f"cpu, eval loss {last['eval_loss']:.4f}, accuracy {last['accuracy']:.3f}",
+                    flush=True,
+                )
     clock = common.CLOCK["name"]
     secs = {side: common.median([x["seconds"][clock] for x in v]) for side, v in runs.items()}
     loss = {side: common.median([x["eval_loss"] for x in v]) for side, v in runs.items()}
     untrained = runs["peft"][0]["eval_loss_untrained"]
     n_train = len(split(mode.recipe_cap)[0])
     scope = f"quick: first {n_train} training examples" if mode.recipe_cap else f"whole epoch, {n_train} examples"
-    extra = {"clock": clock, "runs": runs, "training_examples": n_train, "capped": bool(mode.recipe_cap),
-             "model": "T5 d_model 64, 2+2 layers, word-level phrasebank tokenizer", "repeats": repeats}
+    extra = {
+        "clock": clock,
+        "runs": runs,
+        "training_examples": n_train,
+        "capped": bool(mode.recipe_cap),
+        "model": "T5 d_model 64, 2+2 layers, word-level phrasebank tokenizer",
+        "repeats": repeats,
+    }
     return [
-        Result("2", f"recipe epoch, T5-d64 phrasebank ({scope})", secs["ia3"], secs["peft"], "s", "peft", 0.35,
-               extra),
-        Result("2", f"recipe eval loss, same validation split (untrained: {untrained:.3f})", loss["ia3"],
-               loss["peft"], "nll", "peft", 1.0,
-               {"accuracy": {s: [x["accuracy"] for x in v] for s, v in runs.items()}, "untrained": untrained}),
+        Result("2", f"recipe epoch, T5-d64 phrasebank ({scope})", secs["ia3"], secs["peft"], "s", "peft", 0.35, extra),
+        Result(
+            "2",
+            f"recipe eval loss, same validation split (untrained: {untrained:.3f})",
+            loss["ia3"],
+            loss["peft"],
+            "nll",
+            "peft",
+            1.0,
+            {"accuracy": {s: [x["accuracy"] for x in v] for s, v in runs.items()}, "untrained": untrained},
+        ),
     ]
 
 

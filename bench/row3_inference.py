@@ -39,34 +39,52 @@ def bench_model(name: str, mode: Mode) -> list[Result]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 99, (ROWS, LENGTH), generator=g).to(W.device())
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    kwargs = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": False, "num_beams": 1,
-              "pad_token_id": 0}
+    kwargs = {
+        "max_new_tokens": NEW_TOKENS,
+        "min_new_tokens": NEW_TOKENS,
+        "do_sample": False,
+        "num_beams": 1,
+        "pad_token_id": 0,
+    }
 
     def gen(model):
         @torch.no_grad()
         def call():
             return model.generate(**inputs, **kwargs)
+
         return call
 
     outputs = {k: gen(m)() for k, m in models.items()}
-    same = bool(torch.equal(outputs["ia3 unmerged"], outputs["ia3 merged"])
-                and torch.equal(outputs["ia3 unmerged"], outputs["peft unmerged"]))
+    same = bool(
+        torch.equal(outputs["ia3 unmerged"], outputs["ia3 merged"])
+        and torch.equal(outputs["ia3 unmerged"], outputs["peft unmerged"])
+    )
     times = common.interleaved({k: gen(m) for k, m in models.items()}, mode.repeats * 2, mode.warmup)
     ms = times.medians_ms()
-    extra = {"rows": ROWS, "tokens": LENGTH, "new_tokens": NEW_TOKENS, "repeats": mode.repeats * 2,
-             "adapted_outputs_agree": same, "ms": ms, **times.to_json(),
-             "peft_unmerged_over_base": ms["peft unmerged"] / ms["base"]}
+    extra = {
+        "rows": ROWS,
+        "tokens": LENGTH,
+        "new_tokens": NEW_TOKENS,
+        "repeats": mode.repeats * 2,
+        "adapted_outputs_agree": same,
+        "ms": ms,
+        **times.to_json(),
+        "peft_unmerged_over_base": ms["peft unmerged"] / ms["base"],
+    }
     label = f"generate {NEW_TOKENS} tokens, {LABEL[name]} ({ROWS}x{LENGTH})"
-    return [Result("3", f"{label}, ia3 unmerged", ms["ia3 unmerged"], ms["base"], "ms", "base", 1.05, extra),
-            Result("3", f"{label}, ia3 merged", ms["ia3 merged"], ms["base"], "ms", "base", 1.02, extra)]
+    return [
+        Result("3", f"{label}, ia3 unmerged", ms["ia3 unmerged"], ms["base"], "ms", "base", 1.05, extra),
+        Result("3", f"{label}, ia3 merged", ms["ia3 merged"], ms["base"], "ms", "base", 1.02, extra),
+    ]
 
 
 def run(mode: Mode) -> list[Result]:
     results = []
     for name in ("t5", "gpt2"):
         results += bench_model(name, mode)
-        print(f"  row 3 {name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in results[-1].extra["ms"].items()),
-              flush=True)
+        print(
+            f"  row 3 {name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in results[-1].extra["ms"].items()), flush=True
+        )
     return results
 
 

@@ -47,8 +47,13 @@ def run(mode: Mode) -> list[Result]:
     batch = {k: v.to(W.device()) for k, v in tiny.batch("t5", ROWS, LENGTH, seed=0).items()}
     rows = [NAMES[i % ADAPTERS] for i in range(ROWS)]
     groups = {name: torch.tensor([i for i, r in enumerate(rows) if r == name], device=W.device()) for name in NAMES}
-    gen_kwargs = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": False, "num_beams": 1,
-                  "pad_token_id": 0}
+    gen_kwargs = {
+        "max_new_tokens": NEW_TOKENS,
+        "min_new_tokens": NEW_TOKENS,
+        "do_sample": False,
+        "num_beams": 1,
+        "pad_token_id": 0,
+    }
     gen_inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
 
     @torch.no_grad()
@@ -79,13 +84,38 @@ def run(mode: Mode) -> list[Result]:
         times = common.interleaved(fns, mode.repeats, mode.warmup)
         ms = times.medians_ms()
         print(f"  row 4 {what}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()), flush=True)
-        extra = {"rows": ROWS, "tokens": LENGTH, "adapters": ADAPTERS, "ms": ms, **times.to_json(),
-                 "max_logits_diff_vs_peft": logits_diff, "generated_tokens_agree": tokens_same}
+        extra = {
+            "rows": ROWS,
+            "tokens": LENGTH,
+            "adapters": ADAPTERS,
+            "ms": ms,
+            **times.to_json(),
+            "max_logits_diff_vs_peft": logits_diff,
+            "generated_tokens_agree": tokens_same,
+        }
         label = f"{what}, tiny T5, {ROWS} rows over {ADAPTERS} adapters"
-        results += [Result("4", f"{label}: ia3 one pass vs peft set_adapter per group", ms["ia3 mixed"],
-                           ms["peft grouped"], "ms", "peft", 0.15, extra),
-                    Result("4", f"{label}: ia3 mixed vs ia3 one adapter", ms["ia3 mixed"], ms["ia3 single"], "ms",
-                           "ia3 single", 1.10, extra)]
+        results += [
+            Result(
+                "4",
+                f"{label}: ia3 one pass vs peft set_adapter per group",
+                ms["ia3 mixed"],
+                ms["peft grouped"],
+                "ms",
+                "peft",
+                0.15,
+                extra,
+            ),
+            Result(
+                "4",
+                f"{label}: ia3 mixed vs ia3 one adapter",
+                ms["ia3 mixed"],
+                ms["ia3 single"],
+                "ms",
+                "ia3 single",
+                1.10,
+                extra,
+            ),
+        ]
     return results
 
 

@@ -40,13 +40,21 @@ def child(model: str, side: str, steps: int, threads: int) -> dict:
         setup_gpu = torch.cuda.memory_allocated()
     for _ in range(steps):
         trainer.step()
-    out = {"model": model, "side": side, "steps": steps, "losses": trainer.finish(),
-           "rss_after_setup_mib": setup_kib / 1024, "peak_rss_after_setup_mib": setup_hwm_kib / 1024,
-           "peak_rss_mib": common.proc_status_kib("VmHWM") / 1024,
-           "peft_imported": "peft" in sys.modules}
+    out = {
+        "model": model,
+        "side": side,
+        "steps": steps,
+        "losses": trainer.finish(),
+        "rss_after_setup_mib": setup_kib / 1024,
+        "peak_rss_after_setup_mib": setup_hwm_kib / 1024,
+        "peak_rss_mib": common.proc_status_kib("VmHWM") / 1024,
+        "peft_imported": "peft" in sys.modules,
+    }
     if gpu:
-        out.update(gpu_allocated_after_setup_mib=setup_gpu / 2**20,
-                   gpu_peak_allocated_mib=torch.cuda.max_memory_allocated() / 2**20)
+        out.update(
+            gpu_allocated_after_setup_mib=setup_gpu / 2**20,
+            gpu_peak_allocated_mib=torch.cuda.max_memory_allocated() / 2**20,
+        )
     return out
 
 
@@ -60,22 +68,36 @@ def run(mode: Mode, models: tuple[str, ...] | None = None) -> list[Result]:
         steps = min(mode.memory_steps, 2) if model == "mt0-large" and not gpu else mode.memory_steps
         runs: dict[str, list[dict]] = {"ia3": [], "peft": []}
         for r in range(mode.memory_repeats):  # one child at a time, the order alternating
-            for side in (("ia3", "peft") if r % 2 == 0 else ("peft", "ia3")):
-                runs[side].append(common.run_child([__file__, "--child", model, side, str(steps),
-                                                    str(torch.get_num_threads())]))
+            for side in ("ia3", "peft") if r % 2 == 0 else ("peft", "ia3"):
+                runs[side].append(
+                    common.run_child([__file__, "--child", model, side, str(steps), str(torch.get_num_threads())])
+                )
         key = "gpu_peak_allocated_mib" if gpu else "peak_rss_mib"
         base = "gpu_allocated_after_setup_mib" if gpu else "rss_after_setup_mib"
-        sides = {s: {key: common.median([x[key] for x in v]), base: common.median([x[base] for x in v])}
-                 for s, v in runs.items()}
+        sides = {
+            s: {key: common.median([x[key] for x in v]), base: common.median([x[base] for x in v])}
+            for s, v in runs.items()
+        }
         growth = {s: v[key] - v[base] for s, v in sides.items()}
         what = "peak GPU allocated" if gpu else "peak RSS"
-        print(f"  row 5 {model}: {what} ia3 {sides['ia3'][key]:.1f} MiB, peft {sides['peft'][key]:.1f} MiB; "
-              f"growth in training ia3 {growth['ia3']:.1f}, peft {growth['peft']:.1f} MiB", flush=True)
-        results.append(Result(
-            "5", f"{what} training {LABEL[model]}, {steps} steps (growth after setup: ia3 {growth['ia3']:.1f}, "
-                 f"peft {growth['peft']:.1f} MiB)",
-            sides["ia3"][key], sides["peft"][key], "MiB", "peft", 1.0,
-            {"children": runs, "growth_mib": growth, "measure": key, "repeats": mode.memory_repeats}))
+        print(
+            f"  row 5 {model}: {what} ia3 {sides['ia3'][key]:.1f} MiB, peft {sides['peft'][key]:.1f} MiB; "
+            f"growth in training ia3 {growth['ia3']:.1f}, peft {growth['peft']:.1f} MiB",
+            flush=True,
+        )
+        results.append(
+            Result(
+                "5",
+                f"{what} training {LABEL[model]}, {steps} steps (growth after setup: ia3 {growth['ia3']:.1f}, "
+                f"peft {growth['peft']:.1f} MiB)",
+                sides["ia3"][key],
+                sides["peft"][key],
+                "MiB",
+                "peft",
+                1.0,
+                {"children": runs, "growth_mib": growth, "measure": key, "repeats": mode.memory_repeats},
+            )
+        )
     return results
 
 

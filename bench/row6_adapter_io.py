@@ -45,13 +45,27 @@ def bench_model(name: str, mode: Mode, root: Path) -> list[Result]:
     fns = {side: (lambda base, side=side: loaders[side](base, folders[side])) for side in loaders}
     times = common.interleaved(fns, mode.load_repeats, max(1, mode.warmup // 2), prepare={s: fresh for s in fns})
     ms = times.medians_ms()
-    print(f"  row 6 {name}: file ia3 {sizes['ia3']} B, peft {sizes['peft']} B; load ia3 {ms['ia3']:.2f} ms, "
-          f"peft {ms['peft']:.2f} ms", flush=True)
+    print(
+        f"  row 6 {name}: file ia3 {sizes['ia3']} B, peft {sizes['peft']} B; load ia3 {ms['ia3']:.2f} ms, "
+        f"peft {ms['peft']:.2f} ms",
+        flush=True,
+    )
     extra = {"files": folder_sizes, "load_repeats": mode.load_repeats, **times.to_json()}
-    return [Result("6", f"adapter file size, {LABEL[name]}", sizes["ia3"], sizes["peft"], "bytes", "peft", 1.0,
-                   {"files": folder_sizes}),
-            Result("6", f"from_pretrained onto a fresh base, {LABEL[name]}", ms["ia3"], ms["peft"], "ms", "peft",
-                   1.0, extra)]
+    return [
+        Result(
+            "6",
+            f"adapter file size, {LABEL[name]}",
+            sizes["ia3"],
+            sizes["peft"],
+            "bytes",
+            "peft",
+            1.0,
+            {"files": folder_sizes},
+        ),
+        Result(
+            "6", f"from_pretrained onto a fresh base, {LABEL[name]}", ms["ia3"], ms["peft"], "ms", "peft", 1.0, extra
+        ),
+    ]
 
 
 def run(mode: Mode) -> list[Result]:

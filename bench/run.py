@@ -37,8 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--full", action="store_true", help="more repeats, the whole recipe epoch")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows to run (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default on a CPU: 1)")
-    parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
-                        help="what timings measure (default: process CPU time with 1 thread on a CPU, else wall)")
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default=None,
+        help="what timings measure (default: process CPU time with 1 thread on a CPU, else wall)",
+    )
     parser.add_argument("--out", default=str(RESULTS / "bench.json"))
     args = parser.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -50,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     mode = FULL if args.full else QUICK
     import torch
 
-    print(f"ia3 bench, {mode.name} mode: rows {','.join(rows)}; torch threads {torch.get_num_threads()}, "
-          f"clock {common.CLOCK['name']}, device {'cuda' if torch.cuda.is_available() else 'cpu'}", flush=True)
+    print(
+        f"ia3 bench, {mode.name} mode: rows {','.join(rows)}; torch threads {torch.get_num_threads()}, "
+        f"clock {common.CLOCK['name']}, device {'cuda' if torch.cuda.is_available() else 'cpu'}",
+        flush=True,
+    )
     start = time.perf_counter()
     results, seconds, errors = [], {}, {}
     for row in rows:
@@ -70,16 +77,23 @@ def main(argv: list[str] | None = None) -> int:
             print(common.table(row_results), flush=True)
         print(f"(row {row}: {seconds[row]:.0f} s)", flush=True)
     total = time.perf_counter() - start
-    print(f"\n# ia3 vs peft, {mode.name} mode ({total / 60:.1f} min; times are medians, "
-          f"clock: {common.CLOCK['name']}, torch threads {torch.get_num_threads()})\n")
+    print(
+        f"\n# ia3 vs peft, {mode.name} mode ({total / 60:.1f} min; times are medians, "
+        f"clock: {common.CLOCK['name']}, torch threads {torch.get_num_threads()})\n"
+    )
     print(common.table(results))
     met = [r.met for r in results if r.met is not None]
     print(f"\n{sum(met)} of {len(met)} targets met.")
     for row, err in errors.items():
         print(f"row {row} FAILED: {err}")
     out = Path(args.out)
-    common.write_json(out, results, mode, total, {"rows": rows, "row_seconds": seconds, "errors": errors,
-                                                  "targets_met": sum(met), "targets": len(met)})
+    common.write_json(
+        out,
+        results,
+        mode,
+        total,
+        {"rows": rows, "row_seconds": seconds, "errors": errors, "targets_met": sum(met), "targets": len(met)},
+    )
     print(f"wrote {out}")
     return 1 if errors else 0
 

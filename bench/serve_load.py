@@ -54,8 +54,17 @@ def build(folder: Path, n_adapters: int, d_model: int, layers: int) -> tuple[Pat
 
     torch.manual_seed(0)
     tok = tokenizer()
-    cfg = tf.T5Config(vocab_size=len(tok), d_model=d_model, d_kv=d_model // 4, d_ff=4 * d_model, num_layers=layers,
-                      num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    cfg = tf.T5Config(
+        vocab_size=len(tok),
+        d_model=d_model,
+        d_kv=d_model // 4,
+        d_ff=4 * d_model,
+        num_layers=layers,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     model_dir = folder / "model"
     tf.T5ForConditionalGeneration(cfg).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
@@ -64,7 +73,8 @@ def build(folder: Path, n_adapters: int, d_model: int, layers: int) -> tuple[Pat
         torch.manual_seed(100 + i)
         base = tf.AutoModelForSeq2SeqLM.from_pretrained(model_dir)
         get_peft_model(base, IA3Config(task_type="SEQ_2_SEQ_LM", init_ia3_weights=False)).save_pretrained(
-            adapters / f"adapter{i}")
+            adapters / f"adapter{i}"
+        )
     return model_dir, adapters
 
 
@@ -83,8 +93,9 @@ def offline_answers(model_dir: Path, adapters: Path, requests, max_new_tokens: i
 
     tok = tf.AutoTokenizer.from_pretrained(model_dir)
     names = sorted({a for a, _ in requests})
-    model = PeftModel.from_pretrained(tf.AutoModelForSeq2SeqLM.from_pretrained(model_dir), adapters / names[0],
-                                      adapter_name=names[0])
+    model = PeftModel.from_pretrained(
+        tf.AutoModelForSeq2SeqLM.from_pretrained(model_dir), adapters / names[0], adapter_name=names[0]
+    )
     for name in names[1:]:
         model.load_adapter(adapters / name, name)
     model.eval()
@@ -92,8 +103,14 @@ def offline_answers(model_dir: Path, adapters: Path, requests, max_new_tokens: i
     for adapter, text in requests:
         model.set_adapter(adapter)
         ids = tok(text, return_tensors="pt", truncation=True, max_length=512)["input_ids"]
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, num_beams=1, pad_token_id=tok.pad_token_id)
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tok.pad_token_id,
+        )
         out.append(tok.decode(gen[0], skip_special_tokens=True))
     return out
 
@@ -146,8 +163,10 @@ def drive(url: str, requests, order: list[list[int]], clients: int, max_new_toke
                         i = queue.pop()
                     adapter, text = requests[i]
                     t0 = time.perf_counter()
-                    r = http.post("/v1/generate", json={"adapter": adapter, "inputs": text,
-                                                        "parameters": {"max_new_tokens": max_new_tokens}})
+                    r = http.post(
+                        "/v1/generate",
+                        json={"adapter": adapter, "inputs": text, "parameters": {"max_new_tokens": max_new_tokens}},
+                    )
                     elapsed = time.perf_counter() - t0
                     with lock:
                         statuses[i] = r.status_code
@@ -160,8 +179,7 @@ def drive(url: str, requests, order: list[list[int]], clients: int, max_new_toke
                 future.result()
     wall = time.perf_counter() - start
     metrics = httpx.get(f"{url}/metrics", timeout=10).json()
-    return {"wall": wall, "answers": answers, "statuses": statuses, "latencies": sorted(latencies),
-            "metrics": metrics}
+    return {"wall": wall, "answers": answers, "statuses": statuses, "latencies": sorted(latencies), "metrics": metrics}
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -184,9 +202,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--time-limit", type=float, default=180.0, help="seconds per scenario")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads, offline and in the server (OMP_NUM_THREADS); 1 avoids OpenMP "
-                             "spinning on a shared machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads, offline and in the server (OMP_NUM_THREADS); 1 avoids OpenMP "
+        "spinning on a shared machine",
+    )
     parser.add_argument("--scenarios", default="mixed,per-adapter,sequential,unbatched")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_load.json"))
     args = parser.parse_args()
@@ -200,12 +222,21 @@ def main() -> None:
         t0 = time.perf_counter()
         expected = offline_answers(model_dir, adapters, requests, args.max_new_tokens)
         offline_s = time.perf_counter() - t0
-        base = {"model": str(model_dir), "adapters_dir": str(adapters), "task": "seq2seq",
-                "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms, "max_queue": 4096,
-                "request_timeout_s": 120.0, "max_new_tokens": max(args.max_new_tokens, 1), "device": "cpu"}
+        base = {
+            "model": str(model_dir),
+            "adapters_dir": str(adapters),
+            "task": "seq2seq",
+            "max_batch_size": args.max_batch_size,
+            "max_wait_ms": args.max_wait_ms,
+            "max_queue": 4096,
+            "request_timeout_s": 120.0,
+            "max_new_tokens": max(args.max_new_tokens, 1),
+            "device": "cpu",
+        }
         everything = [list(range(len(requests)))]
-        by_adapter = [[i for i, (a, _) in enumerate(requests) if a == name]
-                      for name in sorted({a for a, _ in requests})]
+        by_adapter = [
+            [i for i, (a, _) in enumerate(requests) if a == name] for name in sorted({a for a, _ in requests})
+        ]
         scenarios = {
             "mixed": ({}, everything),
             "per-adapter": ({"mix_adapters": False}, everything),
@@ -225,28 +256,54 @@ def main() -> None:
             one_answer = sum(a is not None and len(a) == 1 for a in run["answers"])
             correct = sum(a is not None and a == [e] for a, e in zip(run["answers"], expected))
             batches = run["metrics"]["batches"]
-            rows.append({
-                "scenario": name, "requests": len(requests), "answered": answered, "one_answer": one_answer,
-                "correct": correct, "errors": sorted({s for s in run["statuses"] if s not in (None, 200)}),
-                "wall_s": round(run["wall"], 3), "throughput_rps": round(answered / run["wall"], 2),
-                "p50_ms": round(1000 * pct(run["latencies"], 0.5), 1) if run["latencies"] else None,
-                "p99_ms": round(1000 * pct(run["latencies"], 0.99), 1) if run["latencies"] else None,
-                "batches": batches["count"], "mean_batch": batches["mean_size"], "max_batch": batches["max_size"],
-                "multi_adapter_batches": batches["multi_adapter"], "server_busy_s": batches["busy_s"],
-            })
+            rows.append(
+                {
+                    "scenario": name,
+                    "requests": len(requests),
+                    "answered": answered,
+                    "one_answer": one_answer,
+                    "correct": correct,
+                    "errors": sorted({s for s in run["statuses"] if s not in (None, 200)}),
+                    "wall_s": round(run["wall"], 3),
+                    "throughput_rps": round(answered / run["wall"], 2),
+                    "p50_ms": round(1000 * pct(run["latencies"], 0.5), 1) if run["latencies"] else None,
+                    "p99_ms": round(1000 * pct(run["latencies"], 0.99), 1) if run["latencies"] else None,
+                    "batches": batches["count"],
+                    "mean_batch": batches["mean_size"],
+                    "max_batch": batches["max_size"],
+                    "multi_adapter_batches": batches["multi_adapter"],
+                    "server_busy_s": batches["busy_s"],
+                }
+            )
             print(f"  {name}: {rows[-1]['throughput_rps']} req/s, {correct}/{len(requests)} correct", flush=True)
 
-    header = ["scenario", "throughput_rps", "p50_ms", "p99_ms", "batches", "mean_batch", "multi_adapter_batches",
-              "correct", "wall_s"]
+    header = [
+        "scenario",
+        "throughput_rps",
+        "p50_ms",
+        "p99_ms",
+        "batches",
+        "mean_batch",
+        "multi_adapter_batches",
+        "correct",
+        "wall_s",
+    ]
     print()
     print(" | ".join(f"{h:>14}" for h in header))
     for row in rows:
         cells = {**row, "correct": f"{row['correct']}/{row['requests']}"}
         print(" | ".join(f"{str(cells[h]):>14}" for h in header))
     result = {
-        "settings": vars(args), "offline_seconds": round(offline_s, 3), "scenarios": rows,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-                    "threads": torch.get_num_threads(), "platform": platform.platform()},
+        "settings": vars(args),
+        "offline_seconds": round(offline_s, 3),
+        "scenarios": rows,
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+        },
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,19 @@ import common  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-MICRO = replace(common.QUICK, name="micro", repeats=2, warmup=1, big_steps=1, big_warmup=0, recipe_cap=16,
-                recipe_repeats=1, load_repeats=2, memory_steps=1, memory_repeats=1)
+MICRO = replace(
+    common.QUICK,
+    name="micro",
+    repeats=2,
+    warmup=1,
+    big_steps=1,
+    big_warmup=0,
+    recipe_cap=16,
+    recipe_repeats=1,
+    load_repeats=2,
+    memory_steps=1,
+    memory_repeats=1,
+)
 
 
 @pytest.fixture(autouse=True)

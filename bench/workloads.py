@@ -17,8 +17,13 @@ import torch
 
 TINY = ("t5", "mt5", "gpt2")
 TRAIN_MODELS = ("t5", "mt5", "gpt2", "minilm", "mt0-large")
-TASK = {"t5": "SEQ_2_SEQ_LM", "mt5": "SEQ_2_SEQ_LM", "gpt2": "CAUSAL_LM", "minilm": "SEQ_CLS",
-        "mt0-large": "SEQ_2_SEQ_LM"}
+TASK = {
+    "t5": "SEQ_2_SEQ_LM",
+    "mt5": "SEQ_2_SEQ_LM",
+    "gpt2": "CAUSAL_LM",
+    "minilm": "SEQ_CLS",
+    "mt0-large": "SEQ_2_SEQ_LM",
+}
 BATCH = {"t5": (8, 32), "mt5": (8, 32), "gpt2": (8, 32), "minilm": (16, 48), "mt0-large": (2, 32)}  # (rows, tokens)
 LABEL_TOKENS = 3  # seq2seq target length (mt0-large; the tiny seq2seq models use tests/models.py's 4)
 TRAIN_LR = 8e-3  # AdamW(lr, weight_decay=0.01) on both sides, as the recipe and the PEFT guide use
@@ -45,9 +50,19 @@ def mt0_large(seed: int = 0, on: torch.device | None = None):
     """
     import transformers as tf
 
-    cfg = tf.MT5Config(vocab_size=250112, d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24,
-                       num_heads=16, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0,
-                       eos_token_id=1)
+    cfg = tf.MT5Config(
+        vocab_size=250112,
+        d_model=1024,
+        d_kv=64,
+        d_ff=2816,
+        num_layers=24,
+        num_decoder_layers=24,
+        num_heads=16,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     cfg.tie_word_embeddings = False  # mt0-large keeps lm_head apart from the input embeddings
     with torch.device("meta"):
         model = tf.MT5ForConditionalGeneration(cfg)
@@ -96,8 +111,11 @@ def train_batch(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
             ids = ids.masked_fill(mask == 0, 0)
             out = {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (rows,), generator=g)}
         else:
-            out = {"input_ids": ids, "attention_mask": mask,
-                   "labels": torch.randint(5, vocab, (rows, LABEL_TOKENS), generator=g)}
+            out = {
+                "input_ids": ids,
+                "attention_mask": mask,
+                "labels": torch.randint(5, vocab, (rows, LABEL_TOKENS), generator=g),
+            }
     return {k: v.to(device()) for k, v in out.items()}
 
 
@@ -200,8 +218,9 @@ class FloorTrainer(Trainer):
     def __post_init__(self) -> None:
         self.losses, self.loss_tensors = [], []
         self.needed: set[str] = set()
-        self.hooks = {name: self.model.get_submodule(name).register_forward_hook(self._hook(name))
-                      for name in self.targets}
+        self.hooks = {
+            name: self.model.get_submodule(name).register_forward_hook(self._hook(name)) for name in self.targets
+        }
         self.step()  # learn which hooks the graph needs, drop the others
         for name, hook in self.hooks.items():
             if name not in self.needed:
@@ -214,6 +233,7 @@ class FloorTrainer(Trainer):
                 self.needed.add(name)
                 return output.detach().requires_grad_(True)
             return None
+
         return hook
 
     def step(self) -> None:  # no optimizer: the floor times the forward and the backward alone

@@ -18,9 +18,25 @@ from pathlib import Path
 SCRATCH = Path(tempfile.mkdtemp(prefix="ia3-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
 atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)  # libFuzzer ends with sys.exit: atexit runs
 MODULE_NAMES = ["q", "v", "k", "o", "wo", "wi", "fc1", "lm_head", "all-linear", "ALL-Linear", ".*q", "", "head"]
-FIELD_NAMES = ["task_type", "peft_type", "target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out",
-               "modules_to_save", "init_ia3_weights", "base_model_name_or_path", "revision", "inference_mode",
-               "peft_version", "auto_mapping", "target_parameters", "layers_to_transform", "layers_pattern", "r"]
+FIELD_NAMES = [
+    "task_type",
+    "peft_type",
+    "target_modules",
+    "exclude_modules",
+    "feedforward_modules",
+    "fan_in_fan_out",
+    "modules_to_save",
+    "init_ia3_weights",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "peft_version",
+    "auto_mapping",
+    "target_parameters",
+    "layers_to_transform",
+    "layers_pattern",
+    "r",
+]
 TASKS = ["SEQ_2_SEQ_LM", "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION", "LORA", "seq_cls"]
 
 

@@ -24,13 +24,29 @@ class Net(torch.nn.Module):
 
 
 torch.manual_seed(0)
-MODEL = get_peft_model(Net(), IA3Config(target_modules=["q", "v", "ff"], feedforward_modules=["ff"],
-                                        modules_to_save=["head"]))
+MODEL = get_peft_model(
+    Net(), IA3Config(target_modules=["q", "v", "ff"], feedforward_modules=["ff"], modules_to_save=["head"])
+)
 EXPECTED = MODEL.adapter_state_dict()
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.bool, torch.complex64,
-          torch.float8_e4m3fn, torch.uint8]
-EXTRA_KEYS = ["base_model.model.q.ia3_l.default", "q.ia3_l", "base_model.model.k.ia3_l", "base_model.model.q.ia3_l.x",
-              "base_model.model.head.original_module.weight", ""]
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.bool,
+    torch.complex64,
+    torch.float8_e4m3fn,
+    torch.uint8,
+]
+EXTRA_KEYS = [
+    "base_model.model.q.ia3_l.default",
+    "q.ia3_l",
+    "base_model.model.k.ia3_l",
+    "base_model.model.q.ia3_l.x",
+    "base_model.model.head.original_module.weight",
+    "",
+]
 
 
 def TestOneInput(data: bytes) -> None:
@@ -49,8 +65,10 @@ def TestOneInput(data: bytes) -> None:
         tensors[key] = torch.rand(tuple(fdp.ConsumeIntInRange(0, 4) for _ in range(fdp.ConsumeIntInRange(0, 2))))
     before = {k: v.clone() for k, v in MODEL.state_dict().items()}
     bad = sorted(set(tensors) ^ set(EXPECTED)) + sorted(
-        k for k in set(tensors) & set(EXPECTED)
-        if tensors[k].shape != EXPECTED[k].shape or not tensors[k].dtype.is_floating_point)
+        k
+        for k in set(tensors) & set(EXPECTED)
+        if tensors[k].shape != EXPECTED[k].shape or not tensors[k].dtype.is_floating_point
+    )
     try:
         MODEL.load_adapter_state_dict(tensors, "default", "fuzz")
     except ValueError as err:

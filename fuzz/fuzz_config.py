@@ -30,8 +30,13 @@ def check(data) -> None:
         assert isinstance(getattr(config, name), bool), name
     for name in ("target_modules", "exclude_modules", "feedforward_modules"):
         value = getattr(config, name)
-        assert value is None or isinstance(value, str) or (isinstance(value, list) and value == sorted(set(value))
-                                                           and all(isinstance(v, str) and v for v in value)), name
+        assert (
+            value is None
+            or isinstance(value, str)
+            or (
+                isinstance(value, list) and value == sorted(set(value)) and all(isinstance(v, str) and v for v in value)
+            )
+        ), name
     assert config.modules_to_save is None or all(isinstance(v, str) and v for v in config.modules_to_save)
     assert IA3Config.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 

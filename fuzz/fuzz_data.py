@@ -17,14 +17,33 @@ with atheris.instrument_imports(include=["ia3"]):
 
 SUFFIXES = [".csv", ".tsv", ".jsonl", ".json", ".txt", ".parquet"]
 HEADERS = [b"text,label\n", b"text\tlabel\n", b"label,text\n", b'{"text": "', b"[", b""]
-LABELS = [*PHRASEBANK_LABELS, "0", "1", "2", "7", "-1", "--1", "\u00b2", "\u0661", "1_0", "True", " positive ", "a", "b"]
+LABELS = [
+    *PHRASEBANK_LABELS,
+    "0",
+    "1",
+    "2",
+    "7",
+    "-1",
+    "--1",
+    "\u00b2",
+    "\u0661",
+    "1_0",
+    "True",
+    " positive ",
+    "a",
+    "b",
+]
 
 
 def structured(fdp, suffix: str) -> bytes:
     """A file of rows, so that mutations reach the per-row checks."""
-    rows = [(fdp.ConsumeUnicodeNoSurrogates(fdp.ConsumeIntInRange(0, 20)),
-             fdp.PickValueInList(LABELS) if fdp.ConsumeIntInRange(0, 3) else fdp.ConsumeUnicodeNoSurrogates(5))
-            for _ in range(fdp.ConsumeIntInRange(0, 8))]
+    rows = [
+        (
+            fdp.ConsumeUnicodeNoSurrogates(fdp.ConsumeIntInRange(0, 20)),
+            fdp.PickValueInList(LABELS) if fdp.ConsumeIntInRange(0, 3) else fdp.ConsumeUnicodeNoSurrogates(5),
+        )
+        for _ in range(fdp.ConsumeIntInRange(0, 8))
+    ]
     if suffix in (".csv", ".tsv"):
         sep = "\t" if suffix == ".tsv" else ","
         quote = lambda v: '"' + v.replace('"', '""') + '"' if any(c in v for c in ',"\n\r\t') else v  # noqa: E731

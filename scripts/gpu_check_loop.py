@@ -24,13 +24,18 @@ def _frozen(model) -> set[str]:
     """Names of the frozen parameters, without the modules FSDP inserts."""
     from ia3.peft_model import WRAPPER_MODULES
 
-    return {".".join(p for p in name.split(".") if p not in WRAPPER_MODULES)
-            for name, param in model.named_parameters() if not param.requires_grad}
+    return {
+        ".".join(p for p in name.split(".") if p not in WRAPPER_MODULES)
+        for name, param in model.named_parameters()
+        if not param.requires_grad
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True, help="a (tiny) BERT-like model folder, trained as a 3-class classifier")
+    parser.add_argument(
+        "--model", required=True, help="a (tiny) BERT-like model folder, trained as a 3-class classifier"
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16, help="global batch, split over the processes")
@@ -57,8 +62,11 @@ def main() -> None:
     vocab = base.config.vocab_size
     g = torch.Generator().manual_seed(args.seed)
     n = args.steps * args.batch_size
-    data = TensorDataset(torch.randint(5, vocab, (n, 24), generator=g), torch.ones(n, 24, dtype=torch.long),
-                         torch.randint(0, 3, (n,), generator=g))
+    data = TensorDataset(
+        torch.randint(5, vocab, (n, 24), generator=g),
+        torch.ones(n, 24, dtype=torch.long),
+        torch.randint(0, 3, (n,), generator=g),
+    )
     loader = DataLoader(data, batch_size=args.batch_size // world, shuffle=False)
 
     if accelerator.distributed_type == DistributedType.FSDP:  # FSDP: build the optimizer over the wrapped model
@@ -83,8 +91,16 @@ def main() -> None:
     still_frozen = _frozen(peft_model)
     if accelerator.is_main_process:
         peft_model.save_pretrained(args.out, state_dict=state)
-        print(json.dumps({"world": world, "distributed_type": str(accelerator.distributed_type), "losses": losses,
-                          "frozen_params_unchanged": frozen == still_frozen}))
+        print(
+            json.dumps(
+                {
+                    "world": world,
+                    "distributed_type": str(accelerator.distributed_type),
+                    "losses": losses,
+                    "frozen_params_unchanged": frozen == still_frozen,
+                }
+            )
+        )
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import models as M
 import peft
 import pytest
@@ -233,7 +232,9 @@ def test_vectors_bf16_without_autocast():
 
 
 def test_vector_shapes_and_init():
-    model = ia3.get_peft_model(M.t5(), ia3.IA3Config(task_type=T5, target_modules=["q", "wi"], feedforward_modules=["wi"]))
+    model = ia3.get_peft_model(
+        M.t5(), ia3.IA3Config(task_type=T5, target_modules=["q", "wi"], feedforward_modules=["wi"])
+    )
     for name, layer in ia3_layers(model).items():
         vector = layer.ia3_l["default"]
         lin = layer.base_layer
@@ -257,7 +258,9 @@ def test_vector_shapes_and_init():
     out_side = ia3.get_peft_model(Net(), ia3.IA3Config(target_modules=["conv", "vol"]))
     assert out_side.get_base_model().conv.ia3_l["default"].shape == (1, 6, 1, 1)
     assert out_side.get_base_model().vol.ia3_l["default"].shape == (1, 2, 1, 1, 1)
-    in_side = ia3.get_peft_model(Net(), ia3.IA3Config(target_modules=["conv", "vol"], feedforward_modules=["conv", "vol"]))
+    in_side = ia3.get_peft_model(
+        Net(), ia3.IA3Config(target_modules=["conv", "vol"], feedforward_modules=["conv", "vol"])
+    )
     assert in_side.get_base_model().conv.ia3_l["default"].shape == (1, 4, 1, 1)
     assert in_side.get_base_model().vol.ia3_l["default"].shape == (1, 6, 1, 1, 1)
 
@@ -285,8 +288,9 @@ def test_peft_model_passes_attributes_through():
     assert model.config is base.config
     assert isinstance(model, ia3.PeftModelForSeq2SeqLM)
     # the stored config is the resolved one: t5's default targets, written out (not a reference to mutable state)
-    assert model.peft_config["default"] == ia3.IA3Config(task_type=T5, target_modules=["k", "v", "wo"],
-                                                         feedforward_modules=["wo"])
+    assert model.peft_config["default"] == ia3.IA3Config(
+        task_type=T5, target_modules=["k", "v", "wo"], feedforward_modules=["wo"]
+    )
 
 
 def test_hooks_on_a_wrapped_base_layer_still_run():

@@ -77,7 +77,9 @@ def test_module_errors_name_the_package_and_what_to_do(packages):
     with pytest.raises(BaseModelError, match=r"module:ia3_fake_empty.*holds no model"):
         resolve_base_model("module:ia3_fake_empty")
     _package(packages, "ia3_fake_two", {"a.gguf": None, "b/c.gguf": None})
-    with pytest.raises(BaseModelError, match=r"holds 2 \.gguf files \(a\.gguf, b/c\.gguf\); pick one with --model\.gguf_file"):
+    with pytest.raises(
+        BaseModelError, match=r"holds 2 \.gguf files \(a\.gguf, b/c\.gguf\); pick one with --model\.gguf_file"
+    ):
         resolve_base_model("module:ia3_fake_two")
     assert resolve_base_model("module:ia3_fake_two", gguf_file="a.gguf").gguf_file == "a.gguf"
     with pytest.raises(BaseModelError, match="not a Python package name"):
@@ -117,11 +119,16 @@ def test_recipe_refuses_a_bad_gguf_before_writing_anything(tmp_path):
 
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\x00" * 10)
     out = tmp_path / "run"
-    cfg = build_config(overrides={"model.name": str(tmp_path / "bad.gguf"), "model.task": "causal",
-                                  "data.dataset": "demo", "data.subset": "none", "data.text_column": "text",
-                                  "output_dir": str(out)})
+    cfg = build_config(
+        overrides={
+            "model.name": str(tmp_path / "bad.gguf"),
+            "model.task": "causal",
+            "data.dataset": "demo",
+            "data.subset": "none",
+            "data.text_column": "text",
+            "output_dir": str(out),
+        }
+    )
     with pytest.raises(BaseModelError, match="damaged or truncated"):
         train(cfg, progress=False)
     assert not out.exists()
-
-

@@ -140,11 +140,35 @@ def test_unknown_yaml_key_suggests_close_match(tmp_path, capsys, calls):
 
 # -- reading values by their annotations ---------------------------------------------------------------------------
 def test_flag_values_follow_the_annotations(capsys, calls):
-    code, out, err = _run([
-        "train", "--output-dir", "o", "--model", "m", "--data.label_names", "neg, pos", "--model.target_modules", "q,v",
-        "--model.feedforward_modules", "v", "--train.max_eval_samples", "5", "--lr", "3e-3", "--train.plots", "false",
-        "--model.trust_remote_code", "--data.subset", "none", "--data.dataset", "none", "--train.epochs", "2",
-    ], capsys)
+    code, out, err = _run(
+        [
+            "train",
+            "--output-dir",
+            "o",
+            "--model",
+            "m",
+            "--data.label_names",
+            "neg, pos",
+            "--model.target_modules",
+            "q,v",
+            "--model.feedforward_modules",
+            "v",
+            "--train.max_eval_samples",
+            "5",
+            "--lr",
+            "3e-3",
+            "--train.plots",
+            "false",
+            "--model.trust_remote_code",
+            "--data.subset",
+            "none",
+            "--data.dataset",
+            "none",
+            "--train.epochs",
+            "2",
+        ],
+        capsys,
+    )
     assert code == 0, err
     cfg = calls[0][1][0]
     assert cfg.output_dir == "o" and cfg.model.name == "m"
@@ -155,8 +179,14 @@ def test_flag_values_follow_the_annotations(capsys, calls):
     assert cfg.train.plots is False and cfg.model.trust_remote_code is True  # a bare bool flag is true
     assert cfg.data.subset is None  # Optional: none is None
     assert cfg.data.dataset == "none"  # not Optional: the string
-    cfg = build_config(overrides={"model.target_modules": "all-linear", "model.feedforward_modules": r".*\.wo",
-                                  "data.label_names": "only", "train.max_eval_samples": "null"})
+    cfg = build_config(
+        overrides={
+            "model.target_modules": "all-linear",
+            "model.feedforward_modules": r".*\.wo",
+            "data.label_names": "only",
+            "train.max_eval_samples": "null",
+        }
+    )
     assert cfg.model.target_modules == "all-linear" and cfg.model.feedforward_modules == r".*\.wo"
     assert cfg.data.label_names == ["only"]
     assert cfg.train.max_eval_samples is None
@@ -164,8 +194,10 @@ def test_flag_values_follow_the_annotations(capsys, calls):
 
 def test_yaml_values_follow_the_annotations(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("model:\n  target_modules: [q, v]\n  revision: 2024\ndata:\n  label_names: a,b\n  subset: null\n"
-                    "  val_split: 0\ntrain:\n  lr: 8e-3\n  weight_decay: 0\n  plots: no\n  max_eval_samples: 10\n")
+    path.write_text(
+        "model:\n  target_modules: [q, v]\n  revision: 2024\ndata:\n  label_names: a,b\n  subset: null\n"
+        "  val_split: 0\ntrain:\n  lr: 8e-3\n  weight_decay: 0\n  plots: no\n  max_eval_samples: 10\n"
+    )
     cfg = build_config(path)
     assert cfg.train.lr == 0.008 and isinstance(cfg.train.lr, float)  # YAML 1.1 reads `8e-3` as a string
     assert cfg.train.weight_decay == 0.0 and isinstance(cfg.train.weight_decay, float)
@@ -182,20 +214,40 @@ def test_yaml_values_follow_the_annotations(tmp_path):
 
 @pytest.mark.parametrize(
     "value, hint, expected",
-    [("none", int | None, None), ("NULL", list[str] | None, None), ("7", int | None, 7), ("yes", bool, True),
-     ("0", bool, False), (" 2 ", int, 2), ("1e-3", float, 0.001), (3, float, 3.0), ("a,,b ,", list[str] | None, ["a", "b"]),
-     ("a.*b", list[str] | str | None, "a.*b"), ("all-linear", list[str] | str | None, "all-linear"),
-     ("wo", list[str] | str | None, ["wo"]), ("q, v", list[str] | str | None, ["q", "v"]), ("none", str, "none"),
-     (5, str, "5")],
+    [
+        ("none", int | None, None),
+        ("NULL", list[str] | None, None),
+        ("7", int | None, 7),
+        ("yes", bool, True),
+        ("0", bool, False),
+        (" 2 ", int, 2),
+        ("1e-3", float, 0.001),
+        (3, float, 3.0),
+        ("a,,b ,", list[str] | None, ["a", "b"]),
+        ("a.*b", list[str] | str | None, "a.*b"),
+        ("all-linear", list[str] | str | None, "all-linear"),
+        ("wo", list[str] | str | None, ["wo"]),
+        ("q, v", list[str] | str | None, ["q", "v"]),
+        ("none", str, "none"),
+        (5, str, "5"),
+    ],
 )
 def test_coerce(value, hint, expected):
     out = coerce(value, hint, "--x")
     assert out == expected and type(out) is type(expected)
 
 
-@pytest.mark.parametrize("value, hint, words", [("none", int, "an integer"), ("maybe", bool, "true or false"),
-                                                ("1.5", int, "an integer"), ("fast", float | None, "a number or none"),
-                                                (True, int, "an integer"), (None, str, "a string")])
+@pytest.mark.parametrize(
+    "value, hint, words",
+    [
+        ("none", int, "an integer"),
+        ("maybe", bool, "true or false"),
+        ("1.5", int, "an integer"),
+        ("fast", float | None, "a number or none"),
+        (True, int, "an integer"),
+        (None, str, "a string"),
+    ],
+)
 def test_coerce_refuses(value, hint, words):
     with pytest.raises(ValueError, match=rf"^--x takes {words}; got "):
         coerce(value, hint, "--x")
@@ -205,15 +257,27 @@ def test_coerce_refuses(value, hint, words):
 def test_all_problems_in_one_error(tmp_path, capsys, calls):
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  batch_size: 0\n")
-    overrides = {"train.lr": "-1", "train.epochs": "0", "data.val_split": "1", "train.plots": "maybe",
-                 "model.task": "nope", "train.lrr": "1"}
+    overrides = {
+        "train.lr": "-1",
+        "train.epochs": "0",
+        "data.val_split": "1",
+        "train.plots": "maybe",
+        "model.task": "nope",
+        "train.lrr": "1",
+    }
     with pytest.raises(ConfigError) as info:
         build_config(path, overrides)
     problems = info.value.problems
     assert len(problems) == 7, problems
-    for part in ("--train.lr must be a positive number; got -1", "--train.epochs must be an integer >= 1; got 0",
-                 "--data.val_split", "--train.plots takes true or false; got 'maybe'", "--model.task must be one of",
-                 "--train.lrr", "--train.batch_size must be an integer >= 1"):
+    for part in (
+        "--train.lr must be a positive number; got -1",
+        "--train.epochs must be an integer >= 1; got 0",
+        "--data.val_split",
+        "--train.plots takes true or false; got 'maybe'",
+        "--model.task must be one of",
+        "--train.lrr",
+        "--train.batch_size must be an integer >= 1",
+    ):
         assert sum(part in p for p in problems) == 1, part
     code, _, err = _run(["train", "--train.lr", "-1", "--train.epochs", "x", "--data.max_length", "1"], capsys)
     assert code == 2 and not calls and "Traceback" not in err
@@ -239,18 +303,24 @@ def test_groups_check_themselves():
 
 def test_cross_group_rules():
     classifier = next(name for name, task in TASKS.items() if not task.generates)
-    with pytest.raises(ValueError, match=rf"--train.loss tfew needs a label-generation task.*got --model.task {classifier}"):
+    with pytest.raises(
+        ValueError, match=rf"--train.loss tfew needs a label-generation task.*got --model.task {classifier}"
+    ):
         RecipeConfig(model=ModelArgs(task=classifier), train=TrainArgs(loss="tfew"))
     for name, task in TASKS.items():
         if task.generates:
             assert RecipeConfig(model=ModelArgs(task=name), train=TrainArgs(loss="tfew")).train.loss == "tfew"
-    with pytest.raises(ValueError, match=r"--data.prompt must contain \{text\}"):
+    with pytest.raises(ValueError, match=r"--data.prompt must contain '\{text\}'.*\(--model.task causal\)"):
         RecipeConfig(model=ModelArgs(task="causal"), data=DataArgs(prompt="Sentiment:"))
+    with pytest.raises(ValueError, match=r"--data.chat_template applies to causal .* not to task 'seq2seq'"):
+        RecipeConfig(model=ModelArgs(task="seq2seq"), data=DataArgs(chat_template=True))
+    assert RecipeConfig(model=ModelArgs(task="causal"), data=DataArgs(chat_template=True)).data.chat_template
     assert RecipeConfig(model=ModelArgs(task="seq2seq"), data=DataArgs(prompt="Sentiment:")).data.prompt == "Sentiment:"
 
 
-@pytest.mark.parametrize("value, ok", [("0", True), ("0.5", True), ("0.99", True), ("1", False), ("-0.1", False),
-                                       ("nan", False)])
+@pytest.mark.parametrize(
+    "value, ok", [("0", True), ("0.5", True), ("0.99", True), ("1", False), ("-0.1", False), ("nan", False)]
+)
 def test_val_split_range(value, ok, capsys, calls):
     code, _, err = _run(["train", "--data.dataset", "demo", "--data.val_split", value], capsys)
     if ok:
@@ -261,8 +331,15 @@ def test_val_split_range(value, ok, capsys, calls):
 
 
 # -- the commands --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("argv, progress", [(["train"], True), (["train", "-q"], False), (["-q", "train"], False),
-                                            (["train", "--quiet", "--train.epochs", "1"], False)])
+@pytest.mark.parametrize(
+    "argv, progress",
+    [
+        (["train"], True),
+        (["train", "-q"], False),
+        (["-q", "train"], False),
+        (["train", "--quiet", "--train.epochs", "1"], False),
+    ],
+)
 def test_quiet_before_or_after_the_command(argv, progress, capsys, calls):
     code, _, err = _run(argv, capsys)
     assert code == 0, err
@@ -275,8 +352,9 @@ def test_quiet_after_eval(tmp_path, capsys, calls):
     assert [c[2]["progress"] for c in calls] == [False, True]
 
 
-@pytest.mark.parametrize("error", [RuntimeError("CUDA out of memory"), OSError("disk full"),
-                                   FileNotFoundError("no such model")])
+@pytest.mark.parametrize(
+    "error", [RuntimeError("CUDA out of memory"), OSError("disk full"), FileNotFoundError("no such model")]
+)
 def test_expected_errors_are_clean(monkeypatch, capsys, calls, error):
     def fails(cfg, **kwargs):
         raise error
@@ -309,21 +387,67 @@ def test_serve_has_a_flag_for_every_field():
     options = {o for a in sub._actions for o in a.option_strings}
     fields = [f.name for f in dataclasses.fields(ServeConfig)]
     assert [flag_name(f) for f in fields if flag_name(f) not in options] == []
-    assert {"--model", "--adapters", "--task", "--label-names", "--api-key", "--no-hub", "--max-beams", "--max-labels",
-            "--max-label-tokens", "--no-mix-adapters", "--gguf-file", "--host", "--port", "--log-level",
-            "--threads"} <= options
+    assert {
+        "--model",
+        "--adapters",
+        "--task",
+        "--label-names",
+        "--api-key",
+        "--no-hub",
+        "--max-beams",
+        "--max-labels",
+        "--max-label-tokens",
+        "--no-mix-adapters",
+        "--gguf-file",
+        "--host",
+        "--port",
+        "--log-level",
+        "--threads",
+    } <= options
     task = next(a for a in sub._actions if "--task" in a.option_strings)
     assert list(task.choices) == list(TASKS)
 
 
 def test_serve_flags_make_the_config(monkeypatch):
     monkeypatch.setenv("IA3_API_KEY", "from-env")
-    config = cli.serve_config(_serve_args("--model", "m", "--adapters", "a", "--task", "cls", "--label-names", "x, y",
-                                          "--max-beams", "2", "--max-labels", "3", "--max-label-tokens", "4",
-                                          "--max-wait-ms", "2.5", "--no-hub", "--no-mix-adapters", "--gguf-file", "q.gguf"))
-    assert config == ServeConfig(model="m", adapters_dir="a", task="cls", label_names=["x", "y"], max_beams=2,
-                                 max_labels=3, max_label_tokens=4, max_wait_ms=2.5, allow_hub=False,
-                                 mix_adapters=False, gguf_file="q.gguf", api_key="from-env")
+    config = cli.serve_config(
+        _serve_args(
+            "--model",
+            "m",
+            "--adapters",
+            "a",
+            "--task",
+            "cls",
+            "--label-names",
+            "x, y",
+            "--max-beams",
+            "2",
+            "--max-labels",
+            "3",
+            "--max-label-tokens",
+            "4",
+            "--max-wait-ms",
+            "2.5",
+            "--no-hub",
+            "--no-mix-adapters",
+            "--gguf-file",
+            "q.gguf",
+        )
+    )
+    assert config == ServeConfig(
+        model="m",
+        adapters_dir="a",
+        task="cls",
+        label_names=["x", "y"],
+        max_beams=2,
+        max_labels=3,
+        max_label_tokens=4,
+        max_wait_ms=2.5,
+        allow_hub=False,
+        mix_adapters=False,
+        gguf_file="q.gguf",
+        api_key="from-env",
+    )
     assert cli.serve_config(_serve_args("--model", "m", "--adapters", "a", "--api-key", "k")).api_key == "k"
     monkeypatch.delenv("IA3_API_KEY")
     defaults = cli.serve_config(_serve_args("--model", "m", "--adapters", "a"))
@@ -332,12 +456,28 @@ def test_serve_flags_make_the_config(monkeypatch):
 
 def test_serve_flag_problems_together(capsys):
     with pytest.raises(ConfigError) as info:
-        cli.serve_config(_serve_args("--model", "m", "--adapters", "a", "--max-beams", "many", "--max-queue", "0",
-                                     "--request-timeout-s", "0", "--label-names", "a,a"))
+        cli.serve_config(
+            _serve_args(
+                "--model",
+                "m",
+                "--adapters",
+                "a",
+                "--max-beams",
+                "many",
+                "--max-queue",
+                "0",
+                "--request-timeout-s",
+                "0",
+                "--label-names",
+                "a,a",
+            )
+        )
     assert len(info.value.problems) == 4
     assert "--max-beams takes an integer; got 'many'" in str(info.value)
     assert "--max-queue must be an integer >= 1; got 0" in str(info.value)
-    assert "--request-timeout-s must be a number > 0" in str(info.value) and "--label-names must be distinct" in str(info.value)
+    assert "--request-timeout-s must be a number > 0" in str(info.value) and "--label-names must be distinct" in str(
+        info.value
+    )
     code, _, err = _run(["serve", "--model", "m", "--adapters", "a", "--task", "nope"], capsys)
     assert code == 2 and "invalid choice: 'nope'" in err
 
@@ -348,7 +488,9 @@ def test_serve_command_runs_the_config(monkeypatch, capsys):
 
     seen = {}
     monkeypatch.setattr(ia3.serve.app, "run", lambda config, **kwargs: seen.update(config=config, **kwargs))
-    code, _, err = _run(["serve", "--model", "m", "--adapters", "a", "--max-beams", "3", "--port", "9000", "-q"], capsys)
+    code, _, err = _run(
+        ["serve", "--model", "m", "--adapters", "a", "--max-beams", "3", "--port", "9000", "-q"], capsys
+    )
     assert code == 0, err
     assert seen["config"].max_beams == 3 and seen["port"] == 9000 and seen["host"] == "127.0.0.1"
     code, _, err = _run(["serve", "--model", "m", "--adapters", "a", "--max-beams", "0"], capsys)
@@ -365,8 +507,16 @@ def test_serve_config_messages_name_flags():
 def test_saved_config_reads_back_the_same(tmp_path):
     import pickle
 
-    cfg = build_config(overrides={"model.target_modules": "q,v", "data.label_names": "a,b", "data.subset": "none",
-                                  "train.lr": "3e-3", "train.max_eval_samples": "4", "data.val_split": "0"})
+    cfg = build_config(
+        overrides={
+            "model.target_modules": "q,v",
+            "data.label_names": "a,b",
+            "data.subset": "none",
+            "train.lr": "3e-3",
+            "train.max_eval_samples": "4",
+            "data.val_split": "0",
+        }
+    )
     cfg.save(tmp_path / "recipe.yaml")
     assert build_config(tmp_path / "recipe.yaml") == cfg
     assert build_config(base=cfg.to_dict()) == cfg

@@ -33,7 +33,14 @@ CONFIG_CASES = [
     ("llama", {}),
     ("bert", {}),
     ("t5", dict(target_modules=["k", "v", "wo"])),
-    ("t5", dict(target_modules=["q", "wi"], feedforward_modules=["wi"], exclude_modules=["decoder.block.1.layer.0.SelfAttention.q"])),
+    (
+        "t5",
+        dict(
+            target_modules=["q", "wi"],
+            feedforward_modules=["wi"],
+            exclude_modules=["decoder.block.1.layer.0.SelfAttention.q"],
+        ),
+    ),
     ("t5", dict(target_modules=r".*\.(k|v)")),
     ("gpt2", dict(target_modules="all-linear")),
     ("llama", dict(target_modules="all-linear", feedforward_modules=["down_proj"])),
@@ -66,8 +73,13 @@ def test_saved_config_json_equals_peft(name, kwargs, tmp_path):
 
 
 def test_to_dict_round_trip_and_peft_keys():
-    config = ia3.IA3Config(task_type="CAUSAL_LM", target_modules=["v", "k"], feedforward_modules=["k"],
-                           modules_to_save=["score", "lm_head"], revision="main")
+    config = ia3.IA3Config(
+        task_type="CAUSAL_LM",
+        target_modules=["v", "k"],
+        feedforward_modules=["k"],
+        modules_to_save=["score", "lm_head"],
+        revision="main",
+    )
     data = config.to_dict()
     assert set(data) == set(peft.IA3Config().to_dict())
     assert data["target_modules"] == ["k", "v"]

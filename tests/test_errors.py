@@ -36,8 +36,18 @@ def _t5_adapter(folder: Path, **kwargs) -> ia3.PeftModel:
 def _t5_wide(seed: int = 0):
     """A T5 of another size: d_model 48 and 48-wide attention (the tiny t5 has d_model 32, 32-wide attention)."""
     torch.manual_seed(seed)
-    cfg = tf.T5Config(vocab_size=99, d_model=48, d_kv=12, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    cfg = tf.T5Config(
+        vocab_size=99,
+        d_model=48,
+        d_kv=12,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     return tf.T5ForConditionalGeneration(cfg).eval()
 
 
@@ -65,7 +75,9 @@ def test_t5_adapter_onto_bigger_t5_names_the_key(tmp_path):
     _t5_adapter(tmp_path)
     wide = _t5_wide()
     before = _snapshot(wide)
-    with pytest.raises(ValueError, match=r"SelfAttention\.k\.ia3_l has shape \(32, 1\) but this model needs \(48, 1\)") as err:
+    with pytest.raises(
+        ValueError, match=r"SelfAttention\.k\.ia3_l has shape \(32, 1\) but this model needs \(48, 1\)"
+    ) as err:
         ia3.PeftModel.from_pretrained(wide, tmp_path)
     assert "adapter_model.safetensors" in str(err.value)
     # no half-loaded adapter: the model is exactly as before, with no (IA)^3 layer left in it
@@ -137,8 +149,12 @@ def test_config_that_is_not_json(tmp_path):
 
 
 def _corrupt_random(path: Path) -> None:
-    path.write_bytes(torch.randint(0, 256, (path.stat().st_size,), generator=torch.Generator().manual_seed(0))
-                     .to(torch.uint8).numpy().tobytes())
+    path.write_bytes(
+        torch.randint(0, 256, (path.stat().st_size,), generator=torch.Generator().manual_seed(0))
+        .to(torch.uint8)
+        .numpy()
+        .tobytes()
+    )
 
 
 def _truncate(path: Path) -> None:
@@ -274,8 +290,9 @@ def test_conflicting_sides_refused_without_change():
     model = ia3.get_peft_model(M.t5(), ia3.IA3Config(task_type="SEQ_2_SEQ_LM"))  # wo scales its input
     before = _snapshot(model)
     with pytest.raises(ValueError, match="wo already scales its input"):
-        model.add_adapter("other", ia3.IA3Config(task_type="SEQ_2_SEQ_LM", target_modules=["q", "wo"],
-                                                 feedforward_modules=[]))
+        model.add_adapter(
+            "other", ia3.IA3Config(task_type="SEQ_2_SEQ_LM", target_modules=["q", "wo"], feedforward_modules=[])
+        )
     assert list(model.peft_config) == ["default"]
     _assert_unchanged(model, before)
 

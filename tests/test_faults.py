@@ -33,8 +33,8 @@ from ia3 import IA3Config, PeftModel, get_peft_model
 from ia3.recipe.checkpoint import LATEST, find_checkpoint, load_checkpoint
 from ia3.recipe.config import ModelArgs
 from ia3.recipe.modeling import load_base_model
-from ia3.tasks import TASKS
 from ia3.serialization import WEIGHTS_NAME, load_tensors
+from ia3.tasks import TASKS
 
 pytestmark = pytest.mark.slow
 
@@ -45,9 +45,16 @@ LABELS = ["negative", "neutral", "positive"]
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    return {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp), "HF_HOME": str(tmp / "hf"),
-            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    return {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "HOME": str(tmp),
+        "HF_HOME": str(tmp / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONHASHSEED": "0",
+    }
 
 
 # -- (a) kill training, resume ----------------------------------------------------------------------------------------
@@ -202,13 +209,16 @@ def test_sigkill_during_training_then_resume_is_bit_identical(run_setup, tmp_pat
         for path in out.rglob("*"):
             if path.is_file():
                 (hidden if any(part.startswith(".") for part in path.relative_to(out).parts) else files).add(
-                    str(path.relative_to(out)))
+                    str(path.relative_to(out))
+                )
         assert files == {str(p.relative_to(ref)) for p in ref.rglob("*") if p.is_file()}
         assert all(re.fullmatch(r"\.[\w.]+\.\w+\.tmp", name) for name in hidden), hidden
         leftovers += len(hidden)
-    print(f"\n{kills} kills in {runs} runs over {chains} chains ({time.monotonic() - started:.0f} s; {leftovers} temp "
-          "files of atomic writes left over); "
-          f"(resumed from step, kill point, latest after the kill) per kill:\n" + "\n".join(map(str, outcomes)))
+    print(
+        f"\n{kills} kills in {runs} runs over {chains} chains ({time.monotonic() - started:.0f} s; {leftovers} temp "
+        "files of atomic writes left over); "
+        f"(resumed from step, kill point, latest after the kill) per kill:\n" + "\n".join(map(str, outcomes))
+    )
 
 
 # -- (b) kill while saving --------------------------------------------------------------------------------------------
@@ -291,8 +301,11 @@ def _check_folder(folder: Path, mode: str) -> tuple[bool, int]:
         return True, len(leftovers)
     if weights.exists():
         tensors = load_tensors(weights)
-        assert tensors.keys() == {"base_model.model.body.ia3_l", "base_model.model.head.weight",
-                                  "base_model.model.head.bias"}
+        assert tensors.keys() == {
+            "base_model.model.body.ia3_l",
+            "base_model.model.head.weight",
+            "base_model.model.head.bias",
+        }
         i = tensors["base_model.model.body.ia3_l"].flatten()[0]
         assert all(bool((t == i).all()) for t in tensors.values()), "tensors from different saves in one file"
     config = folder / "adapter_config.json"
@@ -300,8 +313,9 @@ def _check_folder(folder: Path, mode: str) -> tuple[bool, int]:
         assert IA3Config.from_pretrained(folder).modules_to_save == ["head"]
     if weights.exists() and config.exists():
         loaded = PeftModel.from_pretrained(_Net(), folder)
-        assert torch.equal(loaded.base_model.model.head.modules_to_save["default"].bias,
-                           tensors["base_model.model.head.bias"])
+        assert torch.equal(
+            loaded.base_model.model.head.modules_to_save["default"].bias, tensors["base_model.model.head.bias"]
+        )
     else:  # a half-saved adapter is refused, never loaded from a temp file
         with pytest.raises(FileNotFoundError):
             PeftModel.from_pretrained(_Net(), folder)
@@ -311,8 +325,15 @@ def _check_folder(folder: Path, mode: str) -> tuple[bool, int]:
 @pytest.mark.parametrize("mode", ["tensors", "adapter"])
 def test_sigkill_while_saving_never_leaves_a_truncated_file(tmp_path, mode):
     trials = 25
-    server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=_env(tmp_path), cwd=tmp_path)
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(tmp_path),
+        cwd=tmp_path,
+    )
     try:
         assert server.stdout.readline().strip() == "ready", server.stderr.read()
         rng = random.Random(f"{SEED}-{mode}")
@@ -334,8 +355,10 @@ def test_sigkill_while_saving_never_leaves_a_truncated_file(tmp_path, mode):
         server.stdin.close()
         server.kill()
         server.wait()
-    print(f"\n{mode}: {trials} kills; a complete target after {present}, nothing after {trials - present}; "
-          f"{mid_write} kills landed mid-write ({leftovers} temp files left)")
+    print(
+        f"\n{mode}: {trials} kills; a complete target after {present}, nothing after {trials - present}; "
+        f"{mid_write} kills landed mid-write ({leftovers} temp files left)"
+    )
     assert mid_write >= 1, "no kill landed inside a write: the test exercised nothing"
     assert present >= 1
 

@@ -45,9 +45,18 @@ SCALE = float(os.environ.get("IA3_FUZZ_SCALE", "1"))
 
 
 def fuzz(n: int):
-    return settings(max_examples=max(1, int(n * SCALE)), deadline=None, database=None, derandomize=SCALE <= 1,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                           HealthCheck.function_scoped_fixture, HealthCheck.data_too_large])
+    return settings(
+        max_examples=max(1, int(n * SCALE)),
+        deadline=None,
+        database=None,
+        derandomize=SCALE <= 1,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.filter_too_much,
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.data_too_large,
+        ],
+    )
 
 
 # -- IA3Config.from_dict ----------------------------------------------------------------------------------------------
@@ -57,17 +66,36 @@ BOOL_FIELDS = ("fan_in_fan_out", "init_ia3_weights", "inference_mode")
 STR_FIELDS = ("base_model_name_or_path", "revision")
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
-json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c,
-                                                                                            max_size=3), max_leaves=8)
-module_names = st.sampled_from(["q", "v", "k", "o", "wo", "wi", "fc1", "lm_head", "encoder.block.0.layer.1.DenseReluDense.wo",
-                                "all-linear", "ALL-Linear", ".*q", ""]) | st.text(max_size=8)
+json_values = st.recursive(
+    json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=3), max_leaves=8
+)
+module_names = st.sampled_from(
+    [
+        "q",
+        "v",
+        "k",
+        "o",
+        "wo",
+        "wi",
+        "fc1",
+        "lm_head",
+        "encoder.block.0.layer.1.DenseReluDense.wo",
+        "all-linear",
+        "ALL-Linear",
+        ".*q",
+        "",
+    ]
+) | st.text(max_size=8)
 name_values = st.none() | module_names | st.lists(module_names, max_size=4) | st.lists(json_scalars, max_size=3)
 field_values = {
     "task_type": st.none() | st.sampled_from([t.value for t in TaskType] + ["seq_cls", "LORA", ""]) | json_values,
     "peft_type": st.just("IA3") | st.sampled_from(["LORA", "ia3", ""]) | json_values,
-    "target_modules": name_values | json_values, "exclude_modules": name_values | json_values,
-    "feedforward_modules": name_values | json_values, "modules_to_save": name_values | json_values,
-    "fan_in_fan_out": st.booleans() | json_values, "init_ia3_weights": st.booleans() | json_values,
+    "target_modules": name_values | json_values,
+    "exclude_modules": name_values | json_values,
+    "feedforward_modules": name_values | json_values,
+    "modules_to_save": name_values | json_values,
+    "fan_in_fan_out": st.booleans() | json_values,
+    "init_ia3_weights": st.booleans() | json_values,
     "inference_mode": st.booleans() | json_values,
     "base_model_name_or_path": st.none() | st.text(max_size=10) | json_values,
     "revision": st.none() | st.text(max_size=10) | json_values,
@@ -75,8 +103,11 @@ field_values = {
 }
 config_dicts = st.fixed_dictionaries(
     {"peft_type": st.just("IA3") | field_values["peft_type"]},
-    optional={**{k: v for k, v in field_values.items() if k != "peft_type"},
-              "lora_alpha": json_values, "r": json_values},
+    optional={
+        **{k: v for k, v in field_values.items() if k != "peft_type"},
+        "lora_alpha": json_values,
+        "r": json_values,
+    },
 ) | st.dictionaries(st.text(max_size=10), json_values, max_size=4)
 
 
@@ -99,7 +130,9 @@ def _verdict(data: dict) -> tuple[dict | None, list[list[tuple[str, str]]]]:
     unknown = sorted(set(data) - set(FIELDS) - _IGNORED_KEYS)
     if unknown:
         stages.append([(k, UNKNOWN) for k in unknown])
-    unsupported = [(k, repr(data[k])) for k in ("target_parameters", "layers_to_transform", "layers_pattern") if data.get(k)]
+    unsupported = [
+        (k, repr(data[k])) for k in ("target_parameters", "layers_to_transform", "layers_pattern") if data.get(k)
+    ]
     if unsupported:
         stages.append(unsupported)
     out = {k: data.get(k, default) for k, default in FIELDS.items()}
@@ -200,20 +233,45 @@ def test_config_errors_name_short_and_empty_keys():
         assert _quotes(str(err.value), key, data), (key, str(err.value))
 
 
-@pytest.mark.parametrize(("data", "message", "names"), [
-    ({"peft_type": "IA3", "r": 1}, f"Unknown key(s) in the adapter config; (IA)^3 configs accept {ALLOWED}", False),
-    ({"peft_type": "IA3", "r": 1}, f"Unknown key(s) ['r'] in the adapter config; (IA)^3 configs accept {ALLOWED}", True),
-    ({"peft_type": "IA3", "": 1}, f"Unknown key(s) in the adapter config; accept {ALLOWED} (see '' in the docs)", True),
-    ({"peft_type": "IA3", "r": 1, "'r'": 2}, "Unknown key(s) [" + repr("'r'") + "]", False),  # 'r' only inside "'r'"
-    ({"peft_type": 3}, "This adapter has the wrong peft_type; ia3 loads only peft_type 'IA3'", False),
-    ({"peft_type": 3}, "This adapter has peft_type=3; ia3 loads only (IA)^3 adapters", True),
-    ({"peft_type": "IA3", "fan_in_fan_out": 0, "revision": 1}, "Invalid:\n  - `fan_in_fan_out` must be a bool", False),
-    ({"peft_type": "IA3", "fan_in_fan_out": 0, "revision": 1}, "Invalid:\n  - `fan_in_fan_out` ...; got 0", False),
-    ({"peft_type": "IA3", "fan_in_fan_out": 0, "revision": 1}, "Invalid:\n  - `fan_in_fan_out` got 1\n  - `revision` got 0",
-     False),
-    ({"peft_type": "IA3", "fan_in_fan_out": 0, "revision": 1}, "Invalid:\n  - `fan_in_fan_out` got 0\n  - `revision` got 1",
-     True),
-])
+@pytest.mark.parametrize(
+    ("data", "message", "names"),
+    [
+        ({"peft_type": "IA3", "r": 1}, f"Unknown key(s) in the adapter config; (IA)^3 configs accept {ALLOWED}", False),
+        (
+            {"peft_type": "IA3", "r": 1},
+            f"Unknown key(s) ['r'] in the adapter config; (IA)^3 configs accept {ALLOWED}",
+            True,
+        ),
+        (
+            {"peft_type": "IA3", "": 1},
+            f"Unknown key(s) in the adapter config; accept {ALLOWED} (see '' in the docs)",
+            True,
+        ),
+        (
+            {"peft_type": "IA3", "r": 1, "'r'": 2},
+            "Unknown key(s) [" + repr("'r'") + "]",
+            False,
+        ),  # 'r' only inside "'r'"
+        ({"peft_type": 3}, "This adapter has the wrong peft_type; ia3 loads only peft_type 'IA3'", False),
+        ({"peft_type": 3}, "This adapter has peft_type=3; ia3 loads only (IA)^3 adapters", True),
+        (
+            {"peft_type": "IA3", "fan_in_fan_out": 0, "revision": 1},
+            "Invalid:\n  - `fan_in_fan_out` must be a bool",
+            False,
+        ),
+        ({"peft_type": "IA3", "fan_in_fan_out": 0, "revision": 1}, "Invalid:\n  - `fan_in_fan_out` ...; got 0", False),
+        (
+            {"peft_type": "IA3", "fan_in_fan_out": 0, "revision": 1},
+            "Invalid:\n  - `fan_in_fan_out` got 1\n  - `revision` got 0",
+            False,
+        ),
+        (
+            {"peft_type": "IA3", "fan_in_fan_out": 0, "revision": 1},
+            "Invalid:\n  - `fan_in_fan_out` got 0\n  - `revision` got 1",
+            True,
+        ),
+    ],
+)
 def test_config_oracle_refuses_messages_that_miss_the_culprit(data, message, names):
     """The fuzz oracle itself: a match inside the list of allowed fields, or inside another key, or a field named
     without its value (or with another field's value) does not count."""
@@ -221,12 +279,34 @@ def test_config_oracle_refuses_messages_that_miss_the_culprit(data, message, nam
 
 
 # -- load_tensors on mutated safetensors bytes -------------------------------------------------------------------------
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int8,
-          torch.uint8, torch.bool]
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+]
+ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 @st.composite
@@ -247,19 +327,22 @@ def _header(data: bytes) -> tuple[int, dict]:
     return n, json.loads(data[8 : 8 + n])
 
 
-header_entries = st.fixed_dictionaries({
-    "dtype": st.sampled_from([*ST_DTYPES, "F8_E8M0", "F4", "F6_E2M3", "C64", "X", ""]) | json_scalars,
-    "shape": st.lists(st.integers(-2, 6) | st.sampled_from([2**31, 2**62, 2**64]), max_size=3) | json_values,
-    "data_offsets": st.lists(st.integers(-1, 300) | st.sampled_from([2**63, 2**64 + 1]), max_size=3) | json_values,
-})
+header_entries = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from([*ST_DTYPES, "F8_E8M0", "F4", "F6_E2M3", "C64", "X", ""]) | json_scalars,
+        "shape": st.lists(st.integers(-2, 6) | st.sampled_from([2**31, 2**62, 2**64]), max_size=3) | json_values,
+        "data_offsets": st.lists(st.integers(-1, 300) | st.sampled_from([2**63, 2**64 + 1]), max_size=3) | json_values,
+    }
+)
 
 
 @st.composite
 def mutated_files(draw) -> bytes:
     data = bytearray(draw(safetensors_files()))
     n, _ = _header(bytes(data))
-    kind = draw(st.sampled_from(["truncate", "flip", "flip_header", "garbage_header", "json_header", "length",
-                                 "append", "raw"]))
+    kind = draw(
+        st.sampled_from(["truncate", "flip", "flip_header", "garbage_header", "json_header", "length", "append", "raw"])
+    )
     if kind == "truncate":
         data = data[: draw(st.integers(0, len(data) - 1))]
     elif kind in ("flip", "flip_header"):
@@ -334,12 +417,21 @@ class Net(torch.nn.Module):
 @pytest.fixture(scope="module")
 def adapter_model():
     torch.manual_seed(0)
-    return get_peft_model(Net(), IA3Config(target_modules=["q", "v", "ff"], feedforward_modules=["ff"],
-                                           modules_to_save=["head"]))
+    return get_peft_model(
+        Net(), IA3Config(target_modules=["q", "v", "ff"], feedforward_modules=["ff"], modules_to_save=["head"])
+    )
 
 
-LOAD_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.bool, torch.complex64,
-               torch.float8_e4m3fn]
+LOAD_DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.bool,
+    torch.complex64,
+    torch.float8_e4m3fn,
+]
 
 
 @st.composite
@@ -354,8 +446,18 @@ def state_dicts(draw, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         dtype = draw(st.sampled_from(LOAD_DTYPES)) if draw(st.integers(0, 7)) == 0 else torch.float32
         out[key] = (torch.rand(shape) + 0.5).to(dtype)
     for _ in range(draw(st.integers(0, 2)) if draw(st.integers(0, 3)) == 0 else 0):
-        key = draw(st.sampled_from([*expected, "base_model.model.q.ia3_l.default", "q.ia3_l", "base_model.model.k.ia3_l",
-                                    "base_model.model.head.original_module.weight"]) | st.text(max_size=12))
+        key = draw(
+            st.sampled_from(
+                [
+                    *expected,
+                    "base_model.model.q.ia3_l.default",
+                    "q.ia3_l",
+                    "base_model.model.k.ia3_l",
+                    "base_model.model.head.original_module.weight",
+                ]
+            )
+            | st.text(max_size=12)
+        )
         if key in expected:
             key = key + draw(st.sampled_from([".x", "_", ".default"]))
         out[key] = torch.rand(tuple(draw(st.lists(st.integers(0, 4), max_size=2))))
@@ -370,8 +472,10 @@ def test_fuzz_load_adapter_state_dict(adapter_model, data):
     before = {k: v.clone() for k, v in adapter_model.state_dict().items()}
     grads = {n: p.requires_grad for n, p in adapter_model.named_parameters()}
     bad = sorted(set(tensors) ^ set(expected)) + sorted(
-        k for k in set(tensors) & set(expected)
-        if tensors[k].shape != expected[k].shape or not tensors[k].dtype.is_floating_point)
+        k
+        for k in set(tensors) & set(expected)
+        if tensors[k].shape != expected[k].shape or not tensors[k].dtype.is_floating_point
+    )
     try:
         adapter_model.load_adapter_state_dict(tensors, "default", "fuzz")
     except ValueError as err:
@@ -404,8 +508,12 @@ def check_examples(result) -> None:
 
 
 @fuzz(300)
-@given(st.text(max_size=200) | st.lists(st.tuples(texts, st.sampled_from(["@", "@@", " @ ", ""]), labels)).map(
-    lambda rows: "\n".join(s + a + y for s, a, y in rows)))
+@given(
+    st.text(max_size=200)
+    | st.lists(st.tuples(texts, st.sampled_from(["@", "@@", " @ ", ""]), labels)).map(
+        lambda rows: "\n".join(s + a + y for s, a, y in rows)
+    )
+)
 def test_fuzz_parse_phrasebank(text):
     try:
         rows = parse_phrasebank(text, "f.txt")
@@ -418,7 +526,9 @@ def test_fuzz_parse_phrasebank(text):
 
 
 @fuzz(300)
-@given(st.binary(max_size=100) | texts.map(lambda t: t.encode("utf-8")) | texts.map(lambda t: b"\xef\xbb\xbf" + t.encode()))
+@given(
+    st.binary(max_size=100) | texts.map(lambda t: t.encode("utf-8")) | texts.map(lambda t: b"\xef\xbb\xbf" + t.encode())
+)
 def test_fuzz_decode_text_file(data):
     try:
         text = decode_text_file(data, "f")
@@ -454,7 +564,9 @@ def data_files(draw) -> tuple[str, bytes]:
     elif suffix == ".txt":
         content = "\n".join(f"{t}@{y}" for t, y in rows)
     else:
-        records = [{"text": t, "label": draw(st.sampled_from([y, 0, 1, 2, 5, -1, True, None, 1.5, [1]]))} for t, y in rows]
+        records = [
+            {"text": t, "label": draw(st.sampled_from([y, 0, 1, 2, 5, -1, True, None, 1.5, [1]]))} for t, y in rows
+        ]
         records += draw(st.lists(json_values, max_size=2))
         if suffix == ".json" and draw(st.booleans()):
             content = json.dumps(records)
@@ -486,9 +598,12 @@ def test_fuzz_load_examples(scratch, file, label_names):
 def test_huge_fields_and_deep_nesting_are_data_errors(tmp_path):
     """Cases random bytes rarely reach: a CSV field past the csv module's size limit, JSON nested deeper than the
     recursion limit, an integer with more digits than Python converts."""
-    cases = {"big.csv": "text,label\n" + "x" * 200_000 + ",positive\n",
-             "deep.jsonl": "[" * 100_000 + "\n", "deep.json": "[" + "[" * 100_000,
-             "bigint.jsonl": '{"text": "a", "label": ' + "9" * 5000 + "}\n"}
+    cases = {
+        "big.csv": "text,label\n" + "x" * 200_000 + ",positive\n",
+        "deep.jsonl": "[" * 100_000 + "\n",
+        "deep.json": "[" + "[" * 100_000,
+        "bigint.jsonl": '{"text": "a", "label": ' + "9" * 5000 + "}\n",
+    }
     for name, content in cases.items():
         path = tmp_path / name
         path.write_text(content)

@@ -51,9 +51,11 @@ def _reference(base: nn.Module, x: torch.Tensor, vector: torch.Tensor, feedforwa
     W, b = base.weight, base.bias
     l = vector.reshape(-1)  # noqa: E741 (the paper's name)
     if isinstance(base, nn.Linear):
+
         def apply(inp):
             return F.linear(inp, W, b)  # W (out, in)
     elif isinstance(base, Conv1D):
+
         def apply(inp):
             return inp @ W + b  # W (in, out)
     else:
@@ -62,6 +64,7 @@ def _reference(base: nn.Module, x: torch.Tensor, vector: torch.Tensor, feedforwa
 
         def apply(inp):
             return conv(inp, W, b, stride=base.stride, padding=base.padding, groups=base.groups)
+
     return apply(x * l) if feedforward else apply(x) * l
 
 

@@ -141,9 +141,13 @@ def test_conv_merge_matches_peft_outputs():
 
     for feedforward in (False, True):
         torch.manual_seed(0)
-        ours = ia3.get_peft_model(ConvNet(), ia3.IA3Config(target_modules=["conv"], feedforward_modules=["conv"] if feedforward else []))
+        ours = ia3.get_peft_model(
+            ConvNet(), ia3.IA3Config(target_modules=["conv"], feedforward_modules=["conv"] if feedforward else [])
+        )
         torch.manual_seed(0)
-        theirs = peft.get_peft_model(ConvNet(), peft.IA3Config(target_modules=["conv"], feedforward_modules=["conv"] if feedforward else []))
+        theirs = peft.get_peft_model(
+            ConvNet(), peft.IA3Config(target_modules=["conv"], feedforward_modules=["conv"] if feedforward else [])
+        )
         randomize(ours, spread=0.9)
         theirs.load_state_dict(ours.state_dict())
         x = torch.randn(2, 4, 5, 5)

@@ -35,9 +35,16 @@ CHECKPOINT_EVERY = 2
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    return {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(tmp), "HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-            "PYTHONHASHSEED": "0"}
+    return {
+        "PATH": f"{VENV_BIN}:/usr/bin:/bin",
+        "HOME": str(tmp),
+        "HF_HOME": str(tmp / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONHASHSEED": "0",
+    }
 
 
 def no_dropout_model(root: Path, kind: str) -> Path:
@@ -84,10 +91,26 @@ def _run(cmd: list[str], tmp: Path, ok: bool = True) -> subprocess.CompletedProc
 
 
 def _launch_two(*args: str, script: list[str] | None = None) -> list[str]:
-    return [ACCELERATE, "launch", "--config_file", str(CONFIGS / "ddp.yaml"), "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port()),
-            *(script or ["-m", "ia3", "-q", "train"]), *args]
+    return [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(CONFIGS / "ddp.yaml"),
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_cpu_threads_per_process",
+        "1",
+        "--main_process_port",
+        str(_free_port()),
+        *(script or ["-m", "ia3", "-q", "train"]),
+        *args,
+    ]
 
 
 def _files(folder: Path) -> set[str]:
@@ -95,15 +118,28 @@ def _files(folder: Path) -> set[str]:
 
 
 def _expected_files(steps_per_epoch: int) -> set[str]:
-    steps = {s for s in range(1, EPOCHS * steps_per_epoch + 1)
-             if s % steps_per_epoch == 0 or s % CHECKPOINT_EVERY == 0}  # epoch ends and every N steps
+    steps = {
+        s for s in range(1, EPOCHS * steps_per_epoch + 1) if s % steps_per_epoch == 0 or s % CHECKPOINT_EVERY == 0
+    }  # epoch ends and every N steps
     kept = sorted(steps)[-2:]  # checkpoint.KEEP
-    files = {"adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "metrics.jsonl", "metrics.json",
-             "checkpoints/latest"}
+    files = {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "recipe.yaml",
+        "metrics.jsonl",
+        "metrics.json",
+        "checkpoints/latest",
+    }
     for s in kept:
-        files |= {f"checkpoints/step-{s:08d}/{name}" for name in
-                  ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "trainer_state.json",
-                   "trainer_state.safetensors")}
+        files |= {
+            f"checkpoints/step-{s:08d}/{name}"
+            for name in (
+                "adapter/adapter_config.json",
+                "adapter/adapter_model.safetensors",
+                "trainer_state.json",
+                "trainer_state.safetensors",
+            )
+        }
     return files
 
 
@@ -150,7 +186,9 @@ def test_two_processes_match_one(setup, tmp_path, task):
         if key.startswith("state."):  # AdamW moments
             torch.testing.assert_close(ckpt_b[key], ckpt_a[key], atol=1e-5, rtol=1e-3)
     assert json.loads((two / "metrics.json").read_text())["epoch"] == EPOCHS - 1
-    assert (two / "recipe.yaml").read_text().replace(str(two), "") == (one / "recipe.yaml").read_text().replace(str(one), "")
+    assert (two / "recipe.yaml").read_text().replace(str(two), "") == (one / "recipe.yaml").read_text().replace(
+        str(one), ""
+    )
 
 
 @pytest.mark.slow
@@ -159,8 +197,11 @@ def test_two_processes_are_two(setup, tmp_path):
     """The launch above really runs two ranks: a batch of 15 cannot be split between them."""
     root, data, models = setup
     config = _config(tmp_path, models["cls"], "cls", data)
-    done = _run(_launch_two("--config", str(config), "--output-dir", str(tmp_path / "x"), "--train.batch_size", "15"),
-                tmp_path, ok=False)
+    done = _run(
+        _launch_two("--config", str(config), "--output-dir", str(tmp_path / "x"), "--train.batch_size", "15"),
+        tmp_path,
+        ok=False,
+    )
     assert done.returncode != 0 and "must be divisible by the 2 processes" in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
 
@@ -177,7 +218,10 @@ def test_gpu_check_loop_runs_on_cpu(setup, tmp_path):
     r1, r2 = json.loads(one.stdout.strip().splitlines()[-1]), json.loads(two.stdout.strip().splitlines()[-1])
     assert (r1["world"], r2["world"]) == (1, 2) and r1["frozen_params_unchanged"] and r2["frozen_params_unchanged"]
     assert r2["losses"] == pytest.approx(r1["losses"], rel=1e-5)
-    a, b = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
+    a, b = (
+        load_file(tmp_path / "one" / "adapter_model.safetensors"),
+        load_file(tmp_path / "two" / "adapter_model.safetensors"),
+    )
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)

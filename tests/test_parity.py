@@ -81,7 +81,10 @@ TARGET_CASES = [
     ("bart", dict(target_modules="all-linear", exclude_modules=["fc1"])),
     ("bart", dict(target_modules=["k_proj", "fc1"], feedforward_modules=["fc1"])),
     ("gpt2", dict(target_modules="all-linear")),
-    ("gpt2", dict(target_modules=["c_attn", "c_proj", "c_fc"], feedforward_modules=["c_proj"], exclude_modules=r".*\.0\..*")),
+    (
+        "gpt2",
+        dict(target_modules=["c_attn", "c_proj", "c_fc"], feedforward_modules=["c_proj"], exclude_modules=r".*\.0\..*"),
+    ),
     ("llama", dict(target_modules="all-linear", feedforward_modules=["down_proj", "up_proj"])),
     ("llama", dict(target_modules=["q_proj", "k_proj"], exclude_modules=["layers.1.self_attn.k_proj"])),
     ("llama", dict(target_modules=["gate_proj", "up_proj", "down_proj"], feedforward_modules=["down_proj"])),
@@ -101,7 +104,9 @@ def test_target_selection_parity(name, kwargs):
 
     sides = {n: layer.is_feedforward for n, layer in ia3_layers(ours).items()}
     assert sides == {n: layer.is_feedforward for n, layer in peft_ia3_layers(theirs).items()}
-    if kwargs.get("feedforward_modules") or (name != "mt5" and kwargs["target_modules"] in (["k", "v", "wo"], "all-linear")):
+    if kwargs.get("feedforward_modules") or (
+        name != "mt5" and kwargs["target_modules"] in (["k", "v", "wo"], "all-linear")
+    ):
         assert any(sides.values()), "expected some input-side vectors"
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     target = kwargs.get("target_modules")
@@ -113,8 +118,17 @@ def test_target_selection_parity(name, kwargs):
 
 
 def _mt0_large_meta():
-    cfg = tf.MT5Config(vocab_size=250112, d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24,
-                       num_heads=16, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    cfg = tf.MT5Config(
+        vocab_size=250112,
+        d_model=1024,
+        d_kv=64,
+        d_ff=2816,
+        num_layers=24,
+        num_decoder_layers=24,
+        num_heads=16,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+    )
     cfg.tie_word_embeddings = False
     with torch.device("meta"):
         model = tf.MT5ForConditionalGeneration(cfg)

@@ -104,8 +104,14 @@ def test_per_example_generate_equals_rows_alone(name, mode):
                     torch.testing.assert_close(step_mixed[i : i + 1], step_alone, atol=1e-4, rtol=0)
         # the adapters generate different continuations from the same prompt (so the test can tell them apart)
         same = {k: v[:1].repeat(3, 1) for k, v in inputs.items()}
-        three = model.generate(**same, adapter_names=["a", "b", "__base__"], do_sample=False,
-                               return_dict_in_generate=True, output_scores=True, **GEN_KW)
+        three = model.generate(
+            **same,
+            adapter_names=["a", "b", "__base__"],
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_scores=True,
+            **GEN_KW,
+        )
     seqs, first = three.sequences, three.scores[0]
     assert not (torch.equal(seqs[0], seqs[1]) and torch.equal(seqs[0], seqs[2]))
     finite = torch.isfinite(first).all(0)  # min_new_tokens masks EOS with -inf
@@ -119,8 +125,9 @@ def test_per_example_sampling_runs(name):
     inputs = _gen_inputs(name, rows=3)
     torch.manual_seed(0)
     with torch.no_grad():
-        out = model.generate(**inputs, adapter_names=["a", "b", "__base__"], do_sample=True, num_return_sequences=3,
-                             top_k=0, **GEN_KW)
+        out = model.generate(
+            **inputs, adapter_names=["a", "b", "__base__"], do_sample=True, num_return_sequences=3, top_k=0, **GEN_KW
+        )
     assert out.shape[0] == 9
     if name == "gpt2":
         assert out.shape[1] == inputs["input_ids"].shape[1] + 5

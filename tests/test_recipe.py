@@ -41,9 +41,18 @@ def small_data(tmp_path_factory):
 
 
 def _cfg(out: Path, model: Path, task: str, **extra):
-    overrides = {"output_dir": str(out), "model.name": str(model), "model.task": task, "data.dataset": str(DATA),
-                 "data.subset": "none", "data.text_column": "text", "train.epochs": "2", "train.batch_size": "16",
-                 "train.lr": "0.05", "train.eval_batch_size": "64"}
+    overrides = {
+        "output_dir": str(out),
+        "model.name": str(model),
+        "model.task": task,
+        "data.dataset": str(DATA),
+        "data.subset": "none",
+        "data.text_column": "text",
+        "train.epochs": "2",
+        "train.batch_size": "16",
+        "train.lr": "0.05",
+        "train.eval_batch_size": "64",
+    }
     overrides.update(extra)
     return build_config(overrides=overrides)
 
@@ -58,8 +67,11 @@ def _use_small_data(request, monkeypatch):
 def test_phrasebank_parser_quirks():
     raw = "Sales rose @ 5 % in Q1 .@positive\r\n\r\nThe CEO e-mailed ceo@example.com .@neutral\r\nTulos heikkeni \xe4kkiä .@negative\r\n"
     rows = parse_phrasebank(decode_text_file(raw.encode("latin-1"), "x.txt"), "x.txt")
-    assert rows == [("Sales rose @ 5 % in Q1 .", "positive"), ("The CEO e-mailed ceo@example.com .", "neutral"),
-                    ("Tulos heikkeni äkkiä .", "negative")]
+    assert rows == [
+        ("Sales rose @ 5 % in Q1 .", "positive"),
+        ("The CEO e-mailed ceo@example.com .", "neutral"),
+        ("Tulos heikkeni äkkiä .", "negative"),
+    ]
     # the same text as UTF-8 with LF line ends parses the same
     assert parse_phrasebank(decode_text_file(raw.replace("\r\n", "\n").encode("utf-8"), "y"), "y") == rows
 
@@ -90,7 +102,12 @@ def test_demo_dataset():
         ("sentence,label\nfoo,positive\n", ".csv", {}, r"no column\(s\) \['text'\]"),
         ("text,label\n", ".csv", {}, "holds no examples"),
         ("text,label\nfoo,positive\nbar,positive\n", ".csv", {}, "at least two classes"),
-        ("text,label\nfoo,positive\nbar,negative\n", ".csv", {"label_names": ["negative", "neutral"]}, "record 1: unknown label 'positive'"),
+        (
+            "text,label\nfoo,positive\nbar,negative\n",
+            ".csv",
+            {"label_names": ["negative", "neutral"]},
+            "record 1: unknown label 'positive'",
+        ),
         ('{"text": "a", "label": "x"}\n{"text": "b", "label": \n', ".jsonl", {}, "line 2: invalid JSON"),
         ("text,label\n,positive\nb,negative\n", ".csv", {}, "record 1: empty or missing text"),
     ],
@@ -161,8 +178,16 @@ def test_tfew_losses_by_hand():
 
 
 # -- end to end ----------------------------------------------------------------------------------------------------
-RUN_FILES = {"adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "metrics.jsonl", "metrics.json",
-             "loss.png", "confusion_matrix.png", "checkpoints"}
+RUN_FILES = {
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "recipe.yaml",
+    "metrics.jsonl",
+    "metrics.json",
+    "loss.png",
+    "confusion_matrix.png",
+    "checkpoints",
+}
 
 
 @pytest.mark.parametrize("task", ["seq2seq", "causal", "cls"])
@@ -188,8 +213,12 @@ def test_train_eval_predict(tmp_path, model_dirs, task):
 
 def test_tfew_training_runs_and_learns(tmp_path, model_dirs):
     out = tmp_path / "tfew"
-    train(_cfg(out, model_dirs["seq2seq"], "seq2seq", **{"train.loss": "tfew", "train.plots": "false",
-                                                          "train.epochs": "3"}), progress=False)
+    train(
+        _cfg(
+            out, model_dirs["seq2seq"], "seq2seq", **{"train.loss": "tfew", "train.plots": "false", "train.epochs": "3"}
+        ),
+        progress=False,
+    )
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
@@ -248,15 +277,18 @@ def test_model_without_tokenizer(tmp_path, model_dirs):
 # -- CLI -----------------------------------------------------------------------------------------------------------
 def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "ia3", "-q", *args], input=stdin, capture_output=True, text=True,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "ia3", "-q", *args], input=stdin, capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_cli_train_predict_inspect(tmp_path, model_dirs, small_data):
     out = tmp_path / "cli"
     config = tmp_path / "run.yaml"
-    config.write_text(f"model:\n  name: {model_dirs['cls']}\n  task: cls\ndata:\n  dataset: {small_data}\n  subset: null\n"
-                      "  text_column: text\ntrain:\n  epochs: 1\n  batch_size: 32\n  plots: false\n")
+    config.write_text(
+        f"model:\n  name: {model_dirs['cls']}\n  task: cls\ndata:\n  dataset: {small_data}\n  subset: null\n"
+        "  text_column: text\ntrain:\n  epochs: 1\n  batch_size: 32\n  plots: false\n"
+    )
     done = _cli("train", "--config", str(config), "--output-dir", str(out), "--lr", "0.05")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -265,7 +297,10 @@ def test_cli_train_predict_inspect(tmp_path, model_dirs, small_data):
     assert "lr: 0.05" in saved and "label_names:\n  - negative" in saved  # flags and resolved labels are saved
     done = _cli("predict", str(out), stdin="Net sales grew 12 percent.\n\nThe meeting is on Monday.\n")
     rows = [json.loads(line) for line in done.stdout.splitlines()]
-    assert done.returncode == 0 and [r["text"] for r in rows] == ["Net sales grew 12 percent.", "The meeting is on Monday."]
+    assert done.returncode == 0 and [r["text"] for r in rows] == [
+        "Net sales grew 12 percent.",
+        "The meeting is on Monday.",
+    ]
     assert all(r["label"] in ("negative", "neutral", "positive") for r in rows)
     done = _cli("predict", str(out), "Net sales grew 12 percent.", "--mode", "rank")  # options after the texts
     assert done.returncode == 0 and json.loads(done.stdout)["label"] == rows[0]["label"]
@@ -274,8 +309,17 @@ def test_cli_train_predict_inspect(tmp_path, model_dirs, small_data):
 
 
 def test_cli_bad_input_is_a_clear_error(tmp_path, model_dirs):
-    done = _cli("train", "--model", str(model_dirs["cls"]), "--task", "cls", "--dataset", str(tmp_path / "nope.csv"),
-                "--output-dir", str(tmp_path / "o"))
+    done = _cli(
+        "train",
+        "--model",
+        str(model_dirs["cls"]),
+        "--task",
+        "cls",
+        "--dataset",
+        str(tmp_path / "nope.csv"),
+        "--output-dir",
+        str(tmp_path / "o"),
+    )
     assert done.returncode == 2 and "nope.csv does not exist" in done.stderr
     done = _cli("train", "--train.epochs", "zero")
     assert done.returncode == 2 and "--train.epochs takes an integer" in done.stderr
@@ -293,8 +337,10 @@ def test_financial_phrasebank_from_the_hub_zip(tmp_path, monkeypatch):
 
     archive = tmp_path / "FinancialPhraseBank-v1.0.zip"
     with zipfile.ZipFile(archive, "w") as zf:
-        zf.writestr("FinancialPhraseBank-v1.0/Sentences_AllAgree.txt",
-                    "Profit rose .@positive\r\nSales fell .@negative\r\nThe AGM is in May .@neutral\r\n".encode("latin-1"))
+        zf.writestr(
+            "FinancialPhraseBank-v1.0/Sentences_AllAgree.txt",
+            "Profit rose .@positive\r\nSales fell .@negative\r\nThe AGM is in May .@neutral\r\n".encode("latin-1"),
+        )
         zf.writestr("FinancialPhraseBank-v1.0/Sentences_50Agree.txt", "x@positive\r\ny@negative\r\n")
     calls = []
 
@@ -319,7 +365,9 @@ def test_parquet_and_jsonl_files(tmp_path):
     pq.write_table(pa.table(rows), tmp_path / "d.parquet")
     ex = load_examples(str(tmp_path / "d.parquet"), text_column="sentence", label_column="y")
     assert ex.label_names == ["neg", "pos"] and ex.labels == [1, 0, 1]
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"sentence": s, "y": y}) + "\n" for s, y in zip(*rows.values())))
+    (tmp_path / "d.jsonl").write_text(
+        "".join(json.dumps({"sentence": s, "y": y}) + "\n" for s, y in zip(*rows.values()))
+    )
     assert load_examples(str(tmp_path / "d.jsonl"), text_column="sentence", label_column="y").texts == ex.texts
 
 
@@ -352,8 +400,9 @@ def test_merge_and_push_commands(tmp_path, model_dirs, small_data, monkeypatch):
             uploaded["repo"] = repo_id
 
         def upload_folder(self, repo_id, folder_path, allow_patterns=None, **kwargs):
-            uploaded["files"] = sorted(p.name for p in Path(folder_path).iterdir()
-                                       if any(p.match(pat) for pat in allow_patterns))
+            uploaded["files"] = sorted(
+                p.name for p in Path(folder_path).iterdir() if any(p.match(pat) for pat in allow_patterns)
+            )
             return "ok"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)

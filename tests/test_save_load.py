@@ -69,7 +69,9 @@ def test_peft_saved_adapter_loads_in_ia3(name, tmp_path):
     torch.testing.assert_close(_logits(loaded, name), _logits(theirs, name), atol=1e-6, rtol=0)
     if name == "bert":
         head = loaded.get_base_model().classifier
-        assert torch.equal(head.modules_to_save["default"].weight, theirs.base_model.model.classifier.modules_to_save["default"].weight)
+        assert torch.equal(
+            head.modules_to_save["default"].weight, theirs.base_model.model.classifier.modules_to_save["default"].weight
+        )
         assert not torch.equal(head.modules_to_save["default"].weight, head.original_module.weight)
 
 
@@ -177,7 +179,9 @@ def test_auto_peft_model_loads_from_local_dir(name, auto, tmp_path):
     )
     randomize(ours)
     ours.save_pretrained(tmp_path / "adapter")
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        base_dir
+    )
     loaded = auto.from_pretrained(tmp_path / "adapter")
     assert isinstance(loaded, ia3.peft_model.TASK_TO_MODEL[M.TASK[name]])
     loaded.eval()
@@ -185,17 +189,21 @@ def test_auto_peft_model_loads_from_local_dir(name, auto, tmp_path):
     assert not any(p.requires_grad for p in loaded.parameters())
     # peft's own Auto class for the task reads the same folder to the same outputs (peft's plain AutoPeftModel
     # refuses adapters that have a task type; ours picks the task's auto class)
-    peft_auto_name = {"t5": "AutoPeftModelForSeq2SeqLM", "gpt2": "AutoPeftModelForCausalLM",
-                      "bert": "AutoPeftModelForSequenceClassification", "llama": "AutoPeftModelForCausalLM"}[name]
+    peft_auto_name = {
+        "t5": "AutoPeftModelForSeq2SeqLM",
+        "gpt2": "AutoPeftModelForCausalLM",
+        "bert": "AutoPeftModelForSequenceClassification",
+        "llama": "AutoPeftModelForCausalLM",
+    }[name]
     peft_auto = getattr(peft, peft_auto_name).from_pretrained(tmp_path / "adapter").eval()
     torch.testing.assert_close(_logits(peft_auto, name), _logits(ours, name), atol=1e-6, rtol=0)
 
 
 def test_auto_causal_lm_refuses_seq2seq_adapter(tmp_path):
     base_dir = _save_base("t5", tmp_path / "base")
-    ia3.get_peft_model(M.t5(), ia3.IA3Config(task_type="SEQ_2_SEQ_LM", base_model_name_or_path=str(base_dir))).save_pretrained(
-        tmp_path / "adapter"
-    )
+    ia3.get_peft_model(
+        M.t5(), ia3.IA3Config(task_type="SEQ_2_SEQ_LM", base_model_name_or_path=str(base_dir))
+    ).save_pretrained(tmp_path / "adapter")
     with pytest.raises(ValueError, match="SEQ_2_SEQ_LM"):
         ia3.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
     with pytest.raises(OSError):

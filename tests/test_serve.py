@@ -43,11 +43,18 @@ from ia3.serve.batcher import Batcher, Job  # noqa: E402
 from ia3.tasks import get_task  # noqa: E402
 
 LABELS = ["negative", "neutral", "positive"]
-TEXTS = ["Operating profit rose to EUR 13.1 mn .", "Net sales fell", "The company said it will cut jobs in Finland .",
-         "Sales"]
+TEXTS = [
+    "Operating profit rose to EUR 13.1 mn .",
+    "Net sales fell",
+    "The company said it will cut jobs in Finland .",
+    "Sales",
+]
 TASK_TYPE = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM", "cls": "SEQ_CLS"}
-AUTO = {"seq2seq": tf.AutoModelForSeq2SeqLM, "causal": tf.AutoModelForCausalLM,
-        "cls": tf.AutoModelForSequenceClassification}
+AUTO = {
+    "seq2seq": tf.AutoModelForSeq2SeqLM,
+    "causal": tf.AutoModelForCausalLM,
+    "cls": tf.AutoModelForSequenceClassification,
+}
 
 
 # -- fixtures: tiny models, adapters, offline references, live servers -----------------------------------------------
@@ -73,8 +80,10 @@ class Setup:
         self.model_dir = make_model_dir(root / "models", task)
         self.adapters = root / f"{task}-adapters"
         self.spare = root / f"{task}-spare"
-        folders = {name: _save_adapter(task, self.model_dir, self.adapters / name, seed)
-                   for seed, name in enumerate(["a", "b", "c"], start=1)}
+        folders = {
+            name: _save_adapter(task, self.model_dir, self.adapters / name, seed)
+            for seed, name in enumerate(["a", "b", "c"], start=1)
+        }
         folders["late"] = _save_adapter(task, self.model_dir, self.spare / "late", 7)
         self.tokenizer = tf.AutoTokenizer.from_pretrained(self.model_dir)
         ref = PeftModel.from_pretrained(_base(task, self.model_dir), folders["a"], adapter_name="a")
@@ -96,11 +105,19 @@ class Setup:
         if key not in self._cache:
             tok = self.tokenizer
             ids = tok(text, add_special_tokens=self.task != "causal", return_tensors="pt")["input_ids"]
-            out = self._alone(adapter, lambda: self.ref.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                num_beams=num_beams, do_sample=False, pad_token_id=tok.pad_token_id))
+            out = self._alone(
+                adapter,
+                lambda: self.ref.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    num_beams=num_beams,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                ),
+            )
             if self.task == "causal":
-                out = out[:, ids.shape[1]:]
+                out = out[:, ids.shape[1] :]
             self._cache[key] = tok.decode(out[0], skip_special_tokens=True)
         return self._cache[key]
 
@@ -166,9 +183,19 @@ def s2s(root):
 
 
 def _s2s_server(s2s: Setup, adapters_dir: Path) -> LiveServer:
-    return LiveServer(ServeConfig(model=str(s2s.model_dir), adapters_dir=str(adapters_dir), task="seq2seq",
-                                  label_names=LABELS, max_wait_ms=20, max_inputs=8, max_input_chars=300,
-                                  max_body_bytes=64 * 1024, max_new_tokens=12))
+    return LiveServer(
+        ServeConfig(
+            model=str(s2s.model_dir),
+            adapters_dir=str(adapters_dir),
+            task="seq2seq",
+            label_names=LABELS,
+            max_wait_ms=20,
+            max_inputs=8,
+            max_input_chars=300,
+            max_body_bytes=64 * 1024,
+            max_new_tokens=12,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -241,8 +268,9 @@ def test_generate_and_classify_equal_offline(server, s2s):
         _check_classify(s2s, adapter, TEXTS[:2], r.json())
     assert len({tuple(v) for v in generated.values()}) == 3  # the adapters matter
     # one string in, one output; beam search; max_new_tokens clamped to the server's cap (12)
-    r = server.post("/v1/generate", json={"adapter": "c", "inputs": TEXTS[2],
-                                          "parameters": {"max_new_tokens": 500, "num_beams": 2}})
+    r = server.post(
+        "/v1/generate", json={"adapter": "c", "inputs": TEXTS[2], "parameters": {"max_new_tokens": 500, "num_beams": 2}}
+    )
     assert r.status_code == 200 and r.json()["parameters"]["max_new_tokens"] == 12
     assert [o["text"] for o in r.json()["outputs"]] == [s2s.generate("c", TEXTS[2], 12, num_beams=2)]
     # sampling with a seed runs alone and is reproducible
@@ -254,21 +282,37 @@ def test_generate_and_classify_equal_offline(server, s2s):
     assert r.status_code == 200 and r.json()["labels"] == ["up", "down"]
     schema = server.client.get("/openapi.json").json()
     assert {"/v1/generate", "/v1/classify", "/v1/adapters", "/v1/adapters/{name}", "/health", "/metrics"} <= set(
-        schema["paths"])
+        schema["paths"]
+    )
     assert "GenerateRequest" in schema["components"]["schemas"]
 
 
 def test_causal_left_padding_and_cls_heads(tmp_path):
     causal = Setup(tmp_path, "causal")
-    srv = LiveServer(ServeConfig(model=str(causal.model_dir), adapters_dir=str(causal.adapters), task="causal",
-                                 label_names=LABELS, max_wait_ms=50, max_new_tokens=16, max_label_tokens=8))
+    srv = LiveServer(
+        ServeConfig(
+            model=str(causal.model_dir),
+            adapters_dir=str(causal.adapters),
+            task="causal",
+            label_names=LABELS,
+            max_wait_ms=50,
+            max_new_tokens=16,
+            max_label_tokens=8,
+        )
+    )
     try:
         srv.service.batcher.pause()  # queue requests of different adapters and lengths, then run them as one batch
-        jobs = [(adapter, TEXTS[i:i + 2]) for i, adapter in enumerate(["a", "b", BASE_ADAPTER])]
+        jobs = [(adapter, TEXTS[i : i + 2]) for i, adapter in enumerate(["a", "b", BASE_ADAPTER])]
         with ThreadPoolExecutor(len(jobs)) as pool:
-            futures = [pool.submit(httpx.post, f"{srv.url}/v1/generate", timeout=30,
-                                   json={"adapter": a, "inputs": t, "parameters": {"max_new_tokens": 5}})
-                       for a, t in jobs]
+            futures = [
+                pool.submit(
+                    httpx.post,
+                    f"{srv.url}/v1/generate",
+                    timeout=30,
+                    json={"adapter": a, "inputs": t, "parameters": {"max_new_tokens": 5}},
+                )
+                for a, t in jobs
+            ]
             _wait_depth(srv, len(jobs))
             srv.service.batcher.resume()
             for (adapter, texts), future in zip(jobs, futures):
@@ -285,13 +329,18 @@ def test_causal_left_padding_and_cls_heads(tmp_path):
         srv.close()
 
     cls = Setup(tmp_path, "cls")
-    srv = LiveServer(ServeConfig(model=str(cls.model_dir), adapters_dir=str(cls.adapters), task="cls",
-                                 label_names=LABELS, max_wait_ms=50))
+    srv = LiveServer(
+        ServeConfig(
+            model=str(cls.model_dir), adapters_dir=str(cls.adapters), task="cls", label_names=LABELS, max_wait_ms=50
+        )
+    )
     try:
         srv.service.batcher.pause()
         with ThreadPoolExecutor(3) as pool:  # each adapter brings its own head: one batch, three heads
-            futures = {a: pool.submit(httpx.post, f"{srv.url}/v1/classify", json={"adapter": a, "inputs": TEXTS},
-                                      timeout=30) for a in ("a", "b", "c")}
+            futures = {
+                a: pool.submit(httpx.post, f"{srv.url}/v1/classify", json={"adapter": a, "inputs": TEXTS}, timeout=30)
+                for a in ("a", "b", "c")
+            }
             _wait_depth(srv, 3)
             srv.service.batcher.resume()
             for adapter, future in futures.items():
@@ -395,8 +444,9 @@ def test_adapter_load_and_unload_during_traffic(own_server, own_adapters, s2s):
             i = 0
             while not stop.is_set():
                 text = TEXTS[i % len(TEXTS)]
-                r = client.post("/v1/generate", json={"adapter": adapter, "inputs": text,
-                                                      "parameters": {"max_new_tokens": 6}})
+                r = client.post(
+                    "/v1/generate", json={"adapter": adapter, "inputs": text, "parameters": {"max_new_tokens": 6}}
+                )
                 if r.status_code != 200 or r.json()["outputs"][0]["text"] != expected[(adapter, text)]:
                     problems.append(f"{adapter} {text!r}: {r.status_code} {r.text[:200]}")
                 count[0] += 1
@@ -423,8 +473,9 @@ def test_adapter_load_and_unload_during_traffic(own_server, own_adapters, s2s):
         assert server.post("/v1/adapters/late").status_code == 201
         server.service.batcher.pause()
         with ThreadPoolExecutor(2) as pool:
-            queued = pool.submit(httpx.post, f"{server.url}/v1/generate", timeout=30,
-                                 json={"adapter": "late", "inputs": "Sales"})
+            queued = pool.submit(
+                httpx.post, f"{server.url}/v1/generate", timeout=30, json={"adapter": "late", "inputs": "Sales"}
+            )
             while not any(job.adapter == "late" for job in list(server.service.batcher._pending)):
                 time.sleep(0.005)
             deleting = pool.submit(httpx.delete, f"{server.url}/v1/adapters/late", timeout=30)
@@ -451,12 +502,14 @@ def test_no_adapters_at_start_then_load(s2s, tmp_path):
         body = {"inputs": TEXTS[:2], "parameters": {"max_new_tokens": 6}}
         r = srv.post("/v1/generate", json={"adapter": BASE_ADAPTER, **body})
         assert r.status_code == 200 and [o["text"] for o in r.json()["outputs"]] == [
-            s2s.generate(BASE_ADAPTER, t) for t in TEXTS[:2]]
+            s2s.generate(BASE_ADAPTER, t) for t in TEXTS[:2]
+        ]
         shutil.copytree(s2s.adapters / "b", empty / "b")
         assert srv.post("/v1/adapters/b").status_code == 201  # the first adapter wraps the model
         r = srv.post("/v1/generate", json={"adapter": "b", **body})
         assert r.status_code == 200 and [o["text"] for o in r.json()["outputs"]] == [
-            s2s.generate("b", t) for t in TEXTS[:2]]
+            s2s.generate("b", t) for t in TEXTS[:2]
+        ]
         assert srv.client.delete("/v1/adapters/b").status_code == 200
         r = srv.post("/v1/classify", json={"adapter": BASE_ADAPTER, "inputs": TEXTS[:2]})
         assert r.status_code == 200
@@ -497,21 +550,32 @@ def test_adapter_endpoint_safety(own_server, own_adapters, s2s, tmp_path):
 def test_bad_inputs_are_json_4xx_and_server_keeps_serving(server):
     post = server.post
     json_headers = {"content-type": "application/json"}
-    _check_error(post("/v1/generate", content=b'{"adapter": "a", "inputs": ', headers=json_headers), 400, "invalid_json")
+    _check_error(
+        post("/v1/generate", content=b'{"adapter": "a", "inputs": ', headers=json_headers), 400, "invalid_json"
+    )
     _check_error(post("/v1/generate", content=b"", headers=json_headers), 422, "invalid_request")
-    for body in [{"adapter": 3, "inputs": "x"}, {"adapter": "a", "inputs": 5}, {"adapter": "a", "inputs": ["x", 1]},
-                 {"adapter": "a", "inputs": "x", "parameters": {"max_new_tokens": "5"}},
-                 {"adapter": "a", "inputs": "x", "parameters": {"do_sample": "yes"}},
-                 {"adapter": "a", "inputs": "x", "parameters": {"max_new_tokens": 0}},
-                 {"adapter": "a", "inputs": "x", "parameters": {"num_beams": 99}},
-                 {"adapter": "a", "inputs": "x", "parameters": {"unknown": 1}},
-                 {"adapter": "a", "inputs": "x", "extra": True}, {"inputs": "x"}, [1, 2]]:
+    for body in [
+        {"adapter": 3, "inputs": "x"},
+        {"adapter": "a", "inputs": 5},
+        {"adapter": "a", "inputs": ["x", 1]},
+        {"adapter": "a", "inputs": "x", "parameters": {"max_new_tokens": "5"}},
+        {"adapter": "a", "inputs": "x", "parameters": {"do_sample": "yes"}},
+        {"adapter": "a", "inputs": "x", "parameters": {"max_new_tokens": 0}},
+        {"adapter": "a", "inputs": "x", "parameters": {"num_beams": 99}},
+        {"adapter": "a", "inputs": "x", "parameters": {"unknown": 1}},
+        {"adapter": "a", "inputs": "x", "extra": True},
+        {"inputs": "x"},
+        [1, 2],
+    ]:
         _check_error(post("/v1/generate", json=body), 422, "invalid_request")
     for inputs in ([], "", ["ok", "   "]):
         _check_error(post("/v1/classify", json={"adapter": "a", "inputs": inputs}), 422, "invalid_request")
     _check_error(post("/v1/classify", json={"adapter": "a", "inputs": "x", "parameters": {"labels": []}}), 422)
-    _check_error(post("/v1/classify", json={"adapter": "a", "inputs": "x", "parameters": {"labels": ["up " * 40]}}),
-                 422, "invalid_labels")  # more tokens than max_label_tokens
+    _check_error(
+        post("/v1/classify", json={"adapter": "a", "inputs": "x", "parameters": {"labels": ["up " * 40]}}),
+        422,
+        "invalid_labels",
+    )  # more tokens than max_label_tokens
     _check_error(post("/v1/classify", json={"adapter": "nope", "inputs": "x"}), 404, "adapter_not_found")
     _check_error(post("/v1/generate", json={"adapter": "a", "inputs": ["x"] * 9}), 413, "too_many_inputs")
     _check_error(post("/v1/generate", json={"adapter": "a", "inputs": "word " * 100}), 413, "input_too_long")
@@ -530,8 +594,17 @@ def test_bad_inputs_are_json_4xx_and_server_keeps_serving(server):
 # -- queue, timeout, API key -----------------------------------------------------------------------------------------
 def test_queue_full_timeout_and_api_key(s2s, own_adapters):
     key = "s3cret-key"
-    srv = LiveServer(ServeConfig(model=str(s2s.model_dir), adapters_dir=str(own_adapters), task="seq2seq",
-                                 label_names=LABELS, max_queue=1, request_timeout_s=1.0, api_key=key))
+    srv = LiveServer(
+        ServeConfig(
+            model=str(s2s.model_dir),
+            adapters_dir=str(own_adapters),
+            task="seq2seq",
+            label_names=LABELS,
+            max_queue=1,
+            request_timeout_s=1.0,
+            api_key=key,
+        )
+    )
     try:
         body = {"adapter": "a", "inputs": "Sales", "parameters": {"max_new_tokens": 6}}
         auth = {"Authorization": f"Bearer {key}"}
@@ -569,12 +642,37 @@ def test_cli_serve_subprocess(s2s, own_adapters):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    env = {**os.environ, "IA3_API_KEY": "k", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "ia3", "serve", "--model", str(s2s.model_dir), "--adapters",
-                             str(own_adapters), "--port", str(port), "--label-names", ",".join(LABELS),
-                             "--max-batch-size", "4", "--log-level", "warning"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "IA3_API_KEY": "k",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ia3",
+            "serve",
+            "--model",
+            str(s2s.model_dir),
+            "--adapters",
+            str(own_adapters),
+            "--port",
+            str(port),
+            "--label-names",
+            ",".join(LABELS),
+            "--max-batch-size",
+            "4",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -585,8 +683,12 @@ def test_cli_serve_subprocess(s2s, own_adapters):
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/classify", headers={"X-API-Key": "k"}, timeout=30,
-                       json={"adapter": "b", "inputs": TEXTS[:2]})
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/classify",
+            headers={"X-API-Key": "k"},
+            timeout=30,
+            json={"adapter": "b", "inputs": TEXTS[:2]},
+        )
         assert r.status_code == 200, r.text
         _check_classify(s2s, "b", TEXTS[:2], r.json())
     finally:

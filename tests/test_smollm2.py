@@ -66,8 +66,9 @@ def test_real_text_rank_classification_and_generation_agree_with_plain_calls(smo
                 mean = torch.stack([lp[len(inp) - 1 + t, tok] for t, tok in enumerate(choice)]).mean()
                 assert scores[b, c].item() == pytest.approx(mean.item(), abs=2e-4)
         generated = task.generate(base, inputs, torch.device("cpu"), max_new_tokens=6)
-        alone = base.generate(torch.tensor([inputs[1]]), max_new_tokens=6, do_sample=False,
-                              pad_token_id=tokenizer.pad_token_id)
+        alone = base.generate(
+            torch.tensor([inputs[1]]), max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     assert generated[1] == tokenizer.decode(alone[0, len(inputs[1]) :], skip_special_tokens=True)
     assert all(isinstance(g, str) and g.strip() for g in generated)  # a real LM writes real text
 
@@ -87,12 +88,23 @@ def smollm2_run(tmp_path_factory):
         writer.writeheader()
         for i in range(48):  # spread over the file: all three classes
             writer.writerow({k: rows[i * len(rows) // 48][k] for k in ("text", "label")})
-    cfg = build_config(overrides={
-        "model.name": f"module:{PACKAGE}", "model.task": "causal", "data.dataset": str(data),
-        "data.text_column": "text", "data.label_column": "label", "data.val_split": "0.25", "data.label_length": "4",
-        "train.epochs": "1", "train.batch_size": "8", "train.lr": "0.01", "train.plots": "false",
-        "train.eval_before_training": "true", "output_dir": str(root / "run"),
-    })
+    cfg = build_config(
+        overrides={
+            "model.name": f"module:{PACKAGE}",
+            "model.task": "causal",
+            "data.dataset": str(data),
+            "data.text_column": "text",
+            "data.label_column": "label",
+            "data.val_split": "0.25",
+            "data.label_length": "4",
+            "train.epochs": "1",
+            "train.batch_size": "8",
+            "train.lr": "0.01",
+            "train.plots": "false",
+            "train.eval_before_training": "true",
+            "output_dir": str(root / "run"),
+        }
+    )
     return root / "run", train(cfg, progress=False)
 
 

@@ -26,13 +26,30 @@ TEXTS = ["Operating profit rose to EUR 13 mn", "Sales fell", "The company said i
 def _causal(kind: str, tok, seed: int = 0):
     torch.manual_seed(seed)
     if kind == "llama":
-        cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                             pad_token_id=0, bos_token_id=3, eos_token_id=1)
+        cfg = tf.LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            bos_token_id=3,
+            eos_token_id=1,
+        )
         base = tf.LlamaForCausalLM(cfg)
     else:
-        cfg = tf.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=3,
-                            eos_token_id=1, pad_token_id=0)
+        cfg = tf.GPT2Config(
+            vocab_size=len(tok),
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=3,
+            eos_token_id=1,
+            pad_token_id=0,
+        )
         base = tf.GPT2LMHeadModel(cfg)
     model = get_peft_model(base.eval(), IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False))
     return model
@@ -40,10 +57,21 @@ def _causal(kind: str, tok, seed: int = 0):
 
 def _seq2seq(tok, seed: int = 0):
     torch.manual_seed(seed)
-    cfg = tf.T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
-    return get_peft_model(tf.T5ForConditionalGeneration(cfg).eval(), IA3Config(task_type="SEQ_2_SEQ_LM",
-                                                                               init_ia3_weights=False))
+    cfg = tf.T5Config(
+        vocab_size=len(tok),
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        dropout_rate=0.0,
+    )
+    return get_peft_model(
+        tf.T5ForConditionalGeneration(cfg).eval(), IA3Config(task_type="SEQ_2_SEQ_LM", init_ia3_weights=False)
+    )
 
 
 def _full_logits_loss(model, inputs: list[list[int]], answers: list[list[int]], pad: int) -> torch.Tensor:
@@ -54,8 +82,9 @@ def _full_logits_loss(model, inputs: list[list[int]], answers: list[list[int]], 
     mask = pad_rows([[1] * len(r) for r in rows], 0)
     logits = model(input_ids=ids, attention_mask=mask).logits.float()
     target = pad_rows(labels, -100)
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), target[:, 1:].flatten(), ignore_index=-100,
-                                             reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), target[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
@@ -148,8 +177,15 @@ def test_classifier_scores_are_the_head_logits():
     tok = word_tokenizer()
     task = ClassificationTask(tok)
     torch.manual_seed(0)
-    cfg = tf.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                        intermediate_size=40, max_position_embeddings=64, num_labels=3)
+    cfg = tf.BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=40,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
     model = tf.BertForSequenceClassification(cfg).eval()
     inputs = task.encode(TEXTS, 64)
     scores, nll, units = task.score(model, inputs, [[], [], []], torch.device("cpu"))
@@ -186,8 +222,10 @@ def test_causal_prompt_parts_and_truncation_keep_the_prompt():
         task.encode(["x"], 5, reserve=4)
 
 
-CHAT = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-        "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+CHAT = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
 
 
 def test_chat_template_wraps_the_prompt_and_the_label_is_the_assistant_turn():
@@ -196,8 +234,9 @@ def test_chat_template_wraps_the_prompt_and_the_label_is_the_assistant_turn():
     CausalTask.prepare_tokenizer(tok, "tiny")
     task = CausalTask(tok, prompt="{text}\nSentiment:", chat_template=True)
     (ids,) = task.encode(["Sales fell"], 64, reserve=4)
-    rendered = tok.apply_chat_template([{"role": "user", "content": "Sales fell\nSentiment:"}], tokenize=False,
-                                       add_generation_prompt=True)
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": "Sales fell\nSentiment:"}], tokenize=False, add_generation_prompt=True
+    )
     assert ids == tok(rendered, add_special_tokens=False)["input_ids"]
     choices = task.encode_choices(LABELS, 4)
     # the assistant's turn: the label, then the template's end of turn (</s>, the EOS here); no leading space
@@ -231,8 +270,13 @@ def test_registry_is_consistent():
 
 def test_no_module_but_the_task_module_branches_on_the_task_name():
     pattern = re.compile(r"task (==|!=)|task in \(|\.task\s*(==|!=)")
-    offenders = [f"{p.relative_to(SRC)}:{n}" for p in SRC.rglob("*.py") if p.name != "tasks.py"
-                 for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    offenders = [
+        f"{p.relative_to(SRC)}:{n}"
+        for p in SRC.rglob("*.py")
+        if p.name != "tasks.py"
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert offenders == []
 
 

@@ -29,8 +29,9 @@ def tokenizer() -> tf.PreTrainedTokenizerFast:
     from tokenizers.processors import TemplateProcessing
 
     tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                      bos_token="<s>")
+    return tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", bos_token="<s>"
+    )
 
 
 def make_model_dir(root: Path, kind: str, seed: int = 0) -> Path:
@@ -39,16 +40,41 @@ def make_model_dir(root: Path, kind: str, seed: int = 0) -> Path:
     tok = tokenizer()
     vocab = len(tok)
     if kind == "seq2seq":
-        cfg = tf.T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                          decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.1)
+        cfg = tf.T5Config(
+            vocab_size=vocab,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+            dropout_rate=0.1,
+        )
         model = tf.T5ForConditionalGeneration(cfg)
     elif kind == "causal":
-        cfg = tf.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=160, bos_token_id=3,
-                            eos_token_id=1, pad_token_id=0)
+        cfg = tf.GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=160,
+            bos_token_id=3,
+            eos_token_id=1,
+            pad_token_id=0,
+        )
         model = tf.GPT2LMHeadModel(cfg)
     elif kind == "cls":
-        cfg = tf.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=64, max_position_embeddings=160, pad_token_id=0)
+        cfg = tf.BertConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=160,
+            pad_token_id=0,
+        )
         model = tf.BertModel(cfg)
     else:
         raise ValueError(kind)

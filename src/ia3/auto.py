@@ -72,8 +72,13 @@ class _AutoPeftModel:
             auto_class, ref, revision=config.revision, token=token, trust_remote_code=trust_remote_code, **model_kwargs
         )
         return cls.peft_class.from_pretrained(
-            base, pretrained_model_name_or_path, adapter_name=adapter_name, is_trainable=is_trainable,
-            revision=revision, token=token, allow_pickle=allow_pickle,
+            base,
+            pretrained_model_name_or_path,
+            adapter_name=adapter_name,
+            is_trainable=is_trainable,
+            revision=revision,
+            token=token,
+            allow_pickle=allow_pickle,
         )
 
 

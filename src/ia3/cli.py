@@ -29,10 +29,19 @@ if TYPE_CHECKING:
 
 # Short flags for the settings people change most; every setting also has its dotted flag (--train.lr).
 ALIASES = {
-    "--model": "model.name", "--task": "model.task", "--dataset": "data.dataset", "--subset": "data.subset",
-    "--text-column": "data.text_column", "--label-column": "data.label_column", "--label-names": "data.label_names",
-    "--epochs": "train.epochs", "--lr": "train.lr", "--batch-size": "train.batch_size", "--seed": "train.seed",
-    "--loss": "train.loss", "--output-dir": "output_dir",
+    "--model": "model.name",
+    "--task": "model.task",
+    "--dataset": "data.dataset",
+    "--subset": "data.subset",
+    "--text-column": "data.text_column",
+    "--label-column": "data.label_column",
+    "--label-names": "data.label_names",
+    "--epochs": "train.epochs",
+    "--lr": "train.lr",
+    "--batch-size": "train.batch_size",
+    "--seed": "train.seed",
+    "--loss": "train.loss",
+    "--output-dir": "output_dir",
 }
 BUNDLED_CONFIGS = Path(__file__).resolve().parent / "demo"  # `--config NAME` for NAME.yaml here
 DEMO_CONFIG = BUNDLED_CONFIGS / "smollm2.yaml"  # the embedded default: SmolLM2 learns to generate the label
@@ -64,11 +73,18 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
     from ia3.recipe.config import metavar, settings
 
     group = parser.add_argument_group(
-        "settings (defaults < --config file < these flags; lists are comma-separated, `none` unsets an optional one)")
+        "settings (defaults < --config file < these flags; lists are comma-separated, `none` unsets an optional one)"
+    )
     for s in settings():
-        flags = [f"--{s.key}"] + [alias for alias, target in ALIASES.items() if target == s.key and alias != f"--{s.key}"]
-        kwargs: dict = {"dest": f"set:{s.key}", "default": None, "help": _help(s.help, s.default),
-                        "metavar": "{" + ",".join(s.choices) + "}" if s.choices else metavar(s.hint)}
+        flags = [f"--{s.key}"] + [
+            alias for alias, target in ALIASES.items() if target == s.key and alias != f"--{s.key}"
+        ]
+        kwargs: dict = {
+            "dest": f"set:{s.key}",
+            "default": None,
+            "help": _help(s.help, s.default),
+            "metavar": "{" + ",".join(s.choices) + "}" if s.choices else metavar(s.hint),
+        }
         if s.hint is bool:  # `--train.plots` alone means true
             kwargs.update(nargs="?", const="true")
         group.add_argument(*flags, **kwargs)
@@ -101,9 +117,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume = True if args.resume == "latest" else args.resume or False
     metrics = train(cfg, resume=resume, progress=not args.quiet)
     if metrics:
-        summary = {k: metrics[k] for k in ("zero_shot", "accuracy", "macro_f1", "generation_accuracy", "eval_loss",
-                                            "seconds_per_epoch")
-                   if metrics.get(k) is not None}
+        summary = {
+            k: metrics[k]
+            for k in ("zero_shot", "accuracy", "macro_f1", "generation_accuracy", "eval_loss", "seconds_per_epoch")
+            if metrics.get(k) is not None
+        }
         print(json.dumps({"output_dir": cfg.output_dir, **summary}))
     return 0
 
@@ -237,30 +255,49 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
         if f.name == "api_key":
             kwargs.update(metavar="KEY", help=_help(doc + " Default: $IA3_API_KEY.", show_default=False))
         elif hint is bool:  # a flag that flips the default: `--no-hub` (allow_hub), `--no-mix-adapters`
-            kwargs.update(action="store_const", const=not f.default,
-                          help=_help(("turn off: " if f.default else "") + doc, show_default=False))
+            kwargs.update(
+                action="store_const",
+                const=not f.default,
+                help=_help(("turn off: " if f.default else "") + doc, show_default=False),
+            )
         else:
             required = f.name in ("model", "adapters_dir")
-            kwargs.update(metavar={"model": "MODEL", "adapters_dir": "DIR"}.get(f.name, metavar(hint)), required=required,
-                          help=_help(doc, f.default, not required))
+            kwargs.update(
+                metavar={"model": "MODEL", "adapters_dir": "DIR"}.get(f.name, metavar(hint)),
+                required=required,
+                help=_help(doc, f.default, not required),
+            )
         if f.name == "task":
             kwargs.update(choices=list(TASKS), metavar="{" + ",".join(TASKS) + "}")
         parser.add_argument(flag, **kwargs)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
+    )
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                        help="uvicorn's log level (default: info)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads for the model (default: torch's); 1 is often "
-                        "fastest on a small, busy machine, where spinning OpenMP threads compete with the HTTP workers")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level (default: info)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads for the model (default: torch's); 1 is often "
+        "fastest on a small, busy machine, where spinning OpenMP threads compete with the HTTP workers",
+    )
 
 
 def _add_quiet(parser: argparse.ArgumentParser, default: object = False) -> None:
-    parser.add_argument("-q", "--quiet", action="store_true", default=default,
-                        help="no progress bars or per-epoch lines")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="no progress bars or per-epoch lines"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ia3", description="(IA)^3 fine-tuning: train, evaluate, predict, merge, share")
+    parser = argparse.ArgumentParser(
+        prog="ia3", description="(IA)^3 fine-tuning: train, evaluate, predict, merge, share"
+    )
     _add_quiet(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -271,29 +308,60 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     settings_usage = "[--SECTION.KEY VALUE ...]"
-    p = command("train", cmd_train, "train an adapter (no --config: the bundled offline demo)",
-                f"ia3 train [-q] [--config FILE] [--resume [CHECKPOINT]] {settings_usage}")
-    p.add_argument("--config", type=Path, metavar="FILE", help="YAML file with output_dir and model/data/train sections, or the name of a bundled config: "
-                   "smollm2 (the default: SmolLM2 generates the label), minilm (MiniLM with a classifier head)")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="continue from the output dir's latest checkpoint, or from the given checkpoint path")
+    p = command(
+        "train",
+        cmd_train,
+        "train an adapter (no --config: the bundled offline demo)",
+        f"ia3 train [-q] [--config FILE] [--resume [CHECKPOINT]] {settings_usage}",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="YAML file with output_dir and model/data/train sections, or the name of a bundled config: "
+        "smollm2 (the default: SmolLM2 generates the label), minilm (MiniLM with a classifier head)",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the output dir's latest checkpoint, or from the given checkpoint path",
+    )
     _add_settings(p)
 
-    p = command("eval", cmd_eval, "metrics of a trained adapter on its validation split",
-                f"ia3 eval [-q] ADAPTER_DIR [--split {{val,all}}] [--output FILE] {settings_usage}")
+    p = command(
+        "eval",
+        cmd_eval,
+        "metrics of a trained adapter on its validation split",
+        f"ia3 eval [-q] ADAPTER_DIR [--split {{val,all}}] [--output FILE] {settings_usage}",
+    )
     p.add_argument("adapter", help="output folder of `ia3 train` (or an adapter folder)")
-    p.add_argument("--split", choices=["val", "all"], default="val",
-                   help="the run's validation split, or all the examples of its dataset (default: val)")
+    p.add_argument(
+        "--split",
+        choices=["val", "all"],
+        default="val",
+        help="the run's validation split, or all the examples of its dataset (default: val)",
+    )
     p.add_argument("--output", metavar="FILE", help="also write each example's prediction as JSON lines to this file")
     _add_settings(p)
 
-    p = command("predict", cmd_predict, "labels for texts (arguments, --file, or stdin); JSON lines out",
-                f"ia3 predict [-q] ADAPTER_DIR [TEXT ...] [--file FILE] [--mode {{rank,generate}}] {settings_usage}")
+    p = command(
+        "predict",
+        cmd_predict,
+        "labels for texts (arguments, --file, or stdin); JSON lines out",
+        f"ia3 predict [-q] ADAPTER_DIR [TEXT ...] [--file FILE] [--mode {{rank,generate}}] {settings_usage}",
+    )
     p.add_argument("adapter", help="output folder of `ia3 train` (or an adapter folder)")
     p.add_argument("texts", nargs="*", help="texts to label (none and no --file: one per line on stdin)")
     p.add_argument("--file", metavar="FILE", help="one text per line, or JSON lines with a 'text' field")
-    p.add_argument("--mode", choices=["rank", "generate"], default="rank",
-                   help="rank: the most likely of the label names; generate: the label the model writes (default: rank)")
+    p.add_argument(
+        "--mode",
+        choices=["rank", "generate"],
+        default="rank",
+        help="rank: the most likely of the label names; generate: the label the model writes (default: rank)",
+    )
     _add_settings(p)
 
     p = command("merge", cmd_merge, "merge the adapter into its base model and save the full model")
@@ -308,8 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repo_id", help="the Hub repository to create or update, e.g. you/finsent-ia3")
     p.add_argument("--private", action="store_true", help="create the repository private")
 
-    p = command("serve", cmd_serve, "HTTP API: one base model, many adapters mixed in every batch (ia3[serve])",
-                "ia3 serve --model MODEL --adapters DIR [--task TASK] [--port PORT] [options]")
+    p = command(
+        "serve",
+        cmd_serve,
+        "HTTP API: one base model, many adapters mixed in every batch (ia3[serve])",
+        "ia3 serve --model MODEL --adapters DIR [--task TASK] [--port PORT] [options]",
+    )
     _add_serve_flags(p)
     return parser
 

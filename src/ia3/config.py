@@ -104,8 +104,12 @@ class IA3Config:
             problems.append(f"`peft_type` must be {PEFT_TYPE!r} for an (IA)^3 adapter; got {self.peft_type!r}")
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
-        if self.task_type is not None and (not isinstance(self.task_type, str) or self.task_type not in TaskType.__members__):
-            problems.append(f"`task_type` must be one of {sorted(TaskType.__members__)} or None; got {self.task_type!r}")
+        if self.task_type is not None and (
+            not isinstance(self.task_type, str) or self.task_type not in TaskType.__members__
+        ):
+            problems.append(
+                f"`task_type` must be one of {sorted(TaskType.__members__)} or None; got {self.task_type!r}"
+            )
         self.target_modules = _as_names(self.target_modules, "target_modules", problems)
         self.exclude_modules = _as_names(self.exclude_modules, "exclude_modules", problems)
         self.feedforward_modules = _as_names(self.feedforward_modules, "feedforward_modules", problems)
@@ -156,9 +160,7 @@ class IA3Config:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known - _IGNORED_KEYS)
         if unknown:
-            raise ValueError(
-                f"Unknown key(s) {unknown} in the adapter config; (IA)^3 configs accept {sorted(known)}"
-            )
+            raise ValueError(f"Unknown key(s) {unknown} in the adapter config; (IA)^3 configs accept {sorted(known)}")
         for key in ("target_parameters", "layers_to_transform", "layers_pattern"):
             if data.get(key):
                 raise ValueError(f"The adapter config sets `{key}`={data[key]!r}, which ia3 does not support")
@@ -182,7 +184,9 @@ class IA3Config:
         """Read `adapter_config.json` from a folder or a Hub repo; `kwargs` override fields."""
         from ia3.hub import resolve_file
 
-        path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, revision=revision, token=token)
+        path = resolve_file(
+            pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, revision=revision, token=token
+        )
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError, huge ints, deep nesting

@@ -38,9 +38,7 @@ def resolve_file(
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(
-            hf_hub_download(str(name_or_path), filename, subfolder=subfolder, revision=revision, token=token)
-        )
+        return Path(hf_hub_download(str(name_or_path), filename, subfolder=subfolder, revision=revision, token=token))
     except EntryNotFoundError:
         if missing_ok:
             return None

@@ -170,7 +170,9 @@ class PeftModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         """Print the trainable and total parameter counts, in PEFT's format."""
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # -- running ---------------------------------------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
@@ -213,7 +215,9 @@ class PeftModel(nn.Module):
             return out
         missing = [full[k] for k in out if full[k] not in state_dict]
         if missing:
-            raise ValueError(f"state_dict lacks {len(missing)} tensor(s) of adapter {adapter_name!r}, e.g. {missing[:3]}")
+            raise ValueError(
+                f"state_dict lacks {len(missing)} tensor(s) of adapter {adapter_name!r}, e.g. {missing[:3]}"
+            )
         return {k: state_dict[full[k]].detach() for k in out}
 
     def save_pretrained(
@@ -341,7 +345,9 @@ class PeftModel(nn.Module):
             raise
 
     def _load_weights(self, model_id, adapter_name, subfolder, revision, token, allow_pickle) -> None:
-        path = resolve_file(model_id, WEIGHTS_NAME, subfolder=subfolder, revision=revision, token=token, missing_ok=True)
+        path = resolve_file(
+            model_id, WEIGHTS_NAME, subfolder=subfolder, revision=revision, token=token, missing_ok=True
+        )
         if path is None:
             pickled = resolve_file(
                 model_id, PICKLE_WEIGHTS_NAME, subfolder=subfolder, revision=revision, token=token, missing_ok=True
@@ -426,5 +432,3 @@ def get_peft_model(
         raise ValueError("This model already has (IA)^3 layers; use peft_model.add_adapter(...) to add another adapter")
     klass = TASK_TO_MODEL.get(peft_config.task_type or "", PeftModel)
     return klass(model, peft_config, adapter_name, autocast_adapter_dtype)
-
-

@@ -79,7 +79,9 @@ class PerExampleAdapters:
         """
         merged = [name for name, layer in layers if layer.merged_adapters]
         if merged:
-            raise ValueError(f"Per-example adapters need unmerged layers, but {merged[:3]} are merged; call unmerge_adapter()")
+            raise ValueError(
+                f"Per-example adapters need unmerged layers, but {merged[:3]} are merged; call unmerge_adapter()"
+            )
         unique = list(dict.fromkeys(adapter_names))
         plain_layers = [layer for _, layer in layers]
         try:

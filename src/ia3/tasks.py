@@ -137,7 +137,9 @@ class Task:
         return [[] for _ in label_names]
 
     # -- training ------------------------------------------------------------------------------------------------
-    def train_batch(self, inputs: list[list[int]], choices: list[list[int]], gold: list[int]) -> dict[str, torch.Tensor]:
+    def train_batch(
+        self, inputs: list[list[int]], choices: list[list[int]], gold: list[int]
+    ) -> dict[str, torch.Tensor]:
         """Model inputs for the training loss of rows `inputs` whose answers are `choices[gold[i]]`."""
         raise NotImplementedError
 
@@ -207,7 +209,6 @@ class Seq2SeqTask(Task):
     auto_class = "AutoModelForSeq2SeqLM"
     generates = True
 
-
     def encode(self, texts: list[str], max_length: int, reserve: int = 0) -> list[list[int]]:
         # the encoder reads the text as it is (the seed recipe's input); `prompt` applies to causal models
         return self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
@@ -222,14 +223,18 @@ class Seq2SeqTask(Task):
         return choices
 
     def train_batch(self, inputs, choices, gold):
-        return {"input_ids": pad_rows(inputs, self.pad_id), "attention_mask": attention_mask(inputs),
-                "labels": pad_rows([choices[g] for g in gold], -100)}
+        return {
+            "input_ids": pad_rows(inputs, self.pad_id),
+            "attention_mask": attention_mask(inputs),
+            "labels": pad_rows([choices[g] for g in gold], -100),
+        }
 
     def loss_sum(self, model, batch):
         # the decoder runs on the label tokens only, so every logit is at a label position already
         logits = model(**batch).logits.float()
-        return nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
-                                           reduction="sum")
+        return nn.functional.cross_entropy(
+            logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum"
+        )
 
     def choice_logprobs(self, model, inputs, choices, device):
         """The encoder runs once per input; its states are shared by all choices."""
@@ -306,8 +311,10 @@ class CausalTask(Task):
         fixed = len(self._bos) + len(self._before) + len(self._after)
         budget = max_length - reserve - fixed
         if budget < 1:
-            raise ValueError(f"A length limit of {max_length} tokens leaves no room for the text: the prompt takes "
-                             f"{fixed} and the answer {reserve}")
+            raise ValueError(
+                f"A length limit of {max_length} tokens leaves no room for the text: the prompt takes "
+                f"{fixed} and the answer {reserve}"
+            )
         ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=budget)["input_ids"]
         return [self._bos + self._before + row + self._after for row in ids]
 
@@ -319,8 +326,10 @@ class CausalTask(Task):
                 user = self.prompt.replace(PROMPT_FIELD, "")
                 full, prefix = self._render(user, name), self._render(user)
                 if not full.startswith(prefix):
-                    raise ValueError("The chat template renders the assistant's turn in a way that cannot be split "
-                                     "from the prompt; unset data.chat_template")
+                    raise ValueError(
+                        "The chat template renders the assistant's turn in a way that cannot be split "
+                        "from the prompt; unset data.chat_template"
+                    )
                 ids = tok(full[len(prefix) :].rstrip(), add_special_tokens=False)["input_ids"]
             else:
                 ids = tok(" " + name, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -356,8 +365,9 @@ class CausalTask(Task):
         labels = batch["labels"]
         width = int((labels != -100).sum(-1).max())  # the longest label: all label tokens are in the last `width`
         logits = self._tail_logits(model, batch, width).float()
-        return nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, -width:].flatten(), ignore_index=-100,
-                                           reduction="sum")
+        return nn.functional.cross_entropy(
+            logits.flatten(0, 1), labels[:, -width:].flatten(), ignore_index=-100, reduction="sum"
+        )
 
     def choice_logprobs(self, model, inputs, choices, device):
         """The prompt runs once per input; its key/value cache is shared by all choices.
@@ -382,8 +392,13 @@ class CausalTask(Task):
             mask = torch.cat([prompts["attention_mask"].repeat_interleave(n_choices, dim=0), tail_mask], dim=1)
             start = prompts["attention_mask"].sum(-1, keepdim=True).repeat_interleave(n_choices, dim=0)
             positions = start + torch.arange(width - 1, device=device)
-            rest = model(input_ids=pad_rows(tails, self.pad_id).to(device), attention_mask=mask,
-                         position_ids=positions, use_cache=False, **{cache_arg: cache})
+            rest = model(
+                input_ids=pad_rows(tails, self.pad_id).to(device),
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=False,
+                **{cache_arg: cache},
+            )
             logits = torch.cat([logits, rest.logits], dim=1)  # (B*C, T, V)
         return _gather_logprobs(logits, targets, batch, n_choices)
 
@@ -392,7 +407,10 @@ class CausalTask(Task):
         return {"logits_to_keep": positions} if _accepts(_hf_model(model), "logits_to_keep") else {}
 
     def generation_inputs(self, inputs):
-        return {"input_ids": pad_rows(inputs, self.pad_id, left=True), "attention_mask": attention_mask(inputs, left=True)}
+        return {
+            "input_ids": pad_rows(inputs, self.pad_id, left=True),
+            "attention_mask": attention_mask(inputs, left=True),
+        }
 
     def new_tokens(self, output, prompt_width):
         return output[:, prompt_width:]
@@ -406,20 +424,25 @@ class ClassificationTask(Task):
     auto_class = "AutoModelForSequenceClassification"
     generates = False
 
-
     @classmethod
     def model_kwargs(cls, label_names: list[str]) -> dict[str, Any]:
         if not label_names:
             return {}
-        return {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
-                "label2id": {n: i for i, n in enumerate(label_names)}}
+        return {
+            "num_labels": len(label_names),
+            "id2label": dict(enumerate(label_names)),
+            "label2id": {n: i for i, n in enumerate(label_names)},
+        }
 
     def encode(self, texts: list[str], max_length: int, reserve: int = 0) -> list[list[int]]:
         return self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
 
     def train_batch(self, inputs, choices, gold):
-        return {"input_ids": pad_rows(inputs, self.pad_id), "attention_mask": attention_mask(inputs),
-                "labels": torch.tensor(gold)}
+        return {
+            "input_ids": pad_rows(inputs, self.pad_id),
+            "attention_mask": attention_mask(inputs),
+            "labels": torch.tensor(gold),
+        }
 
     def loss_units(self, choices, gold):
         return len(gold)
@@ -429,7 +452,10 @@ class ClassificationTask(Task):
         return nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
 
     def score(self, model, inputs, choices, device):
-        batch = {"input_ids": pad_rows(inputs, self.pad_id).to(device), "attention_mask": attention_mask(inputs).to(device)}
+        batch = {
+            "input_ids": pad_rows(inputs, self.pad_id).to(device),
+            "attention_mask": attention_mask(inputs).to(device),
+        }
         logits = model(**batch).logits.float()
         nll = -torch.log_softmax(logits, dim=-1)
         return logits, nll, torch.ones_like(logits)

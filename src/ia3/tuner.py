@@ -103,9 +103,13 @@ class IA3Model(nn.Module):
     def inject_adapter(self, adapter_name: str, config: IA3Config) -> IA3Config:
         """Add adapter `adapter_name` as described by `config`; returns the resolved config it stores."""
         if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE_ADAPTER or "." in adapter_name:
-            raise ValueError(f"Invalid adapter name {adapter_name!r}: use a non-empty name without '.' (not {BASE_ADAPTER!r})")
+            raise ValueError(
+                f"Invalid adapter name {adapter_name!r}: use a non-empty name without '.' (not {BASE_ADAPTER!r})"
+            )
         if hasattr(nn.ParameterDict(), adapter_name) or hasattr(nn.ModuleDict(), adapter_name):
-            raise ValueError(f"Invalid adapter name {adapter_name!r}: it is the name of a torch container method; pick another")
+            raise ValueError(
+                f"Invalid adapter name {adapter_name!r}: it is the name of a torch container method; pick another"
+            )
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or pick another name")
         if not isinstance(config, IA3Config):
@@ -157,7 +161,9 @@ class IA3Model(nn.Module):
         optional = set(TASK_HEADS.get(config.task_type or "", []))
         missing = [m for m in config.modules_to_save if m not in optional and not any(matches([m], f) for f in found)]
         if missing:
-            raise ValueError(f"modules_to_save names {missing}, which match no module of this {type(self.model).__name__}")
+            raise ValueError(
+                f"modules_to_save names {missing}, which match no module of this {type(self.model).__name__}"
+            )
         return found
 
     # -- activation and training -----------------------------------------------------------------------------------

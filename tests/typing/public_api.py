@@ -18,7 +18,9 @@ from ia3 import IA3Config, IA3Layer, IA3Model, PeftModel, WeightLayout, get_peft
 
 
 def peft_model_api(base: nn.Module, folder: str | os.PathLike[str]) -> None:
-    config = IA3Config(task_type="CAUSAL_LM", target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"])
+    config = IA3Config(
+        task_type="CAUSAL_LM", target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]
+    )
     model = get_peft_model(base, config)
     assert_type(model, PeftModel)
     assert_type(model.base_model, IA3Model)

@@ -62,6 +62,10 @@ def push_adapter(adapter_dir: str | Path, repo_id: str, private: bool | None = N
     load_tensors(folder / WEIGHTS_NAME)
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                             allow_patterns=["adapter_config.json", WEIGHTS_NAME],
-                             commit_message="Upload (IA)^3 adapter")
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        repo_type="model",
+        allow_patterns=["adapter_config.json", WEIGHTS_NAME],
+        commit_message="Upload (IA)^3 adapter",
+    )

@@ -92,8 +92,13 @@ def _kinds(hint: Any) -> tuple[list[type], bool]:
     return kinds, type(None) in args
 
 
-_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-          list: "a list (comma-separated on the command line)"}
+_WORDS = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list (comma-separated on the command line)",
+}
 _METAVARS = {bool: "{true,false}", int: "INT", float: "FLOAT", str: "STR", list: "A,B,..."}
 
 
@@ -326,8 +331,10 @@ class DataArgs:
             c.text(name, "a non-empty string")
         c.names("label_names")
         if c.ok("val_split"):
-            c.require(0 <= self.val_split < 1,
-                      f"--data.val_split must be a fraction, 0 <= val_split < 1 (0: no validation); got {self.val_split!r}")
+            c.require(
+                0 <= self.val_split < 1,
+                f"--data.val_split must be a fraction, 0 <= val_split < 1 (0: no validation); got {self.val_split!r}",
+            )
         c.integer("max_length", 2)
         c.integer("label_length", 1)
         c.done("Invalid data settings")
@@ -389,8 +396,10 @@ class TrainArgs:
         if c.ok("lr"):
             c.require(0 < self.lr < float("inf"), f"--train.lr must be a positive number; got {self.lr!r}")
         if c.ok("weight_decay"):
-            c.require(0 <= self.weight_decay < float("inf"),
-                      f"--train.weight_decay must be a number >= 0; got {self.weight_decay!r}")
+            c.require(
+                0 <= self.weight_decay < float("inf"),
+                f"--train.weight_decay must be a number >= 0; got {self.weight_decay!r}",
+            )
         c.choice("loss", LOSSES)
         c.choice("precision", PRECISIONS)
         c.done("Invalid train settings")
@@ -423,7 +432,9 @@ class RecipeConfig:
         problems: list[str] = []
         for name, klass in GROUPS.items():
             if not isinstance(getattr(self, name), klass):
-                problems.append(f"RecipeConfig.{name} must be a {klass.__name__}; got {type(getattr(self, name)).__name__}")
+                problems.append(
+                    f"RecipeConfig.{name} must be a {klass.__name__}; got {type(getattr(self, name)).__name__}"
+                )
         if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir).strip():
             problems.append(f"--output_dir must name a folder; got {self.output_dir!r}")
         if problems:
@@ -431,10 +442,14 @@ class RecipeConfig:
         m, d, t = self.model, self.data, self.train
         if t.loss == "tfew" and not TASKS[m.task].generates:
             generating = [name for name, task in TASKS.items() if task.generates]
-            problems.append(f"--train.loss tfew needs a label-generation task (--model.task {' or '.join(generating)}); "
-                            f"got --model.task {m.task}")
+            problems.append(
+                f"--train.loss tfew needs a label-generation task (--model.task {' or '.join(generating)}); "
+                f"got --model.task {m.task}"
+            )
         if m.task in TASKS:  # the task's own rules for the prompt settings (e.g. causal: `{text}` in the prompt)
-            problems += [f"{p} (--model.task {m.task})" for p in TASKS[m.task].check_settings(d.prompt, d.chat_template)]
+            problems += [
+                f"{p} (--model.task {m.task})" for p in TASKS[m.task].check_settings(d.prompt, d.chat_template)
+            ]
         if problems:
             raise ConfigError(problems)
 
@@ -569,13 +584,16 @@ def build_config(
                         put(f"{key}.{name}", item, f"{source}: {key}.{name}")
                 if unknown:
                     accepted = [k.partition(".")[2] for k in keys if k.startswith(key + ".")]
-                    problems.append(f"{source}: unknown key(s) {unknown}{_suggest_each(unknown, keys)} "
-                                    f"({key} accepts {accepted})")
+                    problems.append(
+                        f"{source}: unknown key(s) {unknown}{_suggest_each(unknown, keys)} ({key} accepts {accepted})"
+                    )
             else:
                 homes = [k for k in keys if k.partition(".")[2] == key]
                 hint = f"; did you mean {homes[0]} (under `{homes[0].partition('.')[0]}:`)?" if homes else ""
-                problems.append(f"{source}: unknown key {key!r}{hint or _suggest(str(key), ['output_dir', *GROUPS])} "
-                                f"(the config accepts output_dir and the sections {list(GROUPS)})")
+                problems.append(
+                    f"{source}: unknown key {key!r}{hint or _suggest(str(key), ['output_dir', *GROUPS])} "
+                    f"(the config accepts output_dir and the sections {list(GROUPS)})"
+                )
     for key, value in (overrides or {}).items():
         if key in keys:
             put(key, value, f"--{key}")

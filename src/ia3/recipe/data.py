@@ -78,9 +78,7 @@ def parse_phrasebank(text: str, source: str = "<text>") -> list[tuple[str, str]]
         sentence, at, label = line.rpartition("@")
         sentence, label = sentence.strip(), label.strip()
         if not at or not sentence or not label:
-            raise DataError(
-                f"{source}, line {number}: expected 'sentence@label', got {line[:80]!r}"
-            )
+            raise DataError(f"{source}, line {number}: expected 'sentence@label', got {line[:80]!r}")
         rows.append((sentence, label))
     return rows
 
@@ -128,7 +126,9 @@ def _read_table(path: Path) -> list[dict]:
                 raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
         return rows
-    raise DataError(f"{path}: unknown file type {suffix!r}; use .csv, .tsv, .jsonl, .json, .parquet or .txt (sentence@label)")
+    raise DataError(
+        f"{path}: unknown file type {suffix!r}; use .csv, .tsv, .jsonl, .json, .parquet or .txt (sentence@label)"
+    )
 
 
 def _is_int(text: str) -> bool:

@@ -42,8 +42,10 @@ def encode_choices(task: Task, label_names: list[str], label_length: int) -> lis
     try:
         return task.encode_choices(label_names, label_length)
     except LabelLengthError as err:
-        raise DataError(f"Label {err.label!r} is {len(err.tokens)} tokens long ({err.tokens}) but data.label_length "
-                        f"is {err.limit}: raise --data.label_length or use shorter label names") from None
+        raise DataError(
+            f"Label {err.label!r} is {len(err.tokens)} tokens long ({err.tokens}) but data.label_length "
+            f"is {err.limit}: raise --data.label_length or use shorter label names"
+        ) from None
 
 
 def encode(task: Task, examples: Examples, max_length: int, label_length: int) -> Encoded:

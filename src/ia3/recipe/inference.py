@@ -31,8 +31,9 @@ def run_config(adapter_dir: str | Path, overrides: dict[str, Any] | None = None)
     else:
         adapter = IA3Config.from_pretrained(folder)
         if adapter.task_type not in TASK_OF_PEFT_TYPE:
-            raise ValueError(f"{folder}: adapter task_type {adapter.task_type!r} is not a recipe task "
-                             f"({sorted(TASK_OF_PEFT_TYPE)})")
+            raise ValueError(
+                f"{folder}: adapter task_type {adapter.task_type!r} is not a recipe task ({sorted(TASK_OF_PEFT_TYPE)})"
+            )
         base = {"model": {"name": adapter.base_model_name_or_path, "task": TASK_OF_PEFT_TYPE[adapter.task_type].name}}
     base["output_dir"] = str(folder)
     return build_config(base=base, overrides=overrides)
@@ -58,17 +59,29 @@ def evaluate_run(
     """
     cfg = run_config(adapter_dir, overrides)
     d = cfg.data
-    examples = load_examples(d.dataset, subset=d.subset, split=d.split, text_column=d.text_column,
-                             label_column=d.label_column, label_names=d.label_names)
+    examples = load_examples(
+        d.dataset,
+        subset=d.subset,
+        split=d.split,
+        text_column=d.text_column,
+        label_column=d.label_column,
+        label_names=d.label_names,
+    )
     if split == "val":
         _, examples = train_val_split(examples, d.val_split, cfg.train.seed)
     elif split != "all":
         raise ValueError(f"split must be 'val' or 'all'; got {split!r}")
     task, model = load_run(adapter_dir, cfg, examples.label_names)
     enc = encode(task, examples, d.max_length, d.label_length)
-    metrics, predictions = evaluate(model, enc, examples.label_names, batch_size=cfg.train.eval_batch_size,
-                                    label_length=d.label_length, generation=cfg.train.generation_eval,
-                                    progress=progress)
+    metrics, predictions = evaluate(
+        model,
+        enc,
+        examples.label_names,
+        batch_size=cfg.train.eval_batch_size,
+        label_length=d.label_length,
+        generation=cfg.train.generation_eval,
+        progress=progress,
+    )
     for text, row, gold in zip(examples.texts, predictions, examples.labels):
         row["text"] = text
         row["gold"] = examples.label_names[gold]
@@ -77,7 +90,10 @@ def evaluate_run(
 
 @torch.no_grad()
 def predict(
-    adapter_dir: str | Path, texts: list[str], mode: str = "rank", overrides: dict[str, Any] | None = None,
+    adapter_dir: str | Path,
+    texts: list[str],
+    mode: str = "rank",
+    overrides: dict[str, Any] | None = None,
     batch_size: int = 32,
 ) -> list[dict]:
     """Labels for `texts`: `mode="rank"` scores every label (the eval accuracy's predictions); `"generate"`
@@ -106,8 +122,10 @@ def predict(
         indices = list(range(start, min(start + batch_size, len(texts))))
         if mode == "rank":
             scores = task.score(model, [inputs[i] for i in indices], choices, device)[0]
-            out += [{"text": texts[i], "label": label_names[int(s.argmax())], "scores": dict(zip(label_names, s.tolist()))}
-                    for i, s in zip(indices, scores)]
+            out += [
+                {"text": texts[i], "label": label_names[int(s.argmax())], "scores": dict(zip(label_names, s.tolist()))}
+                for i, s in zip(indices, scores)
+            ]
         else:
             generated = task.generate(model, [inputs[i] for i in indices], device, max_new_tokens=d.label_length)
             out += [{"text": texts[i], "generated": g.strip()} for i, g in zip(indices, generated)]

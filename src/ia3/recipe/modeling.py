@@ -21,9 +21,9 @@ def load_tokenizer(args: ModelArgs, task: type[Task] | str):
     task = get_task(task) if isinstance(task, str) else task
     ref = model_ref(args)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ref.path, revision=args.revision,
-                                                  trust_remote_code=args.trust_remote_code,
-                                                  **ref.from_pretrained_kwargs())
+        tokenizer = AutoTokenizer.from_pretrained(
+            ref.path, revision=args.revision, trust_remote_code=args.trust_remote_code, **ref.from_pretrained_kwargs()
+        )
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(
             f"Could not load a tokenizer for model {args.name!r}: {err}. The recipe needs the model's tokenizer "

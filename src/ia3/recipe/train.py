@@ -16,13 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ia3 import IA3Config, get_peft_model
+from ia3.base_models import portable_reference
 from ia3.recipe.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from ia3.recipe.config import RecipeConfig
 from ia3.recipe.data import load_examples, train_val_split
 from ia3.recipe.evaluate import evaluate
 from ia3.recipe.features import encode, epoch_batches, train_batch
 from ia3.recipe.losses import tfew_losses
-from ia3.base_models import portable_reference
 from ia3.recipe.modeling import load_base_model, load_tokenizer, make_task, model_ref
 from ia3.serialization import atomic_write_text
 
@@ -75,18 +75,26 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 def _eval_record(metrics: dict) -> dict:
     """The evaluation part of a history record."""
-    return {"eval_loss": metrics["loss"], "eval_ppl": metrics["ppl"], "accuracy": metrics["accuracy"],
-            "macro_f1": metrics["macro_f1"], "generation_accuracy": metrics.get("generation_accuracy"),
-            "per_class": metrics["per_class"], "confusion": metrics["confusion"]}
+    return {
+        "eval_loss": metrics["loss"],
+        "eval_ppl": metrics["ppl"],
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro_f1"],
+        "generation_accuracy": metrics.get("generation_accuracy"),
+        "per_class": metrics["per_class"],
+        "confusion": metrics["confusion"],
+    }
 
 
 def _eval_line(record: dict) -> str:
     if "accuracy" not in record:
         return ""
     gen = record.get("generation_accuracy")
-    return (f" eval_ppl={record['eval_ppl']:.4f} eval_epoch_loss={record['eval_loss']:.4f} "
-            f"accuracy={record['accuracy']:.4f} macro_f1={record['macro_f1']:.4f}"
-            + (f" generation_accuracy={gen:.4f}" if gen is not None else ""))
+    return (
+        f" eval_ppl={record['eval_ppl']:.4f} eval_epoch_loss={record['eval_loss']:.4f} "
+        f"accuracy={record['accuracy']:.4f} macro_f1={record['macro_f1']:.4f}"
+        + (f" generation_accuracy={gen:.4f}" if gen is not None else "")
+    )
 
 
 def _log(path: Path, record: dict) -> None:
@@ -115,8 +123,14 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
 
     # -- data --------------------------------------------------------------------------------------------------
     d, m, t = cfg.data, cfg.model, cfg.train
-    examples = load_examples(d.dataset, subset=d.subset, split=d.split, text_column=d.text_column,
-                             label_column=d.label_column, label_names=d.label_names)
+    examples = load_examples(
+        d.dataset,
+        subset=d.subset,
+        split=d.split,
+        text_column=d.text_column,
+        label_column=d.label_column,
+        label_names=d.label_names,
+    )
     train_ex, val_ex = train_val_split(examples, d.val_split, t.seed)
     if t.max_eval_samples:
         val_ex = val_ex.subset(list(range(min(t.max_eval_samples, len(val_ex)))))
@@ -127,9 +141,13 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
 
     # -- model -------------------------------------------------------------------------------------------------
     base = load_base_model(m, m.task, label_names)
-    peft_config = IA3Config(task_type=task.peft_task_type, target_modules=m.target_modules,
-                            feedforward_modules=m.feedforward_modules, revision=m.revision,
-                            base_model_name_or_path=portable_reference(model_ref(m)))
+    peft_config = IA3Config(
+        task_type=task.peft_task_type,
+        target_modules=m.target_modules,
+        feedforward_modules=m.feedforward_modules,
+        revision=m.revision,
+        base_model_name_or_path=portable_reference(model_ref(m)),
+    )
     model = get_peft_model(base, peft_config)
     if main and progress:
         model.print_trainable_parameters()
@@ -153,14 +171,22 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
         folder = find_checkpoint(out if resume is True else Path(resume))
         if folder is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {out if resume is True else resume}")
-        saved = load_checkpoint(folder, peft_model, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                scheduler)
-        start_epoch, skip_batches, step, history = saved["epoch"], saved["batches_done"], saved["step"], saved["history"]
+        saved = load_checkpoint(
+            folder, peft_model, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, scheduler
+        )
+        start_epoch, skip_batches, step, history = (
+            saved["epoch"],
+            saved["batches_done"],
+            saved["step"],
+            saved["history"],
+        )
         if main and progress:
             print(f"resumed from {folder} (epoch {start_epoch}, step {step})")
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        resolved = RecipeConfig(output_dir=cfg.output_dir, model=m, data=type(d)(**{**d.__dict__, "label_names": label_names}), train=t)
+        resolved = RecipeConfig(
+            output_dir=cfg.output_dir, model=m, data=type(d)(**{**d.__dict__, "label_names": label_names}), train=t
+        )
         resolved.save(out / RECIPE_FILE)
         # a fresh run starts an empty log; a resumed one restarts it from the checkpoint's history, which drops the
         # lines of epochs logged after that checkpoint (a crash between logging an epoch and checkpointing it)
@@ -168,18 +194,30 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
 
     def checkpoint(epoch: int, batches_done: int) -> None:
         if main:
-            save_checkpoint(out / "checkpoints", step, peft_model,
-                            optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, scheduler,
-                            {"epoch": epoch, "batches_done": batches_done, "history": history})
+            save_checkpoint(
+                out / "checkpoints",
+                step,
+                peft_model,
+                optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                scheduler,
+                {"epoch": epoch, "batches_done": batches_done, "history": history},
+            )
         accelerator.wait_for_everyone()
 
     # -- zero-shot ---------------------------------------------------------------------------------------------
     zero_shot = None
     if t.eval_before_training and len(val_enc) and start_epoch == 0 and skip_batches == 0:
         with peft_model.disable_adapter():
-            metrics, _ = evaluate(peft_model, val_enc, label_names, batch_size=t.eval_batch_size,
-                                  label_length=d.label_length, generation=t.generation_eval, device=device,
-                                  progress=main and progress)
+            metrics, _ = evaluate(
+                peft_model,
+                val_enc,
+                label_names,
+                batch_size=t.eval_batch_size,
+                label_length=d.label_length,
+                generation=t.generation_eval,
+                device=device,
+                progress=main and progress,
+            )
         zero_shot = _eval_record(metrics)
         if main and progress:
             print("before training (the base model alone):" + _eval_line(zero_shot))
@@ -191,8 +229,13 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
         batches = epoch_batches(train_enc.lengths(), t.batch_size, t.seed, epoch, t.group_by_length)
         start = time.perf_counter()
         loss_sum, loss_units = 0.0, 0
-        bar = tqdm(total=len(batches), initial=skip_batches, desc=f"epoch {epoch}", disable=not (main and progress),
-                   leave=False)
+        bar = tqdm(
+            total=len(batches),
+            initial=skip_batches,
+            desc=f"epoch {epoch}",
+            disable=not (main and progress),
+            leave=False,
+        )
         group: list[list[int]] = []
         for b, indices in enumerate(batches):
             if b < skip_batches:
@@ -211,7 +254,9 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
                     # DDP averages gradients over processes: scale by `world` so the step's gradient is the
                     # gradient of (sum of all processes' losses) / units, whatever the split
                     accelerator.backward(summed * world / units)
-                loss_sum += float(accelerator.reduce(summed.detach(), reduction="sum")) if world > 1 else float(summed.detach())
+                loss_sum += (
+                    float(accelerator.reduce(summed.detach(), reduction="sum")) if world > 1 else float(summed.detach())
+                )
             loss_units += units
             optimizer.step()
             scheduler.step()
@@ -226,27 +271,45 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
         skip_batches = 0
         train_seconds = time.perf_counter() - start
         train_loss = loss_sum / max(loss_units, 1)
-        record = {"epoch": epoch, "step": step, "train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 50)),
-                  "train_seconds": train_seconds}
+        record = {
+            "epoch": epoch,
+            "step": step,
+            "train_loss": train_loss,
+            "train_ppl": math.exp(min(train_loss, 50)),
+            "train_seconds": train_seconds,
+        }
         if len(val_enc):
-            metrics, _ = evaluate(peft_model, val_enc, label_names, batch_size=t.eval_batch_size,
-                                  label_length=d.label_length, generation=t.generation_eval, device=device,
-                                  progress=main and progress)
+            metrics, _ = evaluate(
+                peft_model,
+                val_enc,
+                label_names,
+                batch_size=t.eval_batch_size,
+                label_length=d.label_length,
+                generation=t.generation_eval,
+                device=device,
+                progress=main and progress,
+            )
             record.update(_eval_record(metrics))
         history.append(record)
         if main:
             _log(out / LOG_FILE, record)
             if progress:
-                print(f"epoch={epoch}: train_ppl={record['train_ppl']:.4f} train_epoch_loss={train_loss:.4f}"
-                      + _eval_line(record) + f" ({train_seconds:.1f}s)")
+                print(
+                    f"epoch={epoch}: train_ppl={record['train_ppl']:.4f} train_epoch_loss={train_loss:.4f}"
+                    + _eval_line(record)
+                    + f" ({train_seconds:.1f}s)"
+                )
         checkpoint(epoch + 1, 0)
 
     if main:
         if not history:
             raise RuntimeError("Nothing to train: the checkpoint is already at the last epoch")
         peft_model.save_pretrained(out)
-        final = {**history[-1], "label_names": label_names,
-                 "seconds_per_epoch": sum(h["train_seconds"] for h in history) / len(history)}
+        final = {
+            **history[-1],
+            "label_names": label_names,
+            "seconds_per_epoch": sum(h["train_seconds"] for h in history) / len(history),
+        }
         if zero_shot is not None:
             final["zero_shot"] = {k: zero_shot[k] for k in ("accuracy", "macro_f1", "generation_accuracy", "eval_loss")}
         if progress and t.show_examples and len(val_enc):

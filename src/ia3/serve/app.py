@@ -49,8 +49,9 @@ class _Strict(BaseModel):
 
 
 class GenerateParameters(_Strict):
-    max_new_tokens: int | None = Field(None, ge=1, description="new tokens per input (default 32; clamped to the "
-                                                                 "server's cap)")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="new tokens per input (default 32; clamped to the server's cap)"
+    )
     num_beams: int = Field(1, ge=1, description="beam search width (1: greedy); capped by the server")
     do_sample: bool = Field(False, description="sample instead of greedy/beam decoding")
     temperature: float = Field(1.0, gt=0, le=100, description="sampling only")
@@ -66,8 +67,9 @@ class GenerateRequest(_Strict):
 
 
 class ClassifyParameters(_Strict):
-    labels: list[str] | None = Field(None, description="label strings to rank (seq2seq/causal); default: the "
-                                                       "server's label names")
+    labels: list[str] | None = Field(
+        None, description="label strings to rank (seq2seq/causal); default: the server's label names"
+    )
 
 
 class ClassifyRequest(_Strict):
@@ -77,8 +79,10 @@ class ClassifyRequest(_Strict):
 
 
 class AdapterLoadRequest(_Strict):
-    source: str | None = Field(None, description="a Hub repo id ('owner/name'); absent: the folder of that name "
-                                                 "under the server's adapters folder")
+    source: str | None = Field(
+        None,
+        description="a Hub repo id ('owner/name'); absent: the folder of that name under the server's adapters folder",
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
 
 
@@ -114,9 +118,15 @@ class ErrorBody(BaseModel):
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
-    for code, text in [(400, "malformed JSON"), (401, "missing or wrong API key"), (404, "unknown adapter"),
-                       (413, "body, input or number of inputs too large"), (422, "invalid request"),
-                       (503, "queue full"), (504, "timed out")]
+    for code, text in [
+        (400, "malformed JSON"),
+        (401, "missing or wrong API key"),
+        (404, "unknown adapter"),
+        (413, "body, input or number of inputs too large"),
+        (422, "invalid request"),
+        (503, "queue full"),
+        (504, "timed out"),
+    ]
 }
 
 
@@ -137,9 +147,13 @@ class Service:
                 self._load_now(name, folder, f"local:{name}", info_config)
             except ApiError as err:
                 log.warning("adapter %s not loaded: %s", name, err.message)
-        self.batcher = Batcher(self._run_batch, max_batch_size=config.max_batch_size,
-                               max_wait_s=config.max_wait_ms / 1000, max_queue=config.max_queue,
-                               on_batch=self._on_batch)
+        self.batcher = Batcher(
+            self._run_batch,
+            max_batch_size=config.max_batch_size,
+            max_wait_s=config.max_wait_ms / 1000,
+            max_queue=config.max_queue,
+            on_batch=self._on_batch,
+        )
 
     # -- adapters (the worker thread, or before it starts) ---------------------------------------------------------
     def _load_now(self, name: str, folder: Path, source: str, adapter_config) -> dict:
@@ -197,8 +211,9 @@ class Service:
         return results
 
     def _on_batch(self, batch: Batch, seconds: float) -> None:
-        self.metrics.record_batch(len(batch.items), len({id(job) for job, _ in batch.items}),
-                                  len(set(batch.adapters)), seconds)
+        self.metrics.record_batch(
+            len(batch.items), len({id(job) for job, _ in batch.items}), len(set(batch.adapters)), seconds
+        )
 
     # -- request side (event loop) ---------------------------------------------------------------------------------
     def check_inputs(self, inputs: str | list[str]) -> list[str]:
@@ -210,8 +225,9 @@ class Service:
             raise ApiError(413, "too_many_inputs", f"{len(texts)} inputs; at most {cfg.max_inputs} per request")
         for i, text in enumerate(texts):
             if len(text) > cfg.max_input_chars:
-                raise ApiError(413, "input_too_long", f"inputs[{i}] has {len(text)} characters; at most "
-                               f"{cfg.max_input_chars}")
+                raise ApiError(
+                    413, "input_too_long", f"inputs[{i}] has {len(text)} characters; at most {cfg.max_input_chars}"
+                )
             if not text.strip():
                 raise ApiError(422, "invalid_request", f"inputs[{i}] is empty")
         return texts
@@ -237,8 +253,9 @@ class Service:
     async def on_worker(self, fn) -> Any:
         future = self.batcher.call(fn)
         try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)),
-                                          max(self.config.request_timeout_s, 60.0))
+            return await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(future)), max(self.config.request_timeout_s, 60.0)
+            )
         except TimeoutError:
             raise ApiError(504, "timeout", "The worker did not get to this in time; it will still run") from None
 
@@ -381,23 +398,33 @@ def create_app(config: ServeConfig | None = None, *, service: Service | None = N
         finally:
             await run_in_threadpool(svc.batcher.stop)
 
-    app = FastAPI(title="ia3 serve", version=_version(), lifespan=lifespan,
-                  description="One base model, many (IA)^3 adapters, mixed in every batch.")
+    app = FastAPI(
+        title="ia3 serve",
+        version=_version(),
+        lifespan=lifespan,
+        description="One base model, many (IA)^3 adapters, mixed in every batch.",
+    )
     app.state.service = svc
 
     bearer = HTTPBearer(auto_error=False)
     header = APIKeyHeader(name="X-API-Key", auto_error=False)
     key_digest = hashlib.sha256(cfg.api_key.encode()).digest() if cfg.api_key else None
 
-    async def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-                          api_key: Annotated[str | None, Depends(header)]) -> None:
+    async def require_key(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        api_key: Annotated[str | None, Depends(header)],
+    ) -> None:
         if key_digest is None:
             return
         given = api_key if api_key is not None else (credentials.credentials if credentials else None)
         # compare digests in constant time: neither the key's content nor its length leaks through timing
         if given is None or not hmac.compare_digest(hashlib.sha256(given.encode()).digest(), key_digest):
-            raise ApiError(401, "unauthorized", "Missing or wrong API key (Authorization: Bearer KEY or X-API-Key)",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "unauthorized",
+                "Missing or wrong API key (Authorization: Bearer KEY or X-API-Key)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     auth = [Depends(require_key)]
 
@@ -413,14 +440,18 @@ def create_app(config: ServeConfig | None = None, *, service: Service | None = N
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
-        return JSONResponse({"error": {"type": kind, "message": str(err.detail)}}, status_code=err.status_code,
-                            headers=getattr(err, "headers", None))
+        return JSONResponse(
+            {"error": {"type": kind, "message": str(err.detail)}},
+            status_code=err.status_code,
+            headers=getattr(err, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, err: Exception) -> JSONResponse:
         log.exception("internal error")
-        return JSONResponse({"error": {"type": "internal_error", "message": f"{type(err).__name__}: {str(err)[:300]}"}},
-                            status_code=500)
+        return JSONResponse(
+            {"error": {"type": "internal_error", "message": f"{type(err).__name__}: {str(err)[:300]}"}}, status_code=500
+        )
 
     @app.post("/v1/generate", response_model=GenerateResponse, dependencies=auth, responses=ERRORS)
     async def generate(body: GenerateRequest) -> dict:
@@ -452,7 +483,9 @@ def create_app(config: ServeConfig | None = None, *, service: Service | None = N
         labels = body.parameters.labels
         if labels is not None:
             if not svc.engine.task.generates:
-                raise ApiError(422, "invalid_request", "parameters.labels: a classifier's labels are its head's classes")
+                raise ApiError(
+                    422, "invalid_request", "parameters.labels: a classifier's labels are its head's classes"
+                )
             if not labels or len(labels) > cfg.max_labels:
                 raise ApiError(422, "invalid_request", f"parameters.labels: give 1 to {cfg.max_labels} labels")
             if any(not x.strip() or len(x) > 200 for x in labels) or len(set(labels)) != len(labels):
@@ -499,9 +532,14 @@ def create_app(config: ServeConfig | None = None, *, service: Service | None = N
     async def health() -> JSONResponse:
         """Liveness: the worker thread is running."""
         alive = svc.batcher._thread is not None and svc.batcher._thread.is_alive()
-        body = {"status": "ok" if alive else "unavailable", "model": cfg.model, "task": cfg.task,
-                "device": str(svc.engine.device), "adapters": len(svc.registry.names()),
-                "queue_depth": svc.batcher.depth()}
+        body = {
+            "status": "ok" if alive else "unavailable",
+            "model": cfg.model,
+            "task": cfg.task,
+            "device": str(svc.engine.device),
+            "adapters": len(svc.registry.names()),
+            "queue_depth": svc.batcher.depth(),
+        }
         return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/metrics", dependencies=auth)

@@ -171,8 +171,13 @@ class Batcher:
 
     def stats(self) -> dict:
         with self._cond:
-            return {"depth": self._live, "max_depth": self._max_live, "capacity": self.max_queue,
-                    "pending_rows": sum(len(j.rows) - j.taken for j in self._pending), "paused": self._paused}
+            return {
+                "depth": self._live,
+                "max_depth": self._max_live,
+                "capacity": self.max_queue,
+                "pending_rows": sum(len(j.rows) - j.taken for j in self._pending),
+                "paused": self._paused,
+            }
 
     # -- worker ----------------------------------------------------------------------------------------------------
     def _close(self, job: Job) -> None:  # with the lock held

@@ -34,6 +34,10 @@ class ServeConfig:
         task: `seq2seq`, `causal` or `cls` (a sequence classifier whose head each adapter brings).
         gguf_file: name of the .gguf file inside the `model` folder (a .gguf path or a module: package with one
             .gguf needs none).
+        prompt: causal task: the text around each input, with `{text}` where it goes (the recipe's
+            `data.prompt`); the default passes inputs through as they are.
+        chat_template: causal task: wrap each input in the tokenizer's chat template as a user turn (the recipe's
+            `data.chat_template`: serve adapters trained with it this way).
         label_names: labels `/v1/classify` ranks (seq2seq/causal) or the head's classes (cls). None: the first
             `recipe.yaml` (data.label_names) found among the adapters, else (cls) the model config's labels.
         device: `cpu`, `cuda`, `cuda:1`, ...; None picks cuda when available.
@@ -58,6 +62,8 @@ class ServeConfig:
     adapters_dir: str | None = None
     task: str = "seq2seq"
     gguf_file: str | None = None
+    prompt: str = "{text}"
+    chat_template: bool = False
     label_names: list[str] | None = None
     device: str | None = None
     max_batch_size: int = 32
@@ -81,14 +87,21 @@ class ServeConfig:
         c.text("model", "a Hub id, a local folder, a .gguf file or module:<package>")
         c.choice("task", TASKS)
         c.gguf("gguf_file")
+        if self.task in TASKS:
+            for problem in TASKS[self.task].check_settings(self.prompt, self.chat_template):
+                c.problems.append(problem.replace("--data.", "--").replace("_", "-"))
         for f in dataclasses.fields(self):
             if f.name.startswith("max_") and field_types(ServeConfig)[f.name] is int:
                 c.integer(f.name, 1)
         if c.ok("max_wait_ms"):
-            c.require(0 <= self.max_wait_ms < float("inf"), f"--max-wait-ms must be a number >= 0; got {self.max_wait_ms!r}")
+            c.require(
+                0 <= self.max_wait_ms < float("inf"), f"--max-wait-ms must be a number >= 0; got {self.max_wait_ms!r}"
+            )
         if c.ok("request_timeout_s"):
-            c.require(0 < self.request_timeout_s < float("inf"),
-                      f"--request-timeout-s must be a number > 0; got {self.request_timeout_s!r}")
+            c.require(
+                0 < self.request_timeout_s < float("inf"),
+                f"--request-timeout-s must be a number > 0; got {self.request_timeout_s!r}",
+            )
         c.names("label_names")
         if c.ok("api_key"):
             c.require(bool(self.api_key), "--api-key must not be empty (leave it unset for no key)")

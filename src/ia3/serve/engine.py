@@ -59,9 +59,9 @@ class Engine:
     def __init__(self, config: ServeConfig, label_names: list[str] | None) -> None:
         self.config = config
         task_class = get_task(config.task)
-        args = ModelArgs(name=config.model, task=config.task, gguf_file=getattr(config, "gguf_file", None))
+        args = ModelArgs(name=config.model, task=config.task, gguf_file=config.gguf_file)
         tokenizer = load_tokenizer(args, task_class)
-        self.task = task_class(tokenizer, chat_template=getattr(config, "chat_template", False))
+        self.task = task_class(tokenizer, prompt=config.prompt, chat_template=config.chat_template)
         model = load_base_model(args, task_class, label_names or [])
         if not task_class.generates and not label_names:  # a classifier's labels are its head's classes
             label_names = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
@@ -82,11 +82,15 @@ class Engine:
         budget = self.config.max_input_tokens
         if positions:
             # a decoder-only model writes its answer in the positions after the prompt
-            reserve = max(self.config.max_new_tokens, self.config.max_label_tokens) if self.task.answer_follows_prompt else 0
+            reserve = (
+                max(self.config.max_new_tokens, self.config.max_label_tokens) if self.task.answer_follows_prompt else 0
+            )
             budget = min(budget, int(positions) - reserve)
         if budget < 1:
-            raise ValueError(f"The model takes {positions} positions: nothing is left for the input after "
-                             f"max_new_tokens / max_label_tokens; lower them")
+            raise ValueError(
+                f"The model takes {positions} positions: nothing is left for the input after "
+                f"max_new_tokens / max_label_tokens; lower them"
+            )
         return budget
 
     # -- adapters (worker thread) ----------------------------------------------------------------------------------
@@ -122,8 +126,12 @@ class Engine:
             try:
                 cached = self.task.encode_choices(list(labels), self.config.max_label_tokens)
             except LabelLengthError as err:
-                raise ApiError(422, "invalid_labels", f"parameters.labels: label {err.label!r} is {len(err.tokens)} "
-                               f"tokens long; this server allows {err.limit} (--max-label-tokens)") from None
+                raise ApiError(
+                    422,
+                    "invalid_labels",
+                    f"parameters.labels: label {err.label!r} is {len(err.tokens)} "
+                    f"tokens long; this server allows {err.limit} (--max-label-tokens)",
+                ) from None
             if len(self._choices) > 256:
                 self._choices.clear()
             self._choices[labels] = cached

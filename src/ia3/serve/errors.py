@@ -24,8 +24,12 @@ def adapter_not_found(name: str, known: list[str] | None = None) -> ApiError:
 
 class QueueFull(ApiError):
     def __init__(self, capacity: int) -> None:
-        super().__init__(503, "overloaded", f"The request queue is full ({capacity} requests waiting); retry shortly",
-                         headers={"Retry-After": "1"})
+        super().__init__(
+            503,
+            "overloaded",
+            f"The request queue is full ({capacity} requests waiting); retry shortly",
+            headers={"Retry-After": "1"},
+        )
 
 
 class ShuttingDown(ApiError):

@@ -59,8 +59,10 @@ class Metrics:
             for (route, status), n in sorted(self.requests.items()):
                 by_route.setdefault(route, {})[str(status)] = n
             lat = sorted(self.latencies)
-            ms = {f"p{int(q * 100)}": (None if (v := _percentile(lat, q)) is None else round(v * 1000, 3))
-                  for q in (0.5, 0.9, 0.99)}
+            ms = {
+                f"p{int(q * 100)}": (None if (v := _percentile(lat, q)) is None else round(v * 1000, 3))
+                for q in (0.5, 0.9, 0.99)
+            }
             return {
                 "uptime_s": round(time.time() - self.started, 3),
                 "requests": {"total": sum(self.requests.values()), "by_route": by_route},
@@ -75,6 +77,5 @@ class Metrics:
                     "max_adapters": self.max_adapters,
                     "busy_s": round(self.batch_seconds, 4),
                 },
-                "latency_ms": {"count": len(lat), **ms,
-                               "mean": round(1000 * sum(lat) / len(lat), 3) if lat else None},
+                "latency_ms": {"count": len(lat), **ms, "mean": round(1000 * sum(lat) / len(lat), 3) if lat else None},
             }

@@ -31,8 +31,12 @@ def check_name(name: str) -> str:
     if name == BASE_ADAPTER:
         raise ApiError(422, "invalid_adapter_name", f"{BASE_ADAPTER!r} is reserved for the base model")
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise ApiError(422, "invalid_adapter_name", f"Invalid adapter name {str(name)[:80]!r}: use 1-64 letters, digits, "
-                       "'_' or '-', starting with a letter or digit")
+        raise ApiError(
+            422,
+            "invalid_adapter_name",
+            f"Invalid adapter name {str(name)[:80]!r}: use 1-64 letters, digits, "
+            "'_' or '-', starting with a letter or digit",
+        )
     return name
 
 
@@ -46,8 +50,13 @@ class AdapterInfo:
     loaded_at: float = field(default_factory=time.time)
 
     def public(self) -> dict:
-        return {"name": self.name, "source": self.source, "task_type": self.task_type, "base_model": self.base_model,
-                "loaded_at": self.loaded_at}
+        return {
+            "name": self.name,
+            "source": self.source,
+            "task_type": self.task_type,
+            "base_model": self.base_model,
+            "loaded_at": self.loaded_at,
+        }
 
 
 class Registry:
@@ -93,11 +102,13 @@ class Registry:
             if not child.is_dir() or not ((child / WEIGHTS_NAME).is_file() or (child / PICKLE_WEIGHTS_NAME).is_file()):
                 continue
             if not NAME_RE.fullmatch(child.name):
-                log.warning("skipping adapter folder %r: not a valid adapter name (letters, digits, '_', '-')",
-                            child.name)
+                log.warning(
+                    "skipping adapter folder %r: not a valid adapter name (letters, digits, '_', '-')", child.name
+                )
             elif not (child / WEIGHTS_NAME).is_file():
-                log.warning("skipping adapter folder %r: only a pickled %s (safetensors only)", child.name,
-                            PICKLE_WEIGHTS_NAME)
+                log.warning(
+                    "skipping adapter folder %r: only a pickled %s (safetensors only)", child.name, PICKLE_WEIGHTS_NAME
+                )
             elif not child.resolve().is_relative_to(self.root):
                 log.warning("skipping adapter folder %r: it leads outside the adapters folder", child.name)
             else:
@@ -123,8 +134,12 @@ class Registry:
     def _check_files(self, folder: Path, label: str) -> None:
         if not (folder / WEIGHTS_NAME).is_file():
             if (folder / PICKLE_WEIGHTS_NAME).is_file():
-                raise ApiError(422, "unsupported_format", f"Adapter {label!r} has only a pickled {PICKLE_WEIGHTS_NAME}; "
-                               f"the server loads {WEIGHTS_NAME} only (convert it to safetensors)")
+                raise ApiError(
+                    422,
+                    "unsupported_format",
+                    f"Adapter {label!r} has only a pickled {PICKLE_WEIGHTS_NAME}; "
+                    f"the server loads {WEIGHTS_NAME} only (convert it to safetensors)",
+                )
             raise ApiError(404, "adapter_not_found", f"Adapter {label!r} has no {WEIGHTS_NAME}")
         if not (folder / CONFIG_NAME).is_file():
             raise ApiError(404, "adapter_not_found", f"Adapter {label!r} has no {CONFIG_NAME}")
@@ -142,10 +157,18 @@ class Registry:
         try:
             folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
         except Exception as err:  # offline, unknown repo, network: the client learns why, the server goes on
-            missing = type(err).__name__ in ("RepositoryNotFoundError", "RevisionNotFoundError", "LocalEntryNotFoundError",
-                                             "EntryNotFoundError", "GatedRepoError")
-            raise ApiError(404 if missing else 502, "adapter_not_found" if missing else "hub_error",
-                           f"Could not fetch {repo_id!r} from the Hub: {type(err).__name__}: {str(err)[:300]}") from None
+            missing = type(err).__name__ in (
+                "RepositoryNotFoundError",
+                "RevisionNotFoundError",
+                "LocalEntryNotFoundError",
+                "EntryNotFoundError",
+                "GatedRepoError",
+            )
+            raise ApiError(
+                404 if missing else 502,
+                "adapter_not_found" if missing else "hub_error",
+                f"Could not fetch {repo_id!r} from the Hub: {type(err).__name__}: {str(err)[:300]}",
+            ) from None
         self._check_files(folder, repo_id)
         return folder
 
@@ -157,6 +180,9 @@ class Registry:
             raise ApiError(422, "invalid_adapter", f"Adapter {label!r}: {str(err)[:500]}") from None
         want = get_task(self.task).peft_task_type
         if config.task_type not in (None, want):
-            raise ApiError(422, "adapter_incompatible", f"Adapter {label!r} is for task {config.task_type}; this server "
-                           f"serves {self.task} ({want})")
+            raise ApiError(
+                422,
+                "adapter_incompatible",
+                f"Adapter {label!r} is for task {config.task_type}; this server serves {self.task} ({want})",
+            )
         return config
