@@ -163,7 +163,7 @@ def check_gguf_file(path: Path) -> None:
 def load_pretrained(auto_class: Any, ref: BaseModelRef, **kwargs: Any) -> Any:
     """`auto_class.from_pretrained` for `ref`, with GGUF failures turned into errors that say what to do."""
     try:
-        return auto_class.from_pretrained(ref.path, **ref.from_pretrained_kwargs(), **kwargs)
+        model = auto_class.from_pretrained(ref.path, **ref.from_pretrained_kwargs(), **kwargs)
     except ValueError as err:
         if ref.is_gguf and "architecture" in str(err).lower():
             raise BaseModelError(
@@ -171,6 +171,12 @@ def load_pretrained(auto_class: Any, ref: BaseModelRef, **kwargs: Any) -> Any:
                 "transformers checkpoint (a folder or Hub id) instead"
             ) from None
         raise
+    quantizer = getattr(model, "hf_quantizer", None)
+    if ref.is_gguf and quantizer is not None:
+        # transformers dequantised every GGUF tensor into an ordinary dense weight; its GGUF "quantizer" stays
+        # attached only as a marker, and it refuses `save_pretrained` (`ia3 merge`) for no remaining reason
+        quantizer.remove_quantization_config(model)
+    return model
 
 
 def portable_reference(ref: BaseModelRef) -> str:

@@ -311,6 +311,8 @@ class PeftModel(nn.Module):
             if not had_layers:
                 peft_model.base_model.unload()
             raise
+        if not is_trainable:
+            peft_model.eval()  # loaded for inference: dropout off, as PEFT does
         return peft_model
 
     def load_adapter(

@@ -6,6 +6,7 @@ everything else is readable top to bottom.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -327,7 +328,11 @@ def _show_examples(model, enc, examples, label_names: list[str], count: int, lab
     """Print a few validation sentences with their gold label and the trained model's predictions."""
     from ia3.recipe.evaluate import generate_labels, score_batch
 
-    indices = list(range(min(count, len(enc))))
+    by_class: dict[int, list[int]] = {}
+    for i, gold in enumerate(enc.labels):
+        by_class.setdefault(gold, []).append(i)
+    # round-robin over the gold classes, so that every class shows
+    indices = [i for row in itertools.zip_longest(*by_class.values()) for i in row if i is not None][:count]
     model.eval()
     ranked, _, _, _ = score_batch(model, enc, indices, device)
     generated = generate_labels(model, enc, indices, label_length, device) if enc.task.generates else None
