@@ -9,6 +9,7 @@ import dataclasses
 import sys
 import types
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -524,3 +525,27 @@ def test_saved_config_reads_back_the_same(tmp_path):
         build_config(overrides={"train.lr": "0", "train.epochs": "0"})
     again = pickle.loads(pickle.dumps(info.value))  # e.g. out of a worker process
     assert again.problems == info.value.problems and str(again) == str(info.value)
+
+
+def test_config_names_a_bundled_config(tmp_path, monkeypatch):
+    from ia3 import cli
+
+    assert cli.bundled_config(Path("minilm")) == cli.BUNDLED_CONFIGS / "minilm.yaml"
+    assert cli.DEMO_CONFIG == cli.BUNDLED_CONFIGS / "smollm2.yaml" and cli.DEMO_CONFIG.is_file()
+    own = tmp_path / "minilm"  # a file of that name wins over the bundled config
+    own.write_text("train: {epochs: 1}\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.bundled_config(Path("minilm")) == Path("minilm")
+    with pytest.raises(ValueError, match=r"--config nosuch: no such file, and no bundled config.*'minilm', 'smollm2'"):
+        cli.bundled_config(Path("nosuch"))
+    assert cli.bundled_config(Path("missing.yaml")) == Path("missing.yaml")  # a path: build_config names it
+
+
+def test_serve_prompt_settings_are_checked_by_the_task_in_serve_flags():
+    from ia3.serve.config import ServeConfig
+
+    with pytest.raises(ValueError, match=r"--prompt must contain '\{text\}'"):
+        ServeConfig(model="m", task="causal", prompt="no placeholder")
+    with pytest.raises(ValueError, match=r"--chat-template applies to causal .* not to task 'seq2seq'"):
+        ServeConfig(model="m", task="seq2seq", chat_template=True)
+    assert ServeConfig(model="m", task="causal", prompt="{text}\nSentiment:", chat_template=True).chat_template

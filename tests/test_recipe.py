@@ -408,3 +408,42 @@ def test_merge_and_push_commands(tmp_path, model_dirs, small_data, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     assert push_adapter(out, "someone/finsent-ia3") == "ok"
     assert uploaded == {"repo": "someone/finsent-ia3", "files": ["adapter_config.json", "adapter_model.safetensors"]}
+
+
+# -- zero-shot line, example sentences, training without validation ---------------------------------------------------
+def test_zero_shot_evaluation_and_examples_are_printed_and_recorded(tmp_path, model_dirs, capsys):
+    cfg = _cfg(
+        tmp_path / "run",
+        model_dirs["causal"],
+        "causal",
+        **{
+            "train.epochs": "1",
+            "train.plots": "false",
+            "train.eval_before_training": "true",
+            "train.show_examples": "4",
+        },
+    )
+    final = train(cfg, progress=True)
+    out = capsys.readouterr().out
+    assert "before training (the base model alone): eval_ppl=" in out
+    zero = final["zero_shot"]
+    assert set(zero) == {"accuracy", "macro_f1", "generation_accuracy", "eval_loss"}
+    assert zero["eval_loss"] != final["eval_loss"]  # the zero-shot figures are the base's, not the adapter's
+    shown = out.split("examples (gold -> rank classification, generated):\n")[1].splitlines()[:4]
+    golds = {line.split("->")[0].strip() for line in shown}
+    assert len(shown) == 4 and golds == {"negative", "neutral", "positive"}  # round-robin: every class shows
+
+
+def test_val_split_zero_trains_on_everything_without_evaluation(tmp_path, model_dirs):
+    out = tmp_path / "all"
+    cfg = _cfg(
+        out,
+        model_dirs["seq2seq"],
+        "seq2seq",
+        **{"data.val_split": "0", "train.epochs": "1", "train.plots": "false", "train.eval_before_training": "true"},
+    )
+    final = train(cfg, progress=False)
+    assert "accuracy" not in final and "zero_shot" not in final and final["train_loss"] > 0
+    assert (out / "adapter_model.safetensors").is_file()
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(record) == {"epoch", "step", "train_loss", "train_ppl", "train_seconds"}

@@ -24,7 +24,9 @@ Token conventions:
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -60,11 +62,20 @@ def attention_mask(rows: list[list[int]], left: bool = False) -> torch.Tensor:
     return pad_rows([[1] * len(r) for r in rows], 0, left)
 
 
+def _recipe_flag(field: str) -> str:
+    return f"--data.{field}"
+
+
 def _accepts(model: nn.Module, argument: str) -> bool:
-    forward = getattr(model, "forward", None)
+    """Whether `model.forward` takes `argument` (looked up once per model class: this runs every step)."""
+    return _forward_takes(type(model), argument)
+
+
+@functools.cache
+def _forward_takes(model_class: type, argument: str) -> bool:
     try:
-        return argument in inspect.signature(forward).parameters
-    except (TypeError, ValueError):
+        return argument in inspect.signature(model_class.forward).parameters
+    except (TypeError, ValueError, AttributeError):
         return False
 
 
@@ -107,10 +118,11 @@ class Task:
 
     # -- settings ------------------------------------------------------------------------------------------------
     @classmethod
-    def check_settings(cls, prompt: str, chat_template: bool) -> list[str]:
-        """Problems with these prompt settings for this task, in flag form (empty when they are fine)."""
+    def check_settings(cls, prompt: str, chat_template: bool, flag: Callable[[str], str] = _recipe_flag) -> list[str]:
+        """Problems with these prompt settings for this task (empty when they are fine), each naming its setting
+        as `flag(field)` gives it (default: the recipe's `--data.<field>`)."""
         if chat_template:
-            return [f"--data.chat_template applies to causal (decoder-only) models, not to task {cls.name!r}"]
+            return [f"{flag('chat_template')} applies to causal (decoder-only) models, not to task {cls.name!r}"]
         return []
 
     # -- loading -------------------------------------------------------------------------------------------------
@@ -260,9 +272,9 @@ class CausalTask(Task):
     answer_follows_prompt = True
 
     @classmethod
-    def check_settings(cls, prompt: str, chat_template: bool) -> list[str]:
+    def check_settings(cls, prompt: str, chat_template: bool, flag: Callable[[str], str] = _recipe_flag) -> list[str]:
         if PROMPT_FIELD not in prompt:
-            return [f"--data.prompt must contain {PROMPT_FIELD!r} where the text goes; got {prompt!r}"]
+            return [f"{flag('prompt')} must contain {PROMPT_FIELD!r} where the text goes; got {prompt!r}"]
         return []
 
     def __init__(self, tokenizer: Any, prompt: str = PROMPT_FIELD, chat_template: bool = False) -> None:

@@ -48,18 +48,21 @@ def encode_choices(task: Task, label_names: list[str], label_length: int) -> lis
         ) from None
 
 
-def encode(task: Task, examples: Examples, max_length: int, label_length: int) -> Encoded:
-    """Tokenise all examples once (no padding: batches pad to their own longest row).
-
-    A causal input leaves room for its longest label, so that prompt + label fit `max_length`.
-    """
-    choices = encode_choices(task, examples.label_names, label_length)
-    reserve = max((len(c) for c in choices), default=0)
+def encode_texts(task: Task, texts: list[str], max_length: int, choices: list[list[int]]) -> list[list[int]]:
+    """The task's input tokens of each text; a causal input leaves room for the longest choice, so that prompt +
+    label fit `max_length`. A limit that leaves no room for the text is a DataError naming the flag."""
+    if not texts:  # e.g. the validation split of `--data.val_split 0` (tokenizers refuse an empty batch)
+        return []
     try:
-        inputs = task.encode(examples.texts, max_length, reserve)
+        return task.encode(texts, max_length, max((len(c) for c in choices), default=0))
     except ValueError as err:
         raise DataError(f"{err} (--data.max_length is {max_length})") from None
-    return Encoded(task, inputs, list(examples.labels), choices)
+
+
+def encode(task: Task, examples: Examples, max_length: int, label_length: int) -> Encoded:
+    """Tokenise all examples once (no padding: batches pad to their own longest row)."""
+    choices = encode_choices(task, examples.label_names, label_length)
+    return Encoded(task, encode_texts(task, examples.texts, max_length, choices), list(examples.labels), choices)
 
 
 def train_batch(enc: Encoded, indices: list[int]) -> dict[str, torch.Tensor]:

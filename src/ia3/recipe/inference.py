@@ -12,7 +12,7 @@ from ia3 import IA3Config, PeftModel
 from ia3.recipe.config import RecipeConfig, build_config
 from ia3.recipe.data import Examples, load_examples, train_val_split
 from ia3.recipe.evaluate import evaluate
-from ia3.recipe.features import encode, encode_choices
+from ia3.recipe.features import encode, encode_choices, encode_texts
 from ia3.recipe.modeling import load_base_model, load_tokenizer, make_task
 from ia3.recipe.train import RECIPE_FILE
 from ia3.tasks import TASK_OF_PEFT_TYPE, Task, get_task
@@ -112,10 +112,7 @@ def predict(
     task, model = load_run(adapter_dir, cfg, label_names)
     d = cfg.data
     choices = encode_choices(task, label_names, d.label_length)
-    try:
-        inputs = task.encode([t.strip() for t in texts], d.max_length, max((len(c) for c in choices), default=0))
-    except ValueError as err:
-        raise ValueError(f"{err} (--data.max_length is {d.max_length})") from None
+    inputs = encode_texts(task, [t.strip() for t in texts], d.max_length, choices)
     device = next(model.parameters()).device
     out: list[dict] = []
     for start in range(0, len(texts), batch_size):

@@ -205,21 +205,25 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
             )
         accelerator.wait_for_everyone()
 
+    def validate() -> dict:
+        """The evaluation part of a history record, on the validation split."""
+        metrics, _ = evaluate(
+            peft_model,
+            val_enc,
+            label_names,
+            batch_size=t.eval_batch_size,
+            label_length=d.label_length,
+            generation=t.generation_eval,
+            device=device,
+            progress=main and progress,
+        )
+        return _eval_record(metrics)
+
     # -- zero-shot ---------------------------------------------------------------------------------------------
     zero_shot = None
     if t.eval_before_training and len(val_enc) and start_epoch == 0 and skip_batches == 0:
         with peft_model.disable_adapter():
-            metrics, _ = evaluate(
-                peft_model,
-                val_enc,
-                label_names,
-                batch_size=t.eval_batch_size,
-                label_length=d.label_length,
-                generation=t.generation_eval,
-                device=device,
-                progress=main and progress,
-            )
-        zero_shot = _eval_record(metrics)
+            zero_shot = validate()
         if main and progress:
             print("before training (the base model alone):" + _eval_line(zero_shot))
 
@@ -280,17 +284,7 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
             "train_seconds": train_seconds,
         }
         if len(val_enc):
-            metrics, _ = evaluate(
-                peft_model,
-                val_enc,
-                label_names,
-                batch_size=t.eval_batch_size,
-                label_length=d.label_length,
-                generation=t.generation_eval,
-                device=device,
-                progress=main and progress,
-            )
-            record.update(_eval_record(metrics))
+            record.update(validate())
         history.append(record)
         if main:
             _log(out / LOG_FILE, record)

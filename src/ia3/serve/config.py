@@ -88,8 +88,7 @@ class ServeConfig:
         c.choice("task", TASKS)
         c.gguf("gguf_file")
         if self.task in TASKS:
-            for problem in TASKS[self.task].check_settings(self.prompt, self.chat_template):
-                c.problems.append(problem.replace("--data.", "--").replace("_", "-"))
+            c.problems += TASKS[self.task].check_settings(self.prompt, self.chat_template, flag_name)
         for f in dataclasses.fields(self):
             if f.name.startswith("max_") and field_types(ServeConfig)[f.name] is int:
                 c.integer(f.name, 1)
