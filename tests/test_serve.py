@@ -31,14 +31,14 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 import transformers as tf  # noqa: E402
-import uvicorn  # noqa: E402
+from live_server import LiveServer  # noqa: E402
 from tiny_dirs import make_model_dir  # noqa: E402
 
 from ia3 import BASE_ADAPTER, IA3Config, PeftModel, get_peft_model  # noqa: E402
 from ia3.recipe.data import Examples  # noqa: E402
 from ia3.recipe.evaluate import score_batch  # noqa: E402
 from ia3.recipe.features import encode  # noqa: E402
-from ia3.serve import ServeConfig, create_app  # noqa: E402
+from ia3.serve import ServeConfig  # noqa: E402
 from ia3.serve.batcher import Batcher, Job  # noqa: E402
 from ia3.tasks import get_task  # noqa: E402
 
@@ -134,33 +134,6 @@ class Setup:
                 scores = self._alone(adapter, lambda: score_batch(model, enc, [0], torch.device("cpu"))[1][0])
             self._cache[key] = (LABELS[max(range(3), key=scores.__getitem__)], scores)
         return self._cache[key]
-
-
-class LiveServer:
-    """`create_app(config)` served by uvicorn in a background thread on a free loopback port."""
-
-    def __init__(self, config: ServeConfig) -> None:
-        self.app = create_app(config)
-        self.service = self.app.state.service
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_keep_alive=5))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.01)
-        self.client = httpx.Client(base_url=self.url, timeout=30)
-
-    def post(self, path: str, **kwargs):
-        return self.client.post(path, **kwargs)
-
-    def close(self) -> None:
-        self.client.close()
-        self.server.should_exit = True
-        self.thread.join(15)
 
 
 @pytest.fixture(scope="module", autouse=True)

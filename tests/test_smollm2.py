@@ -152,3 +152,65 @@ def test_merge_of_a_gguf_based_run_writes_an_ordinary_safetensors_model(smollm2_
     ids = torch.tensor([[1, 504, 3129, 282, 1420, 28]])
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_serve_smollm2_with_the_trained_adapter_over_http(smollm2_run, tmp_path):
+    """`ia3 serve` on the real model: the run's adapter and the base in one batch, each row's answer equal to
+    `ia3 predict` (rank) and to generating that row alone."""
+    import shutil
+    import threading
+
+    from live_server import LiveServer
+
+    from ia3.recipe.inference import predict
+    from ia3.serve import ServeConfig
+
+    run, _ = smollm2_run
+    adapters = tmp_path / "adapters"
+    shutil.copytree(run, adapters / "sentiment", ignore=shutil.ignore_patterns("checkpoints"))
+    texts = ["Operating profit rose to EUR 13.1 mn .", "The company cut 300 jobs after its sales fell ."]
+    offline = predict(run, texts)
+    offline_generated = predict(run, texts, mode="generate")
+    server = LiveServer(
+        ServeConfig(
+            model=f"module:{PACKAGE}",
+            adapters_dir=str(adapters),
+            task="causal",
+            prompt="{text}\nSentiment:",
+            max_wait_ms=200,
+            max_label_tokens=4,
+        )
+    )
+    try:
+        answers: dict[str, object] = {}
+
+        def ask(adapter: str, kind: str) -> None:
+            body = {"adapter": adapter, "inputs": texts}
+            if kind == "generate":
+                body["parameters"] = {"max_new_tokens": 4}
+            answers[adapter, kind] = server.post(f"/v1/{kind}", json=body)
+
+        threads = [
+            threading.Thread(target=ask, args=(a, k))
+            for a in ("sentiment", "__base__")
+            for k in ("classify", "generate")
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        for response in answers.values():
+            assert response.status_code == 200, response.text
+        ranked = answers["sentiment", "classify"].json()["outputs"]
+        assert ranked and [o["label"] for o in ranked] == [o["label"] for o in offline]
+        for got, want in zip(ranked, offline):
+            for label in LABELS:
+                assert got["scores"][label] == pytest.approx(want["scores"][label], abs=1e-3)
+        generated = [o["text"].strip() for o in answers["sentiment", "generate"].json()["outputs"]]
+        assert generated == [o["generated"] for o in offline_generated]
+        base = answers["__base__", "classify"].json()["outputs"]
+        assert [o["scores"] for o in base] != [o["scores"] for o in ranked]  # the base row used no adapter
+        metrics = server.client.get("/metrics").json()
+        assert metrics["adapters_loaded"] == 1
+    finally:
+        server.close()
