@@ -145,7 +145,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--train-limit", type=int, default=None, help="train on the first N training examples")
     parser.add_argument("--val-limit", type=int, default=None, help="smoke runs: evaluate on N examples only")
-    parser.add_argument("--lr-ia3", type=float, default=1e-2)
+    parser.add_argument("--lr-ia3", type=float, default=8e-3, help="the seed recipe's learning rate, as peft IA3's")
     parser.add_argument("--lr-peft-ia3", type=float, default=8e-3, help="the seed recipe's learning rate")
     parser.add_argument("--lr-lora", type=float, default=1e-3)
     parser.add_argument("--step-repeats", type=int, default=12)

@@ -1,5 +1,6 @@
 """Row 4: per-example adapters. A batch of 64 rows spread over 16 adapters (row i uses adapter i % 16) on tiny T5,
-forward (with labels) and generate (3 tokens, greedy):
+forward (with labels) and generate (3 tokens, greedy); and on the real SmolLM2-135M, 32 rows over 16 adapters,
+generate (8 tokens, greedy) [vs peft <= 1.0, vs one adapter <= 1.05]:
 
 * ia3 in one pass: `model(..., adapter_names=[...])`;
 * peft's only way: for each of the 16 adapters, `set_adapter` and a forward (or generate) on its 4 rows, the
@@ -21,35 +22,56 @@ import torch
 import workloads as W
 from common import Mode, Result
 
-ROWS, LENGTH, ADAPTERS, NEW_TOKENS = 64, 32, 16, 3
+ADAPTERS = 16
 NAMES = [f"task{i:02d}" for i in range(ADAPTERS)]  # not "a3": peft warns about names inside "ia3_"
+# per model: rows, prompt tokens, new tokens, whether the forward is timed too, targets (vs peft, vs one adapter)
+SPECS = {
+    "t5": {"rows": 64, "length": 32, "new_tokens": 3, "forward": True, "targets": (0.15, 1.10)},
+    "smollm2": {"rows": 32, "length": 32, "new_tokens": 8, "forward": False, "targets": (1.0, 1.05)},
+}
 
 
-def models():
-    """(ia3, peft) tiny T5s with the same 16 adapters, eval mode, on `W.device()`."""
+def models(name: str):
+    """(ia3, peft) models over the same base weights with the same 16 adapters, eval mode, on `W.device()`."""
     import peft
 
     import ia3
 
-    ours = W.wrap("ia3", tiny.t5(0), "SEQ_2_SEQ_LM", adapter=NAMES[0])
-    theirs = W.wrap("peft", tiny.t5(0), "SEQ_2_SEQ_LM", adapter=NAMES[0])
-    for name in NAMES[1:]:
-        ours.add_adapter(name, ia3.IA3Config(task_type="SEQ_2_SEQ_LM", init_ia3_weights=False))
-        theirs.add_adapter(name, peft.IA3Config(task_type="SEQ_2_SEQ_LM", init_ia3_weights=False))
+    task = W.TASK[name]
+    base = tiny.t5(0) if name == "t5" else W.base_model(name)
+    twin = tiny.t5(0) if name == "t5" else W.share_weights_copy(base)  # the same weight tensors, unwrapped
+    ours = W.wrap("ia3", base, task, adapter=NAMES[0])
+    theirs = W.wrap("peft", twin, task, adapter=NAMES[0])
+    for adapter in NAMES[1:]:
+        ours.add_adapter(adapter, ia3.IA3Config(task_type=task, init_ia3_weights=False))
+        theirs.add_adapter(adapter, peft.IA3Config(task_type=task, init_ia3_weights=False))
     W.copy_adapters(ours, theirs)
     ours.set_adapter(NAMES[0])
     theirs.set_adapter(NAMES[0])
     return ours.to(W.device()).eval(), theirs.to(W.device()).eval()
 
 
+def _batch(name: str, rows: int, length: int) -> dict[str, torch.Tensor]:
+    if name == "t5":
+        return tiny.batch("t5", rows, length, seed=0)
+    ids = torch.randint(5, W.SMOLLM2_VOCAB, (rows, length), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 def run(mode: Mode) -> list[Result]:
-    ours, theirs = models()
-    batch = {k: v.to(W.device()) for k, v in tiny.batch("t5", ROWS, LENGTH, seed=0).items()}
-    rows = [NAMES[i % ADAPTERS] for i in range(ROWS)]
+    return [result for name in SPECS for result in bench_model(name, mode)]
+
+
+def bench_model(name: str, mode: Mode) -> list[Result]:
+    spec = SPECS[name]
+    n_rows, length, new_tokens = spec["rows"], spec["length"], spec["new_tokens"]
+    ours, theirs = models(name)
+    batch = {k: v.to(W.device()) for k, v in _batch(name, n_rows, length).items()}
+    rows = [NAMES[i % ADAPTERS] for i in range(n_rows)]
     groups = {name: torch.tensor([i for i, r in enumerate(rows) if r == name], device=W.device()) for name in NAMES}
     gen_kwargs = {
-        "max_new_tokens": NEW_TOKENS,
-        "min_new_tokens": NEW_TOKENS,
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
         "do_sample": False,
         "num_beams": 1,
         "pad_token_id": 0,
@@ -63,7 +85,7 @@ def run(mode: Mode) -> list[Result]:
             theirs.set_adapter(name)
             part = call({k: v.index_select(0, index) for k, v in inputs.items()})
             if out is None:
-                out = part.new_empty((ROWS,) + part.shape[1:])
+                out = part.new_empty((n_rows,) + part.shape[1:])
             out.index_copy_(0, index, part)
         return out
 
@@ -77,23 +99,24 @@ def run(mode: Mode) -> list[Result]:
         "peft grouped": lambda: peft_grouped(lambda b: theirs.generate(**b, **gen_kwargs), gen_inputs),
         "ia3 single": torch.no_grad()(lambda: ours.generate(**gen_inputs, **gen_kwargs)),
     }
-    logits_diff = float((forward["ia3 mixed"]() - forward["peft grouped"]()).abs().max())
+    logits_diff = float((forward["ia3 mixed"]() - forward["peft grouped"]()).abs().max()) if spec["forward"] else None
     tokens_same = bool(torch.equal(generate["ia3 mixed"](), generate["peft grouped"]()))
     results = []
-    for what, fns in (("forward", forward), ("generate 3 tokens", generate)):
+    timed = [("forward", forward)] if spec["forward"] else []
+    for what, fns in (*timed, (f"generate {new_tokens} tokens", generate)):
         times = common.interleaved(fns, mode.repeats, mode.warmup)
         ms = times.medians_ms()
         print(f"  row 4 {what}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()), flush=True)
         extra = {
-            "rows": ROWS,
-            "tokens": LENGTH,
+            "rows": n_rows,
+            "tokens": length,
             "adapters": ADAPTERS,
             "ms": ms,
             **times.to_json(),
             "max_logits_diff_vs_peft": logits_diff,
             "generated_tokens_agree": tokens_same,
         }
-        label = f"{what}, tiny T5, {ROWS} rows over {ADAPTERS} adapters"
+        label = f"{what}, {W.LABEL[name]}, {n_rows} rows over {ADAPTERS} adapters"
         results += [
             Result(
                 "4",
@@ -102,7 +125,7 @@ def run(mode: Mode) -> list[Result]:
                 ms["peft grouped"],
                 "ms",
                 "peft",
-                0.15,
+                spec["targets"][0],
                 extra,
             ),
             Result(
@@ -112,7 +135,7 @@ def run(mode: Mode) -> list[Result]:
                 ms["ia3 single"],
                 "ms",
                 "ia3 single",
-                1.10,
+                spec["targets"][1],
                 extra,
             ),
         ]

@@ -19,8 +19,6 @@ import sys
 import common
 from common import Mode, Result
 
-LABEL = {"t5": "tiny T5", "mt5": "tiny MT5", "gpt2": "tiny GPT-2", "minilm": "MiniLM cls", "mt0-large": "mt0-large"}
-
 
 def child(model: str, side: str, steps: int, threads: int) -> dict:
     """One side's measurement, in this (fresh) process."""
@@ -88,7 +86,7 @@ def run(mode: Mode, models: tuple[str, ...] | None = None) -> list[Result]:
         results.append(
             Result(
                 "5",
-                f"{what} training {LABEL[model]}, {steps} steps (growth after setup: ia3 {growth['ia3']:.1f}, "
+                f"{what} training {W.LABEL[model]}, {steps} steps (growth after setup: ia3 {growth['ia3']:.1f}, "
                 f"peft {growth['peft']:.1f} MiB)",
                 sides["ia3"][key],
                 sides["peft"][key],

