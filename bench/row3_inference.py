@@ -28,10 +28,12 @@ TARGETS = {"smollm2": (1.03, 1.01)}  # (unmerged, merged); the tiny models: (1.0
 
 def variants(name: str) -> dict[str, torch.nn.Module]:
     """The same base weights four ways (copies: merging changes weights); the adapters have random vectors
-    (init_ia3_weights=False)."""
+    (N(0, 1) on the tiny models, near 1 on SmolLM2: `W.trained_like`)."""
     task = W.TASK[name]
     base = getattr(tiny, name)(0) if name in W.TINY else W.base_model(name).eval()
     unmerged = W.wrap("ia3", copy.deepcopy(base), task)
+    if name not in W.TINY:
+        W.trained_like(unmerged)
     merged = W.wrap("ia3", copy.deepcopy(base), task)
     merged.load_state_dict(unmerged.state_dict())  # the same vectors (they were drawn at random)
     merged.merge_adapter()

@@ -165,6 +165,20 @@ def wrap(side: str, model: torch.nn.Module, task: str, init_ones: bool = False, 
     return peft.get_peft_model(model, peft.IA3Config(task_type=task, init_ia3_weights=init_ones), adapter)
 
 
+def trained_like(model: torch.nn.Module, seed: int = 0, spread: float = 0.1) -> torch.nn.Module:
+    """Give every IA3 vector of `model` values near 1 (1 + `spread` x N(0, 1)), as trained vectors are.
+
+    N(0, 1) vectors (`init_ia3_weights=False` alone) are fine on the tiny random models, but on a real model they
+    push activations to inf/NaN, which a CPU computes slowly and the bare base never meets, so they would time
+    the numbers rather than the wrapper."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, tensor in sorted(adapter_state(model).items()):
+            if ".ia3_l." in key:
+                tensor.copy_(1 + spread * torch.randn(tensor.shape, generator=g, dtype=tensor.dtype))
+    return model
+
+
 def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trainable tensors (IA3 vectors and modules_to_save copies), under the keys both libraries share."""
     return {k: v for k, v in model.state_dict().items() if ".ia3_l." in k or ".modules_to_save." in k}

@@ -10,18 +10,20 @@ import httpx
 import uvicorn
 
 from ia3.serve import ServeConfig, create_app
+from ia3.serve.http import uvicorn_config
 
 
 class LiveServer:
     """`create_app(config)` served by uvicorn in a background thread on a free loopback port."""
 
     def __init__(self, config: ServeConfig) -> None:
+        self.config = config
         self.app = create_app(config)
         self.service = self.app.state.service
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_keep_alive=5))
+        self.server = uvicorn.Server(uvicorn_config(self.app, config, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

@@ -30,110 +30,13 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-import transformers as tf  # noqa: E402
 from live_server import LiveServer  # noqa: E402
+from serve_setup import LABELS, TEXTS, Setup, save_adapter  # noqa: E402
 from tiny_dirs import make_model_dir  # noqa: E402
 
-from ia3 import BASE_ADAPTER, IA3Config, PeftModel, get_peft_model  # noqa: E402
-from ia3.recipe.data import Examples  # noqa: E402
-from ia3.recipe.evaluate import score_batch  # noqa: E402
-from ia3.recipe.features import encode  # noqa: E402
+from ia3 import BASE_ADAPTER  # noqa: E402
 from ia3.serve import ServeConfig  # noqa: E402
 from ia3.serve.batcher import Batcher, Job  # noqa: E402
-from ia3.tasks import get_task  # noqa: E402
-
-LABELS = ["negative", "neutral", "positive"]
-TEXTS = [
-    "Operating profit rose to EUR 13.1 mn .",
-    "Net sales fell",
-    "The company said it will cut jobs in Finland .",
-    "Sales",
-]
-TASK_TYPE = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM", "cls": "SEQ_CLS"}
-AUTO = {
-    "seq2seq": tf.AutoModelForSeq2SeqLM,
-    "causal": tf.AutoModelForCausalLM,
-    "cls": tf.AutoModelForSequenceClassification,
-}
-
-
-# -- fixtures: tiny models, adapters, offline references, live servers -----------------------------------------------
-def _base(task: str, model_dir: Path):
-    kwargs = {}
-    if task == "cls":
-        kwargs = dict(num_labels=3, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
-    return AUTO[task].from_pretrained(model_dir, **kwargs).eval()
-
-
-def _save_adapter(task: str, model_dir: Path, folder: Path, seed: int) -> Path:
-    torch.manual_seed(seed)  # init_ia3_weights=False: random vectors (and, for cls, a random head) per adapter
-    model = get_peft_model(_base(task, model_dir), IA3Config(task_type=TASK_TYPE[task], init_ia3_weights=False))
-    model.save_pretrained(folder)
-    return folder
-
-
-class Setup:
-    """One task: model folder, adapters folder (a, b, c), a spare adapter (`late`), the offline reference."""
-
-    def __init__(self, root: Path, task: str) -> None:
-        self.task = task
-        self.model_dir = make_model_dir(root / "models", task)
-        self.adapters = root / f"{task}-adapters"
-        self.spare = root / f"{task}-spare"
-        folders = {
-            name: _save_adapter(task, self.model_dir, self.adapters / name, seed)
-            for seed, name in enumerate(["a", "b", "c"], start=1)
-        }
-        folders["late"] = _save_adapter(task, self.model_dir, self.spare / "late", 7)
-        self.tokenizer = tf.AutoTokenizer.from_pretrained(self.model_dir)
-        ref = PeftModel.from_pretrained(_base(task, self.model_dir), folders["a"], adapter_name="a")
-        for name in ("b", "c", "late"):
-            ref.load_adapter(folders[name], name)
-        self.ref = ref.eval()
-        self._cache: dict = {}
-
-    def _alone(self, adapter: str, fn):
-        if adapter == BASE_ADAPTER:
-            with self.ref.disable_adapter():
-                return fn()
-        self.ref.set_adapter(adapter)
-        return fn()
-
-    @torch.no_grad()
-    def generate(self, adapter: str, text: str, max_new_tokens: int = 6, num_beams: int = 1) -> str:
-        key = ("g", adapter, text, max_new_tokens, num_beams)
-        if key not in self._cache:
-            tok = self.tokenizer
-            ids = tok(text, add_special_tokens=self.task != "causal", return_tensors="pt")["input_ids"]
-            out = self._alone(
-                adapter,
-                lambda: self.ref.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=max_new_tokens,
-                    num_beams=num_beams,
-                    do_sample=False,
-                    pad_token_id=tok.pad_token_id,
-                ),
-            )
-            if self.task == "causal":
-                out = out[:, ids.shape[1] :]
-            self._cache[key] = tok.decode(out[0], skip_special_tokens=True)
-        return self._cache[key]
-
-    @torch.no_grad()
-    def classify(self, adapter: str, text: str) -> tuple[str, list[float]]:
-        key = ("c", adapter, text)
-        if key not in self._cache:
-            if self.task == "cls":
-                batch = self.tokenizer(text, return_tensors="pt")
-                scores = self._alone(adapter, lambda: self.ref(**batch).logits[0].tolist())
-            else:
-                enc = encode(get_task(self.task)(self.tokenizer), Examples([text], [0], LABELS), 512, 32)
-                model = self.ref.get_base_model()
-                scores = self._alone(adapter, lambda: score_batch(model, enc, [0], torch.device("cpu"))[1][0])
-            self._cache[key] = (LABELS[max(range(3), key=scores.__getitem__)], scores)
-        return self._cache[key]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -212,7 +115,7 @@ def own_server(s2s, own_adapters):
 def _check_error(response, status: int, kind: str | None = None) -> dict:
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}, body
+    assert set(body) == {"error"} and {"type", "message"} <= set(body["error"]) <= {"type", "message", "param", "code"}
     if kind is not None:
         assert body["error"]["type"] == kind, body
     return body["error"]
@@ -292,8 +195,8 @@ def test_causal_left_padding_and_cls_heads(tmp_path):
                 r = future.result()
                 assert r.status_code == 200, r.text
                 assert [o["text"] for o in r.json()["outputs"]] == [causal.generate(adapter, t, 5) for t in texts]
-        snap = srv.client.get("/metrics").json()["batches"]
-        assert snap["max_size"] == 6 and snap["max_adapters"] == 3
+        decode = srv.client.get("/metrics?format=json").json()["decode"]  # causal: continuous batching
+        assert decode["max_rows"] == 6 and decode["max_adapters"] == 3, decode
         for adapter in ("a", "c"):
             r = srv.post("/v1/classify", json={"adapter": adapter, "inputs": TEXTS})
             assert r.status_code == 200, r.text
@@ -319,7 +222,7 @@ def test_causal_left_padding_and_cls_heads(tmp_path):
             for adapter, future in futures.items():
                 assert future.result().status_code == 200, future.result().text
                 _check_classify(cls, adapter, TEXTS, future.result().json())
-        assert srv.client.get("/metrics").json()["batches"]["max_adapters"] == 3
+        assert srv.client.get("/metrics?format=json").json()["batches"]["max_adapters"] == 3
         _check_error(srv.post("/v1/generate", json={"adapter": "a", "inputs": "x"}), 422, "unsupported")
     finally:
         srv.close()
@@ -341,7 +244,7 @@ def test_concurrent_mixed_adapter_requests(own_server, s2s):
         texts = [TEXTS[i % 4]] if i % 3 else [TEXTS[i % 4], TEXTS[(i + 1) % 4]]
         kind = "generate" if (i // 4) % 2 == 0 else "classify"
         requests.append((kind, adapter, texts))
-    before = server.client.get("/metrics").json()["batches"]["count"]
+    before = server.client.get("/metrics?format=json").json()["batches"]["count"]
 
     def send(req):
         kind, adapter, texts = req
@@ -366,7 +269,7 @@ def test_concurrent_mixed_adapter_requests(own_server, s2s):
             assert [o["text"] for o in r.json()["outputs"]] == [s2s.generate(adapter, t) for t in texts]
         else:
             _check_classify(s2s, adapter, texts, r.json())
-    metrics = server.client.get("/metrics").json()
+    metrics = server.client.get("/metrics?format=json").json()
     assert metrics["batches"]["count"] - before == 2  # all generate requests in one batch, all classify in another
     assert metrics["batches"]["multi_adapter"] >= 2 and metrics["batches"]["max_adapters"] == 4
     assert metrics["queue"]["depth"] == 0 and metrics["latency_ms"]["p99"] is not None
@@ -508,7 +411,7 @@ def test_adapter_endpoint_safety(own_server, own_adapters, s2s, tmp_path):
     (pickled / "adapter_model.bin").write_bytes(b"not read")
     _check_error(server.post("/v1/adapters/pickled"), 422, "unsupported_format")
     # an adapter of another task / shape
-    _save_adapter("cls", make_model_dir(tmp_path / "other", "cls"), own_adapters / "wrongtask", 3)
+    save_adapter("cls", make_model_dir(tmp_path / "other", "cls"), own_adapters / "wrongtask", 3)
     _check_error(server.post("/v1/adapters/wrongtask"), 422, "adapter_incompatible")
     # Hub ids: checked, and (offline here) a clear error
     _check_error(server.post("/v1/adapters/x", json={"source": "../../etc"}), 422, "invalid_source")
@@ -560,7 +463,7 @@ def test_bad_inputs_are_json_4xx_and_server_keeps_serving(server):
     r = post("/v1/generate", json={"adapter": "a", "inputs": "Sales", "parameters": {"max_new_tokens": 6}})
     assert r.status_code == 200 and r.json()["outputs"][0]["text"]
     assert server.client.get("/health").json()["status"] == "ok"
-    routes = server.client.get("/metrics").json()["requests"]["by_route"]
+    routes = server.client.get("/metrics?format=json").json()["requests"]["by_route"]
     assert routes["/v1/generate"]["413"] >= 4 and routes["/v1/generate"]["422"] >= 11
 
 
@@ -584,7 +487,7 @@ def test_queue_full_timeout_and_api_key(s2s, own_adapters):
         _check_error(srv.post("/v1/generate", json=body), 401, "unauthorized")
         _check_error(srv.post("/v1/generate", json=body, headers={"Authorization": "Bearer wrong"}), 401)
         _check_error(srv.post("/v1/generate", json=body, headers={"X-API-Key": key[:-1]}), 401)
-        _check_error(srv.client.get("/metrics"), 401)
+        _check_error(srv.client.get("/metrics?format=json"), 401)
         _check_error(srv.client.get("/v1/adapters"), 401)
         _check_error(srv.post("/v1/adapters/a"), 401)
         assert srv.client.get("/health").status_code == 200  # liveness needs no key
@@ -603,7 +506,7 @@ def test_queue_full_timeout_and_api_key(s2s, own_adapters):
         srv.service.batcher.resume()
         r = srv.post("/v1/generate", json=body, headers=auth)
         assert r.status_code == 200 and r.json()["outputs"][0]["text"] == s2s.generate("a", "Sales")
-        routes = srv.client.get("/metrics", headers=auth).json()["requests"]["by_route"]["/v1/generate"]
+        routes = srv.client.get("/metrics?format=json", headers=auth).json()["requests"]["by_route"]["/v1/generate"]
         assert routes["503"] == 1 and routes["504"] == 1 and routes["401"] == 3
     finally:
         srv.close()

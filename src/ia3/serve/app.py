@@ -5,42 +5,41 @@
     GET  /v1/adapters        loaded adapters
     POST /v1/adapters/{name} load `adapters_dir/name`, or {"source": "<hub id>", "revision": ...}
     DELETE /v1/adapters/{name}
-    GET  /health, GET /metrics, GET /openapi.json, GET /docs
+    GET  /v1/models, POST /v1/completions, POST /v1/chat/completions   OpenAI-compatible (`model` = adapter name)
+    GET  /health, GET /metrics (Prometheus text; ?format=json), GET /openapi.json, GET /docs
 
 Every error is a 4xx/5xx with `{"error": {"type": ..., "message": ...}}`; the server keeps serving.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations, which name local objects
-import asyncio
 import hashlib
 import hmac
-import itertools
 import logging
 import time
 from contextlib import asynccontextmanager
 from functools import partial
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ia3.serve.batcher import Batch, Batcher, Job
 from ia3.serve.config import ServeConfig
-from ia3.serve.engine import Engine, GenerateParams, labels_from_recipes
-from ia3.serve.errors import ApiError, adapter_not_found
+from ia3.serve.decoding import Sampling
+from ia3.serve.errors import ApiError
+from ia3.serve.http import BodyLimit, Guard, uvicorn_config
 from ia3.serve.metrics import Metrics
-from ia3.serve.registry import AdapterInfo, Registry, check_name
+from ia3.serve.registry import check_name
+from ia3.serve.service import ClientGone, GenerationRequest, Service, Watch, check_text
 from ia3.tuner import BASE_ADAPTER
 
 log = logging.getLogger("ia3.serve")
 DEFAULT_MAX_NEW_TOKENS = 32
-_seeded = itertools.count()
+CLIENT_GONE = 499  # the status recorded for a request whose client disconnected (nginx's convention)
 
 
 # -- request and response bodies -----------------------------------------------------------------------------------
@@ -57,7 +56,8 @@ class GenerateParameters(_Strict):
     temperature: float = Field(1.0, gt=0, le=100, description="sampling only")
     top_p: float = Field(1.0, gt=0, le=1, description="sampling only")
     top_k: int = Field(50, ge=0, description="sampling only")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="sampling only: run alone, seeded (reproducible)")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="sampling only: a seeded, reproducible sample")
+    stop: list[str] | None = Field(None, description="stop sequences: the text ends before the first one found")
 
 
 class GenerateRequest(_Strict):
@@ -88,17 +88,22 @@ class AdapterLoadRequest(_Strict):
 
 class GenerateOutput(BaseModel):
     text: str
+    finish_reason: str = Field(description="stop (EOS or a stop sequence) or length (max_new_tokens)")
+    tokens: int = Field(description="tokens generated")
+    truncated_input_tokens: int = Field(0, description="tokens dropped from the start of a too-long input")
 
 
 class GenerateResponse(BaseModel):
     adapter: str
     outputs: list[GenerateOutput]
     parameters: dict[str, Any]
+    usage: dict[str, int]
 
 
 class ClassifyOutput(BaseModel):
     label: str
     scores: dict[str, float]
+    truncated_input_tokens: int = 0
 
 
 class ClassifyResponse(BaseModel):
@@ -124,222 +129,18 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (404, "unknown adapter"),
         (413, "body, input or number of inputs too large"),
         (422, "invalid request"),
+        (408, "request headers or body too slow"),
         (503, "queue full"),
         (504, "timed out"),
     ]
 }
 
 
-# -- the service: model, queue, adapters, metrics --------------------------------------------------------------------
-class Service:
-    """Everything behind the endpoints. `create_app` makes one; tests reach it as `app.state.service`."""
-
-    def __init__(self, config: ServeConfig) -> None:
-        self.config = config
-        self.registry = Registry(config.adapters_dir, config.task, config.allow_hub)
-        folders = self.registry.startup_folders()
-        labels = config.label_names or labels_from_recipes([folder for _, folder in folders])
-        self.engine = Engine(config, labels)
-        self.metrics = Metrics()
-        for name, folder in folders:
-            try:
-                info_config = self.registry.read_config(folder, name)
-                self._load_now(name, folder, f"local:{name}", info_config)
-            except ApiError as err:
-                log.warning("adapter %s not loaded: %s", name, err.message)
-        self.batcher = Batcher(
-            self._run_batch,
-            max_batch_size=config.max_batch_size,
-            max_wait_s=config.max_wait_ms / 1000,
-            max_queue=config.max_queue,
-            on_batch=self._on_batch,
-        )
-
-    # -- adapters (the worker thread, or before it starts) ---------------------------------------------------------
-    def _load_now(self, name: str, folder: Path, source: str, adapter_config) -> dict:
-        if self.registry.has(name):
-            raise ApiError(409, "adapter_exists", f"Adapter {name!r} is already loaded; DELETE it first")
-        try:
-            self.engine.load_adapter(name, folder)
-        except FileNotFoundError as err:
-            raise ApiError(404, "adapter_not_found", str(err)[:1000]) from None
-        except (ValueError, TypeError) as err:
-            raise ApiError(422, "adapter_incompatible", f"Adapter {name!r}: {str(err)[:1000]}") from None
-        info = AdapterInfo(name, source, str(folder), adapter_config.task_type, adapter_config.base_model_name_or_path)
-        self.registry.add(info)
-        return info.public()
-
-    def _delete_now(self, name: str) -> None:
-        if not self.registry.has(name):
-            raise adapter_not_found(name)
-        self.engine.delete_adapter(name)
-        self.registry.remove(name)
-
-    # -- batches (the worker thread) -------------------------------------------------------------------------------
-    def _run_batch(self, batch: Batch) -> list[Any]:
-        results: list[Any] = [None] * len(batch.items)
-        loaded = set(self.registry.names())
-        run: list[int] = []
-        for i, adapter in enumerate(batch.adapters):
-            if adapter == BASE_ADAPTER or adapter in loaded:
-                run.append(i)
-            else:  # deleted while the request waited
-                results[i] = ApiError(404, "adapter_not_found", f"Adapter {adapter!r} was unloaded")
-        if not run:
-            return results
-        ids = self.engine.encode([batch.rows[i] for i in run])
-        keep = []
-        for i, row in zip(run, ids):
-            if row:
-                keep.append((i, row))
-            else:
-                results[i] = ApiError(422, "invalid_input", "An input gives no tokens")
-        if not keep:
-            return results
-        index, rows = [i for i, _ in keep], [r for _, r in keep]
-        adapters = [batch.adapters[i] for i in index]
-        if batch.kind == "generate":
-            outputs: list[Any] = self.engine.generate(rows, adapters, batch.params)
-        else:
-            labels = batch.params
-            outputs = []
-            for scores in self.engine.classify(rows, adapters, labels):
-                best = max(range(len(scores)), key=scores.__getitem__)
-                outputs.append({"label": labels[best], "scores": dict(zip(labels, scores))})
-        for i, out in zip(index, outputs):
-            results[i] = out
-        return results
-
-    def _on_batch(self, batch: Batch, seconds: float) -> None:
-        self.metrics.record_batch(
-            len(batch.items), len({id(job) for job, _ in batch.items}), len(set(batch.adapters)), seconds
-        )
-
-    # -- request side (event loop) ---------------------------------------------------------------------------------
-    def check_inputs(self, inputs: str | list[str]) -> list[str]:
-        texts = [inputs] if isinstance(inputs, str) else list(inputs)
-        cfg = self.config
-        if not texts:
-            raise ApiError(422, "invalid_request", "inputs is empty: give a text or a non-empty list of texts")
-        if len(texts) > cfg.max_inputs:
-            raise ApiError(413, "too_many_inputs", f"{len(texts)} inputs; at most {cfg.max_inputs} per request")
-        for i, text in enumerate(texts):
-            if len(text) > cfg.max_input_chars:
-                raise ApiError(
-                    413, "input_too_long", f"inputs[{i}] has {len(text)} characters; at most {cfg.max_input_chars}"
-                )
-            if not text.strip():
-                raise ApiError(422, "invalid_request", f"inputs[{i}] is empty")
-        return texts
-
-    def check_adapter(self, adapter: str) -> None:
-        if adapter != BASE_ADAPTER and not self.registry.has(adapter):
-            raise adapter_not_found(adapter[:100], self.registry.names())
-
-    async def submit(self, kind: str, key: Any, texts: list[str], adapter: str, params: Any) -> list[Any]:
-        if not self.config.mix_adapters:
-            key = (key, adapter)
-        job = Job(kind, key, texts, adapter, params)
-        future = self.batcher.submit(job)
-        try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.config.request_timeout_s)
-        except TimeoutError:
-            self.batcher.cancel(job)
-            raise ApiError(504, "timeout", f"No answer within {self.config.request_timeout_s:g} s") from None
-        except asyncio.CancelledError:
-            self.batcher.cancel(job)
-            raise
-
-    async def on_worker(self, fn) -> Any:
-        future = self.batcher.call(fn)
-        try:
-            return await asyncio.wait_for(
-                asyncio.shield(asyncio.wrap_future(future)), max(self.config.request_timeout_s, 60.0)
-            )
-        except TimeoutError:
-            raise ApiError(504, "timeout", "The worker did not get to this in time; it will still run") from None
-
-
-# -- middleware ------------------------------------------------------------------------------------------------------
-async def _send_json(send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
-    import json
-
-    data = json.dumps(body).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": data})
-
-
-class BodyLimit:
-    """Reads the request body up to `max_bytes` before the app sees it; more gets 413 (no JSON parsing)."""
-
-    DRAIN_LIMIT = 64 * 1024 * 1024  # read (and drop) up to this much of a refused body, so the client sees the 413
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def _drain(self, receive, size: int) -> None:
-        # closing a connection with unread data makes the kernel reset it, and the client may lose the answer
-        while size <= self.DRAIN_LIMIT:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            size += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                return
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_large = ApiError(413, "body_too_large", f"Request body exceeds {self.max_bytes} bytes")
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None:
-            try:
-                size = int(declared)
-            except ValueError:
-                await _send_json(send, 400, ApiError(400, "invalid_request", "Bad Content-Length").body())
-                return
-            if size > self.max_bytes:
-                if size <= self.DRAIN_LIMIT:
-                    await self._drain(receive, 0)
-                await _send_json(send, 413, too_large.body(), {"connection": "close"})
-                return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                if message.get("more_body", False):
-                    await self._drain(receive, size)
-                await _send_json(send, 413, too_large.body(), {"connection": "close"})
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        delivered = False
-
-        async def replay():
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-
 class RequestMetrics:
     """Counts every HTTP request by route and status; latency of answered generate/classify requests."""
 
-    TIMED = ("/v1/generate", "/v1/classify")
+    TIMED = ("/v1/generate", "/v1/classify", "/v1/completions", "/v1/chat/completions")
+    ROUTES = (*TIMED, "/v1/models", "/v1/adapters", "/v1/adapters/{name}", "/health", "/metrics")
 
     def __init__(self, app, metrics: Metrics) -> None:
         self.app = app
@@ -362,10 +163,11 @@ class RequestMetrics:
         finally:
             path = scope.get("path", "")
             route = "/v1/adapters/{name}" if path.startswith("/v1/adapters/") else path
-            if route not in (*self.TIMED, "/v1/adapters", "/v1/adapters/{name}", "/health", "/metrics"):
+            if route not in self.ROUTES:
                 route = "other"
-            seconds = time.perf_counter() - start if route in self.TIMED and status["code"] == 200 else None
-            self.metrics.record_request(route, status["code"], seconds)
+            code = CLIENT_GONE if scope.get("state", {}).get("client_gone") else status["code"]
+            seconds = time.perf_counter() - start if route in self.TIMED and code == 200 else None
+            self.metrics.record_request(route, code, seconds)
 
 
 # -- the app ---------------------------------------------------------------------------------------------------------
@@ -379,6 +181,24 @@ def _validation_message(err: RequestValidationError) -> tuple[int, str, str]:
         loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
         parts.append(f"{loc}: {e.get('msg', 'invalid')}")
     return 422, "invalid_request", "; ".join(parts)
+
+
+def watch(request: Request) -> Watch:
+    """A `Watch` that resolves when the request's client disconnects (the body has been read by then)."""
+
+    async def disconnected() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                request.scope.setdefault("state", {})["client_gone"] = True
+                return
+
+    return Watch(disconnected)
+
+
+def client_gone() -> Response:
+    """What a request whose client went away gets (nobody reads it; the status keeps it out of the answered)."""
+    return Response(status_code=CLIENT_GONE)
 
 
 def create_app(config: ServeConfig | None = None, *, service: Service | None = None) -> FastAPI:
@@ -396,13 +216,13 @@ def create_app(config: ServeConfig | None = None, *, service: Service | None = N
         try:
             yield
         finally:
-            await run_in_threadpool(svc.batcher.stop)
+            await run_in_threadpool(svc.close)
 
     app = FastAPI(
         title="ia3 serve",
         version=_version(),
         lifespan=lifespan,
-        description="One base model, many (IA)^3 adapters, mixed in every batch.",
+        description="One base model, many (IA)^3 adapters, mixed in every batch; an OpenAI-compatible API.",
     )
     app.state.service = svc
 
@@ -446,15 +266,8 @@ def create_app(config: ServeConfig | None = None, *, service: Service | None = N
             headers=getattr(err, "headers", None),
         )
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, err: Exception) -> JSONResponse:
-        log.exception("internal error")
-        return JSONResponse(
-            {"error": {"type": "internal_error", "message": f"{type(err).__name__}: {str(err)[:300]}"}}, status_code=500
-        )
-
     @app.post("/v1/generate", response_model=GenerateResponse, dependencies=auth, responses=ERRORS)
-    async def generate(body: GenerateRequest) -> dict:
+    async def generate(body: GenerateRequest, request: Request) -> Any:
         """Generate text for each input with the adapter (greedy unless `do_sample`)."""
         if not svc.engine.task.generates:
             raise ApiError(422, "unsupported", f"This server runs a classifier (task {cfg.task}); use /v1/classify")
@@ -463,20 +276,43 @@ def create_app(config: ServeConfig | None = None, *, service: Service | None = N
         p = body.parameters
         if p.num_beams > cfg.max_beams:
             raise ApiError(422, "invalid_request", f"parameters.num_beams: at most {cfg.max_beams}")
+        stop = svc.check_stop(p.stop)
         max_new = min(p.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, cfg.max_new_tokens)
-        if p.do_sample:
-            params = GenerateParams(max_new, p.num_beams, True, p.temperature, p.top_p, p.top_k, p.seed)
-        else:  # sampling settings do not matter: leave them out of the batching key
-            params = GenerateParams(max_new, p.num_beams)
-        key = ("generate", params, next(_seeded) if params.seed is not None else None)
-        outputs = await svc.submit("generate", key, texts, body.adapter, params)
-        effective = {"max_new_tokens": max_new, "num_beams": p.num_beams, "do_sample": p.do_sample}
+        sampling = Sampling(p.temperature, p.top_p, p.top_k, p.seed) if p.do_sample else Sampling()
+        prompts = await svc.encode_inputs(texts)
+        job = GenerationRequest(prompts, body.adapter, max_new, 1, p.num_beams, sampling, p.top_k, stop)
+        try:
+            outputs = await svc.generate(job, watch(request))
+        except ClientGone:
+            return client_gone()
+        effective: dict[str, Any] = {"max_new_tokens": max_new, "num_beams": p.num_beams, "do_sample": p.do_sample}
         if p.do_sample:
             effective.update(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed)
-        return {"adapter": body.adapter, "outputs": [{"text": t} for t in outputs], "parameters": effective}
+        if stop:
+            effective["stop"] = list(stop)
+        prompt_tokens = sum(len(x.ids) for x in prompts)
+        completion_tokens = sum(o.tokens for o in outputs)
+        return {
+            "adapter": body.adapter,
+            "outputs": [
+                {
+                    "text": o.text,
+                    "finish_reason": o.finish_reason,
+                    "tokens": o.tokens,
+                    "truncated_input_tokens": prompts[o.prompt].dropped,
+                }
+                for o in outputs
+            ],
+            "parameters": effective,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
 
     @app.post("/v1/classify", response_model=ClassifyResponse, dependencies=auth, responses=ERRORS)
-    async def classify(body: ClassifyRequest) -> dict:
+    async def classify(body: ClassifyRequest, request: Request) -> Any:
         """Rank the label strings (seq2seq/causal: mean token log-probability) or apply the adapter's head (cls)."""
         texts = svc.check_inputs(body.inputs)
         svc.check_adapter(body.adapter)
@@ -490,12 +326,16 @@ def create_app(config: ServeConfig | None = None, *, service: Service | None = N
                 raise ApiError(422, "invalid_request", f"parameters.labels: give 1 to {cfg.max_labels} labels")
             if any(not x.strip() or len(x) > 200 for x in labels) or len(set(labels)) != len(labels):
                 raise ApiError(422, "invalid_request", "parameters.labels: distinct, non-empty, at most 200 characters")
+            for i, label in enumerate(labels):
+                check_text(label, f"parameters.labels[{i}]")
         else:
             labels = svc.engine.label_names
             if not labels:
                 raise ApiError(422, "invalid_request", "This server has no label names: pass parameters.labels")
-        labels_key = tuple(labels)
-        outputs = await svc.submit("classify", ("classify", labels_key), texts, body.adapter, labels_key)
+        try:
+            outputs = await svc.classify(texts, body.adapter, tuple(labels), watch(request))
+        except ClientGone:
+            return client_gone()
         return {"adapter": body.adapter, "labels": list(labels), "outputs": outputs}
 
     @app.get("/v1/adapters", dependencies=auth, responses=ERRORS)
@@ -542,13 +382,53 @@ def create_app(config: ServeConfig | None = None, *, service: Service | None = N
         }
         return JSONResponse(body, status_code=200 if alive else 503)
 
-    @app.get("/metrics", dependencies=auth)
-    async def metrics() -> dict:
-        """Requests by route and status, batch sizes, adapters per batch, queue depth, latency percentiles."""
-        return {**svc.metrics.snapshot(), "queue": svc.batcher.stats(), "adapters_loaded": len(svc.registry.names())}
+    @app.get("/metrics", dependencies=auth, response_model=None)
+    async def metrics(format: str = "prometheus") -> Response:
+        """Prometheus text metrics (requests, tokens per adapter, queue depth, batch occupancy, tokens/s);
+        `?format=json` for the JSON view."""
+        stats = svc.batcher.stats()
+        if format == "json":
+            return JSONResponse(
+                {
+                    **svc.metrics.snapshot(),
+                    "queue": stats,
+                    "adapters_loaded": len(svc.registry.names()),
+                    "tokens_per_second": round(svc.metrics.tokens_per_second(), 3),
+                    "decode": svc.engine.decoder.stats() if svc.engine.decoder is not None else None,
+                }
+            )
+        if format != "prometheus":
+            raise ApiError(422, "invalid_request", "format: prometheus (default) or json")
+        decoder = svc.engine.decoder
+        protocol = getattr(app.state, "protocol", None)
+        gauges = {
+            "queue_depth": ("requests admitted and not yet answered", stats["depth"]),
+            "queue_capacity": ("requests admitted at most (--max-queue)", stats["capacity"]),
+            "pending_rows": ("rows waiting to run", stats["pending_rows"]),
+            "decoding_rows": ("rows in the continuous decode batch", stats["decoding_rows"]),
+            "batch_occupancy": ("decoding rows / --max-batch-size", stats["decoding_rows"] / cfg.max_batch_size),
+            "tokens_per_second": ("generated tokens per second over the last minute", svc.metrics.tokens_per_second()),
+            "adapters_loaded": ("adapters loaded", len(svc.registry.names())),
+        }
+        counters = {
+            "decode_steps_total": ("continuous decode steps", decoder.steps if decoder else 0),
+            "connections_refused_total": (
+                "connections closed at once: over --max-connections",
+                getattr(protocol, "refused", 0),
+            ),
+            "header_timeouts_total": ("connections closed: headers too slow", getattr(protocol, "header_timeouts", 0)),
+        }
+        return PlainTextResponse(
+            svc.metrics.prometheus(gauges, counters), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    from ia3.serve.openai_api import add_openai_routes
+
+    add_openai_routes(app, svc, auth, watch, client_gone)
+
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, timeout_s=cfg.body_timeout_s)
     app.add_middleware(RequestMetrics, metrics=svc.metrics)
+    app.add_middleware(Guard)
     return app
 
 
@@ -561,11 +441,35 @@ def _version() -> str:
         return "0"
 
 
+def _raise_file_limit(wanted: int) -> None:
+    """Let the process open `wanted` connections (plus files): raise the soft descriptor limit toward the hard one."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        need = wanted + 128
+        if soft != resource.RLIM_INFINITY and soft < need:
+            target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        if soft != resource.RLIM_INFINITY and soft < need:
+            log.warning("--max-connections %d is near the file limit (%d): lower it or raise ulimit -n", wanted, soft)
+    except (ImportError, ValueError, OSError):  # not on this platform
+        pass
+
+
 def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Load the model and adapters, then serve on `host:port` until interrupted (uvicorn)."""
     import uvicorn
 
+    if not logging.getLogger("ia3.serve").handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logging.getLogger("ia3.serve").addHandler(handler)
+        logging.getLogger("ia3.serve").setLevel(log_level.upper())
     if host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         log.warning("serving on %s without an API key: anyone who can reach this port can use it", host)
+    _raise_file_limit(config.max_connections)
     app = create_app(config)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5, server_header=False)
+    log.info(app.state.service.summary())
+    uvicorn.Server(uvicorn_config(app, config, host, port, log_level)).run()

@@ -7,8 +7,13 @@ runs up to `max_batch_size` rows, taken in arrival order, in one call, whatever 
 rows than fit is spread over consecutive batches. Control tasks (loading or deleting an adapter) run on the same
 thread between batches, so the model is never changed while it runs.
 
+With a `Decoder` (continuous batching, `ia3.serve.decoding`), generation requests go to it instead (`submit_rows`):
+while it has rows, the worker runs one decode step at a time, and between steps the control tasks and, alternating
+with the steps, the static batches that are ready (classification, beam search), so neither side starves.
+
 `max_queue` bounds the requests admitted and not yet answered: one more raises `QueueFull` (HTTP 503) at once.
-A request that times out is cancelled: its rows not yet taken are dropped and late results are discarded.
+A request that times out or whose client went away is cancelled: its rows not yet taken are dropped, its rows in the
+decode batch leave it at the next token, and late results are discarded.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ia3.serve.decoding import Decoder, Row
 from ia3.serve.errors import ApiError, QueueFull, ShuttingDown
 
 log = logging.getLogger("ia3.serve")
 _ids = itertools.count()
+STEP = "step"  # `_next`'s answer for one decode step of the continuous batch
 
 
 @dataclass(eq=False)
@@ -46,6 +53,8 @@ class Job:
     done: int = 0  # rows with a result
     results: list[Any] = field(default_factory=list)
     closed: bool = False  # answered, failed or cancelled
+    cost: int = 0  # compute per row (beams x new tokens), for the batch budget
+    decoding: list[Row] = field(default_factory=list)  # continuous batching: the job's rows in the decoder
 
 
 @dataclass
@@ -80,8 +89,13 @@ class Batcher:
         max_wait_s: float = 0.01,
         max_queue: int = 256,
         on_batch: Callable[[Batch, float], None] | None = None,
+        decoder: Decoder | None = None,
+        max_batch_cost: int | None = None,
     ) -> None:
         self.run_batch = run_batch
+        self.decoder = decoder
+        self.max_batch_cost = max_batch_cost
+        self._static_turn = False  # alternate static batches with decode steps
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -119,6 +133,8 @@ class Batcher:
         for _, future in controls:
             if not future.done():
                 future.set_exception(ShuttingDown())
+        if self.decoder is not None:
+            self.decoder.fail_all(ShuttingDown(), waiting=True)
 
     def pause(self) -> None:
         """Take no new batch (nor control task) until `resume`; requests keep queueing, within `max_queue`."""
@@ -148,8 +164,49 @@ class Batcher:
             self._cond.notify_all()
         return job.future
 
+    def submit_rows(self, job: Job, rows: list[Row]) -> concurrent.futures.Future:
+        """Queue `job` for continuous decoding: its `rows` join the decoder's batch as room frees up. Its future
+        gets the rows when every one has finished (each with its text, tokens, finish reason or error).
+        Raises `QueueFull` or `ShuttingDown`."""
+        if self.decoder is None:
+            raise RuntimeError("this batcher has no decoder")
+        if not rows:
+            raise ValueError("a job needs at least one row")
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown()
+            if self._live >= self.max_queue:
+                raise QueueFull(self.max_queue)
+            self._live += 1
+            self._max_live = max(self._max_live, self._live)
+            job.decoding = rows
+            job.enqueued_at = time.monotonic()
+        for row in rows:
+            row.on_done = self._chain(job, row.on_done)
+        self.decoder.add(rows)
+        with self._cond:
+            self._cond.notify_all()
+        return job.future
+
+    def _chain(self, job: Job, then: Callable[[Row], None] | None) -> Callable[[Row], None]:
+        def done(row: Row) -> None:
+            if then is not None:
+                then(row)
+            with self._cond:
+                job.done += 1
+                finished = job.done == len(job.decoding) and not job.closed
+                if finished:
+                    self._close(job)
+            if finished and not job.future.done():
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    job.future.set_result(job.decoding)
+
+        return done
+
     def cancel(self, job: Job) -> None:
         """Give up on `job` (e.g. its request timed out): rows not yet run are dropped, late results discarded."""
+        for row in job.decoding:
+            row.cancel()
         if self._withdraw(job):
             job.future.cancel()
 
@@ -170,12 +227,14 @@ class Batcher:
             return self._live
 
     def stats(self) -> dict:
+        running, waiting = self.decoder.counts() if self.decoder is not None else (0, 0)
         with self._cond:
             return {
                 "depth": self._live,
                 "max_depth": self._max_live,
                 "capacity": self.max_queue,
-                "pending_rows": sum(len(j.rows) - j.taken for j in self._pending),
+                "pending_rows": sum(len(j.rows) - j.taken for j in self._pending) + waiting,
+                "decoding_rows": running,
                 "paused": self._paused,
             }
 
@@ -205,28 +264,38 @@ class Batcher:
     def _rows_waiting(self, key: Hashable) -> int:
         return sum(len(j.rows) - j.taken for j in self._pending if j.key == key)
 
-    def _next(self) -> Batch | tuple[Callable[[], Any], concurrent.futures.Future] | None:
-        """The next thing to run (a batch or a control task); None when stopping. Waits as needed."""
+    def _next(self) -> Batch | tuple[Callable[[], Any], concurrent.futures.Future] | str | None:
+        """The next thing to run (a batch, a control task or `STEP`: one decode step); None when stopping. Waits
+        as needed."""
         with self._cond:
             while True:
                 if self._stopping:
                     return None
-                if self._paused or (not self._pending and not self._control):
+                decoding = self.decoder is not None and self.decoder.busy()
+                if self._paused or (not self._pending and not self._control and not decoding):
                     self._cond.wait()
                     continue
                 if self._control:
                     return self._control.popleft()
+                if not self._pending:
+                    return STEP
                 first = self._pending[0]
                 deadline = first.enqueued_at + self.max_wait_s
                 now = time.monotonic()
-                if self._rows_waiting(first.key) < self.max_batch_size and now < deadline:
+                ready = self._rows_waiting(first.key) >= self.max_batch_size or now >= deadline
+                if decoding and (not ready or not self._static_turn):
+                    self._static_turn = True
+                    return STEP
+                if not ready:
                     self._cond.wait(deadline - now)
                     continue  # re-check: the first job may be gone, control may have arrived
+                self._static_turn = False
                 return self._take(first.key)
 
     def _take(self, key: Hashable) -> Batch:  # with the lock held
         items: list[tuple[Job, int]] = []
         room = self.max_batch_size
+        budget = self.max_batch_cost
         kind = self._pending[0].kind
         for job in list(self._pending):
             if room == 0:
@@ -234,6 +303,11 @@ class Batcher:
             if job.key != key:
                 continue
             n = min(room, len(job.rows) - job.taken)
+            if budget is not None and job.cost > 0:
+                n = min(n, budget // job.cost) if items else max(1, min(n, budget // job.cost))
+                if n == 0:
+                    break
+                budget -= n * job.cost
             items.extend((job, i) for i in range(job.taken, job.taken + n))
             job.taken += n
             room -= n
@@ -246,6 +320,9 @@ class Batcher:
             item = self._next()
             if item is None:
                 return
+            if item is STEP:
+                self._step()
+                continue
             if isinstance(item, tuple):
                 fn, future = item
                 try:
@@ -256,6 +333,14 @@ class Batcher:
                     future.set_result(result)
                 continue
             self._run(item)
+
+    def _step(self) -> None:
+        assert self.decoder is not None
+        try:
+            self.decoder.step()
+        except BaseException as err:  # the model call of the whole decode batch failed: its rows fail
+            log.error("decode step failed (%d rows): %s: %s", self.decoder.counts()[0], type(err).__name__, err)
+            self.decoder.fail_all(err)
 
     def _run(self, batch: Batch) -> None:
         live = [(job, i) for job, i in batch.items if not job.closed]
@@ -268,11 +353,17 @@ class Batcher:
             if len(results) != len(batch.items):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch.items)} rows")
         except BaseException as err:  # a failed batch fails its requests; the worker goes on
+            jobs = list(dict.fromkeys(job for job, _ in batch.items))
             if isinstance(err, ApiError):  # the requests' fault (e.g. labels too long), not the server's
                 log.info("batch of %d rows refused: %s", len(batch.items), err.message)
-            else:
-                log.exception("batch of %d rows failed", len(batch.items))
-            for job in dict.fromkeys(job for job, _ in batch.items):
+            elif len(jobs) > 1:  # find the request(s) that cause it: each runs alone, the others get answers
+                log.warning("batch of %d requests failed (%s); running each alone", len(jobs), type(err).__name__)
+                for job in jobs:
+                    self._run(Batch(batch.kind, batch.key, [(j, i) for j, i in batch.items if j is job]))
+                return
+            else:  # each request's handler logs it once, with its request id
+                log.debug("batch of %d rows failed", len(batch.items), exc_info=True)
+            for job in jobs:
                 self._fail(job, err)
             return
         if self.on_batch is not None:

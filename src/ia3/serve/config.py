@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from ia3.recipe.config import Checks, field_types
 from ia3.tasks import TASKS
 
+BATCHING = ("continuous", "static")
+TRUNCATION = ("left", "refuse")
 # fields whose `ia3 serve` flag is not derived from their name
 FLAG_NAMES = {"adapters_dir": "--adapters", "allow_hub": "--no-hub"}
 
@@ -41,18 +43,39 @@ class ServeConfig:
         label_names: labels `/v1/classify` ranks (seq2seq/causal) or the head's classes (cls). None: the first
             `recipe.yaml` (data.label_names) found among the adapters, else (cls) the model config's labels.
         device: `cpu`, `cuda`, `cuda:1`, ...; None picks cuda when available.
-        max_batch_size: rows (inputs) per forward / generate call.
+        batching: `continuous` (causal generation: requests join and leave the running decode batch at every
+            token, whatever their parameters; beam search, seq2seq and classification run in shared static
+            batches between decode steps) or `static` (every request waits for a batch of requests with the same
+            parameters; for comparison).
+        max_batch_size: rows (inputs) per forward / generate call; with continuous batching, rows decoded
+            together.
+        max_prefill_tokens: continuous batching: prompt tokens that join the running batch in one step at most (a
+            longer prompt joins alone), which bounds how long a new long prompt delays the running rows.
         max_wait_ms: how long the oldest waiting request may wait for others to fill its batch.
         max_queue: requests admitted and not finished; one more is answered 503.
         max_inputs: inputs per request (413 beyond).
         max_input_chars: characters per input (413 beyond).
-        max_input_tokens: inputs are truncated to this many tokens (and to what the model's positions allow).
+        max_input_tokens: the most tokens of an input (lowered to what the model's positions allow).
+        truncation: an input longer than that: `left` drops its start (the end, next to the answer, stays; the
+            response says how many tokens were dropped) or `refuse` (413).
         max_new_tokens: the cap on `parameters.max_new_tokens` (larger values are clamped to it).
+        max_request_tokens: compute budget of one request: inputs x choices x beams x new tokens (413 beyond).
+            None: `max_batch_size` x `max_new_tokens` (one request may fill the batch for the longest answer).
+        max_batch_tokens: compute budget of one static batch (rows x beams x new tokens); a request over it runs
+            over several batches. None: the same as `max_request_tokens`.
+        max_stop: stop sequences per request.
+        max_choices: completions per prompt (OpenAI `n`).
         max_beams: the cap on `parameters.num_beams` (422 beyond).
         max_labels: label strings per classify request.
         max_label_tokens: tokens per label of a classify request.
         max_body_bytes: request bodies larger than this get 413 before parsing.
-        request_timeout_s: a request not answered within this (queueing included) gets 504.
+        request_timeout_s: a request not answered within this (queueing included) gets 504 and its work stops.
+        header_timeout_s: a connection must send a request's headers within this (else it is closed); also the
+            limit for the headers of each later request on a kept-alive connection.
+        body_timeout_s: a request's body must arrive within this after its headers (else 408).
+        idle_timeout_s: a kept-alive connection with no new request for this long is closed.
+        max_connections: open connections at most; more are closed at once with 503.
+        shutdown_timeout_s: on shutdown, requests still running after this are cut off.
         api_key: when set, `/v1/*` and `/metrics` need `Authorization: Bearer KEY` or `X-API-Key: KEY`.
         allow_hub: let `POST /v1/adapters/{name}` with `{"source": "<hub id>"}` download an adapter.
         mix_adapters: batch requests of different adapters together (False: one adapter per batch; for comparison).
@@ -66,18 +89,30 @@ class ServeConfig:
     chat_template: bool = False
     label_names: list[str] | None = None
     device: str | None = None
+    batching: str = "continuous"
     max_batch_size: int = 32
+    max_prefill_tokens: int = 4096
     max_wait_ms: float = 10.0
     max_queue: int = 256
     max_inputs: int = 64
     max_input_chars: int = 4000
     max_input_tokens: int = 512
+    truncation: str = "left"
     max_new_tokens: int = 128
+    max_request_tokens: int | None = None
+    max_batch_tokens: int | None = None
+    max_stop: int = 4
+    max_choices: int = 8
     max_beams: int = 8
     max_labels: int = 64
     max_label_tokens: int = 32
     max_body_bytes: int = 2 * 1024 * 1024
     request_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    idle_timeout_s: float = 5.0
+    max_connections: int = 512
+    shutdown_timeout_s: float = 10.0
     api_key: str | None = None
     allow_hub: bool = True
     mix_adapters: bool = True
@@ -87,21 +122,33 @@ class ServeConfig:
         c.text("model", "a Hub id, a local folder, a .gguf file or module:<package>")
         c.choice("task", TASKS)
         c.gguf("gguf_file")
+        c.choice("batching", BATCHING)
+        c.choice("truncation", TRUNCATION)
         if self.task in TASKS:
             c.problems += TASKS[self.task].check_settings(self.prompt, self.chat_template, flag_name)
+        types = field_types(ServeConfig)
         for f in dataclasses.fields(self):
-            if f.name.startswith("max_") and field_types(ServeConfig)[f.name] is int:
+            if f.name.startswith("max_") and types[f.name] in (int, int | None):
                 c.integer(f.name, 1)
+            if f.name.endswith("_timeout_s"):
+                value = getattr(self, f.name)
+                if c.ok(f.name):
+                    c.require(0 < value < float("inf"), f"{flag_name(f.name)} must be a number > 0; got {value!r}")
         if c.ok("max_wait_ms"):
             c.require(
                 0 <= self.max_wait_ms < float("inf"), f"--max-wait-ms must be a number >= 0; got {self.max_wait_ms!r}"
-            )
-        if c.ok("request_timeout_s"):
-            c.require(
-                0 < self.request_timeout_s < float("inf"),
-                f"--request-timeout-s must be a number > 0; got {self.request_timeout_s!r}",
             )
         c.names("label_names")
         if c.ok("api_key"):
             c.require(bool(self.api_key), "--api-key must not be empty (leave it unset for no key)")
         c.done("Invalid serve config")
+
+    @property
+    def request_budget(self) -> int:
+        """`max_request_tokens`, or its default."""
+        return self.max_request_tokens or self.max_batch_size * self.max_new_tokens
+
+    @property
+    def batch_budget(self) -> int:
+        """`max_batch_tokens`, or its default."""
+        return self.max_batch_tokens or self.request_budget

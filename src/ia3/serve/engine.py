@@ -1,6 +1,8 @@
 """The model side of the server: tokenizer, base model with its adapters, and one batched call per batch.
 
-Only the batcher's worker thread calls an `Engine` (tokenizers and the model are not shared between threads).
+Threads: the model runs on the batcher's worker thread only. Requests are tokenised one by one on a separate
+tokenizer thread (`encode_one`, `choices`), so one request's unencodable input fails that request alone, with its own
+copy of the tokenizer (a fast tokenizer is not shared between threads); the worker decodes with another copy.
 Tokenisation, scoring and generation are the task's (`ia3.tasks`), exactly as in the recipe: seq2seq and cls inputs
 get the tokenizer's special tokens; causal prompts get BOS only when the tokenizer adds one, and no EOS. Batches pad
 to their longest row (causal rows on the left, with position ids that skip the padding), so each row's answer
@@ -9,6 +11,7 @@ equals the same input run alone (to float32 rounding).
 
 from __future__ import annotations
 
+import copy
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ import yaml
 from ia3.recipe.config import ModelArgs
 from ia3.recipe.modeling import load_base_model, load_tokenizer
 from ia3.serve.config import ServeConfig
+from ia3.serve.decoding import Decoder, supports_continuous
 from ia3.serve.errors import ApiError
 from ia3.tasks import LabelLengthError, get_task
 from ia3.tuner import BASE_ADAPTER
@@ -29,6 +33,8 @@ log = logging.getLogger("ia3.serve")
 
 @dataclass(frozen=True)
 class GenerateParams:
+    """The settings of a static generation batch (every row of the batch shares them)."""
+
     max_new_tokens: int
     num_beams: int = 1
     do_sample: bool = False
@@ -36,6 +42,15 @@ class GenerateParams:
     top_p: float = 1.0
     top_k: int = 50
     seed: int | None = None
+
+
+@dataclass
+class Generated:
+    """One answer: its new tokens (EOS excluded), text and why it ended ("stop": EOS; "length": the token limit)."""
+
+    tokens: list[int]
+    text: str
+    finish_reason: str
 
 
 def labels_from_recipes(adapter_folders: list[Path]) -> list[str] | None:
@@ -72,13 +87,45 @@ class Engine:
         self.peft = None  # ia3 PeftModel, created with the first adapter
         self.tokenizer = tokenizer
         self.max_input_tokens = self._input_budget()
+        # the tokenizer thread's copy: it truncates on the left (the end of an input, next to the answer, stays)
+        request_tokenizer = copy.deepcopy(tokenizer)
+        request_tokenizer.truncation_side = "left"
+        self.request_task = task_class(request_tokenizer, prompt=config.prompt, chat_template=config.chat_template)
         self._choices: dict[tuple[str, ...], list[list[int]]] = {}
         if self.label_names and task_class.generates:
             self.choices(tuple(self.label_names))  # a label too long for max_label_tokens fails at start
+        self.decoder: Decoder | None = None
+        self.static_reason = self._continuous_reason(task_class)
+        if self.static_reason is None:
+            self.decoder = Decoder(
+                self.base,
+                copy.deepcopy(tokenizer),
+                self.device,
+                self._rows,
+                max_rows=config.max_batch_size,
+                max_prefill_tokens=config.max_prefill_tokens,
+                max_positions=self.positions,
+            )
+        eos = getattr(getattr(self.base, "generation_config", None), "eos_token_id", None)
+        eos = tokenizer.eos_token_id if eos is None else eos
+        self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+
+    def _continuous_reason(self, task_class) -> str | None:
+        """None when generation decodes continuously, else why it runs in static batches."""
+        if self.config.batching != "continuous":
+            return "--batching static"
+        if not task_class.answer_follows_prompt:
+            return f"task {task_class.name}: continuous batching is built for decoder-only models"
+        return supports_continuous(self.base, self.device)
+
+    @property
+    def positions(self) -> int | None:
+        cfg = self.base.config
+        value = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+        return int(value) if value else None
 
     def _input_budget(self) -> int:
-        cfg = self.base.config
-        positions = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+        positions = self.positions
         budget = self.config.max_input_tokens
         if positions:
             # a decoder-only model writes its answer in the positions after the prompt
@@ -114,23 +161,98 @@ class Engine:
             return nullcontext()
         return self.peft.base_model.per_example(adapters)
 
-    # -- inputs ----------------------------------------------------------------------------------------------------
+    # -- inputs (the tokenizer thread) -----------------------------------------------------------------------------
+    def encode_one(self, text: str, where: str) -> tuple[list[int], int]:
+        """Token ids of one input (with the prompt and special tokens) and how many tokens truncation dropped.
+
+        Raises:
+            ApiError: 413 when the input is too long and truncation is `refuse`; 422 when it gives no tokens or the
+                tokenizer cannot encode it (`where` names the field).
+        """
+        task, limit = self.request_task, self.max_input_tokens
+        try:
+            full = task.encode([text], 1 << 30)[0]
+            ids = full if len(full) <= limit or self.config.truncation == "refuse" else task.encode([text], limit)[0]
+        except ValueError as err:  # e.g. the prompt alone fills the limit
+            raise ApiError(422, "invalid_input", f"{where}: {err}") from None
+        except Exception as err:
+            raise ApiError(
+                422, "invalid_input", f"{where}: the tokenizer cannot encode this text ({type(err).__name__})"
+            ) from None
+        if len(ids) > limit:
+            raise ApiError(
+                413,
+                "input_too_long",
+                f"{where} is {len(ids)} tokens; this server takes at most {limit} (--max-input-tokens); shorten it "
+                f"(or run the server with --truncation left)",
+            )
+        if not ids:
+            raise ApiError(422, "invalid_input", f"{where} gives no tokens")
+        return ids, len(full) - len(ids)
+
+    def encode_raw(self, text: str | list[int], where: str) -> tuple[list[int], int]:
+        """Token ids of an OpenAI-style prompt: the text as it is (no recipe prompt around it; BOS or the
+        tokenizer's special tokens as the task adds them), or token ids as given. Truncated or refused as
+        `encode_one`."""
+        tok, limit = self.request_task.tokenizer, self.max_input_tokens
+        try:
+            if isinstance(text, list):
+                vocab = len(tok)
+                bad = next((t for t in text if not 0 <= t < vocab), None)
+                if bad is not None:
+                    raise ApiError(
+                        422, "invalid_input", f"{where}: token id {bad} is not in the vocabulary (0-{vocab - 1})"
+                    )
+                full, head = list(text), 0
+            elif self.task.answer_follows_prompt:
+                add_bos = tok.bos_token_id is not None and getattr(tok, "add_bos_token", False)
+                bos = [tok.bos_token_id] if add_bos else []  # as the tokenizer starts a text (no chat template)
+                full, head = bos + tok(text, add_special_tokens=False)["input_ids"], len(bos)
+            else:
+                full, head = tok(text)["input_ids"], 0
+        except ApiError:
+            raise
+        except Exception as err:
+            raise ApiError(
+                422, "invalid_input", f"{where}: the tokenizer cannot encode this text ({type(err).__name__})"
+            ) from None
+        if not full:
+            raise ApiError(422, "invalid_input", f"{where} gives no tokens")
+        if len(full) <= limit:
+            return full, 0
+        if self.config.truncation == "refuse":
+            raise ApiError(
+                413,
+                "input_too_long",
+                f"{where} is {len(full)} tokens; this server takes at most {limit} (--max-input-tokens); shorten it "
+                f"(or run the server with --truncation left)",
+            )
+        if self.task.answer_follows_prompt:  # keep BOS, drop the oldest text tokens
+            kept = full[:head] + full[len(full) - (limit - head) :]
+        else:  # the encoder's input: keep the end (with its EOS)
+            kept = full[len(full) - limit :]
+        return kept, len(full) - len(kept)
+
     def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, truncated to `max_input_tokens`."""
-        return self.task.encode(texts, self.max_input_tokens)
+        """Token ids of each text (truncated as `encode_one` does)."""
+        return [self.encode_one(t, f"inputs[{i}]")[0] for i, t in enumerate(texts)]
 
     def choices(self, labels: tuple[str, ...]) -> list[list[int]]:
         """Token ids of each label as the model must produce it (the task's choices)."""
         cached = self._choices.get(labels)
         if cached is None:
             try:
-                cached = self.task.encode_choices(list(labels), self.config.max_label_tokens)
+                cached = self.request_task.encode_choices(list(labels), self.config.max_label_tokens)
             except LabelLengthError as err:
                 raise ApiError(
                     422,
                     "invalid_labels",
                     f"parameters.labels: label {err.label!r} is {len(err.tokens)} "
                     f"tokens long; this server allows {err.limit} (--max-label-tokens)",
+                ) from None
+            except Exception as err:
+                raise ApiError(
+                    422, "invalid_labels", f"parameters.labels: the tokenizer cannot encode them ({type(err).__name__})"
                 ) from None
             if len(self._choices) > 256:
                 self._choices.clear()
@@ -139,14 +261,45 @@ class Engine:
 
     # -- running (worker thread) -----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, ids: list[list[int]], adapters: list[str], params: GenerateParams) -> list[str]:
-        kwargs = dict(num_beams=params.num_beams, do_sample=params.do_sample, num_return_sequences=1)
+    def generate(self, ids: list[list[int]], adapters: list[str], params: GenerateParams, stop=None) -> list[Generated]:
+        """One static batch through transformers' `generate`; `stop()` (optional) -> True ends it early (every
+        request of the batch gave up)."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        kwargs: dict = dict(num_beams=params.num_beams, do_sample=params.do_sample, num_return_sequences=1)
         if params.do_sample:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
             if params.seed is not None:
                 torch.manual_seed(params.seed)
+        if stop is not None:
+
+            class GaveUp(StoppingCriteria):
+                def __call__(self, input_ids, scores, **_):
+                    return torch.full((input_ids.shape[0],), bool(stop()), dtype=torch.bool, device=input_ids.device)
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([GaveUp()])
+        task = self.task
+        batch = {k: v.to(self.device) for k, v in task.generation_inputs(ids).items()}
         with self._rows(adapters):
-            return self.task.generate(self.base, ids, self.device, params.max_new_tokens, **kwargs)
+            out = self.base.generate(
+                **batch,
+                max_new_tokens=params.max_new_tokens,
+                pad_token_id=task.pad_id,
+                do_sample=params.do_sample,
+                **{k: v for k, v in kwargs.items() if k != "do_sample"},
+            )
+        new = task.new_tokens(out, batch["input_ids"].shape[1]).tolist()
+        results = []
+        start = getattr(self.base.config, "decoder_start_token_id", None)
+        for row in new:
+            if not task.answer_follows_prompt and row and row[0] == start:
+                row = row[1:]  # the decoder's start token is not part of the answer
+            ended = next((i for i, t in enumerate(row) if t in self.eos), None)  # later tokens are padding
+            tokens = row[:ended] if ended is not None else row
+            reason = "stop" if ended is not None else "length"
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            results.append(Generated(tokens, text, reason))
+        return results
 
     @torch.inference_mode()
     def classify(self, ids: list[list[int]], adapters: list[str], labels: tuple[str, ...]) -> list[list[float]]:

@@ -1,4 +1,6 @@
-"""Counters for `GET /metrics`: requests by endpoint and status, batch sizes, adapters per batch, latency."""
+"""Counters for `GET /metrics`: requests by route and status, tokens and requests per adapter, batch sizes,
+adapters per batch, decode steps, latency. `prometheus(...)` renders them in Prometheus' text format (what
+`GET /metrics` answers); `snapshot()` is the JSON view (`GET /metrics?format=json`)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import time
 from collections import Counter, deque
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # batch-size histogram: rows <= bucket
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds
 
 
 def _percentile(sorted_values: list[float], q: float) -> float | None:
@@ -34,12 +37,45 @@ class Metrics:
         self.multi_adapter_batches = 0
         self.max_adapters = 0
         self.batch_seconds = 0.0
+        self.prompt_tokens: Counter[str] = Counter()  # by adapter
+        self.completion_tokens: Counter[str] = Counter()
+        self.adapter_requests: Counter[str] = Counter()
+        self.latency_buckets: Counter[float] = Counter()
+        self.latency_sum = 0.0
+        self.latency_count = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last minute, for tokens/s
 
     def record_request(self, route: str, status: int, seconds: float | None = None) -> None:
         with self._lock:
             self.requests[(route, status)] += 1
             if seconds is not None:
                 self.latencies.append(seconds)
+                self.latency_sum += seconds
+                self.latency_count += 1
+                for bound in LATENCY_BUCKETS:
+                    if seconds <= bound:
+                        self.latency_buckets[bound] += 1
+
+    def record_tokens(self, adapter: str, prompt: int, completion: int) -> None:
+        """One generation request of `adapter` answered (or cut off) with these token counts."""
+        now = time.monotonic()
+        with self._lock:
+            self.adapter_requests[adapter] += 1
+            self.prompt_tokens[adapter] += prompt
+            self.completion_tokens[adapter] += completion
+            self._recent.append((now, completion))
+            while self._recent and self._recent[0][0] < now - 60:
+                self._recent.popleft()
+
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second over the last minute (or since start, if sooner)."""
+        now = time.monotonic()
+        with self._lock:
+            while self._recent and self._recent[0][0] < now - 60:
+                self._recent.popleft()
+            total = sum(n for _, n in self._recent)
+        span = min(60.0, max(time.time() - self.started, 1e-3))
+        return total / span
 
     def record_batch(self, rows: int, requests: int, adapters: int, seconds: float) -> None:
         bucket = next((b for b in BUCKETS if rows <= b), BUCKETS[-1] * 2)
@@ -78,4 +114,68 @@ class Metrics:
                     "busy_s": round(self.batch_seconds, 4),
                 },
                 "latency_ms": {"count": len(lat), **ms, "mean": round(1000 * sum(lat) / len(lat), 3) if lat else None},
+                "tokens": {
+                    "prompt": sum(self.prompt_tokens.values()),
+                    "completion": sum(self.completion_tokens.values()),
+                    "by_adapter": {
+                        a: {
+                            "requests": self.adapter_requests[a],
+                            "prompt": self.prompt_tokens[a],
+                            "completion": self.completion_tokens[a],
+                        }
+                        for a in sorted(self.adapter_requests)
+                    },
+                },
             }
+
+    def prometheus(
+        self, gauges: dict[str, tuple[str, float]], counters: dict[str, tuple[str, float]] | None = None
+    ) -> str:
+        """Prometheus text exposition (format 0.0.4) of the counters, plus `gauges` and `counters` kept elsewhere
+        ({name: (help, value)})."""
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help: str, samples: list[tuple[dict[str, str], float]]) -> None:
+            lines.append(f"# HELP ia3_{name} {help}")
+            lines.append(f"# TYPE ia3_{name} {kind}")
+            for labels, value in samples:
+                tags = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+                lines.append(f"ia3_{name}{{{tags}}} {value:g}" if tags else f"ia3_{name} {value:g}")
+
+        with self._lock:
+            metric(
+                "requests_total",
+                "counter",
+                "HTTP requests by route and status",
+                [({"route": r, "status": str(c)}, n) for (r, c), n in sorted(self.requests.items())],
+            )
+            for name, table, help in (
+                ("adapter_requests_total", self.adapter_requests, "generation requests by adapter"),
+                ("prompt_tokens_total", self.prompt_tokens, "prompt tokens of generation requests by adapter"),
+                ("completion_tokens_total", self.completion_tokens, "generated tokens by adapter"),
+            ):
+                metric(name, "counter", help, [({"adapter": a}, n) for a, n in sorted(table.items())])
+            metric("batches_total", "counter", "static batches run", [({}, self.batches)])
+            metric("batch_rows_total", "counter", "rows in static batches", [({}, self.batch_rows)])
+            metric(
+                "busy_seconds_total",
+                "counter",
+                "seconds the worker spent in static batches",
+                [({}, self.batch_seconds)],
+            )
+            lines.append("# HELP ia3_request_duration_seconds latency of answered generate/classify requests")
+            lines.append("# TYPE ia3_request_duration_seconds histogram")
+            for bound in LATENCY_BUCKETS:  # each observation was counted in every bucket it fits: cumulative
+                lines.append(f'ia3_request_duration_seconds_bucket{{le="{bound:g}"}} {self.latency_buckets[bound]}')
+            lines.append(f'ia3_request_duration_seconds_bucket{{le="+Inf"}} {self.latency_count}')
+            lines.append(f"ia3_request_duration_seconds_sum {self.latency_sum:g}")
+            lines.append(f"ia3_request_duration_seconds_count {self.latency_count}")
+        for name, (help, value) in (counters or {}).items():
+            metric(name, "counter", help, [({}, value)])
+        for name, (help, value) in gauges.items():
+            metric(name, "gauge", help, [({}, value)])
+        return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

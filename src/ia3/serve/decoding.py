@@ -1,0 +1,466 @@
+"""Continuous batching for decoder-only models: rows join and leave the running decode batch at token boundaries.
+
+`Decoder` keeps one key/value cache for every running row (left-padded to a common length, with an attention mask
+and per-row position ids). Each `step()`:
+
+1. admits waiting rows while the batch has room (`max_rows`) and the step's prefill budget (`max_prefill_tokens`)
+   allows: their prompts run once (left-padded, each row with its own adapter) and their caches are joined to the
+   running batch's;
+2. runs one decode step for every running row, each with its own adapter (`per_example`);
+3. picks each row's next token with its own settings (greedy, or sampling with its own temperature / top-p / top-k
+   and its own seeded generator), decodes its text incrementally (UTF-8 safe: an incomplete multi-byte character is
+   held back), and checks its stop sequences, EOS and `max_new_tokens`;
+4. drops finished and cancelled rows from the batch (and the cache columns no row needs any more).
+
+So requests with different `max_new_tokens`, stop sequences and sampling settings share every decode step, and a
+short request leaves the batch as soon as it is done. A greedy row's tokens do not depend on the other rows: padding
+is masked and positions count real tokens only, so each answer equals the same request run alone (to float rounding
+of the batched matrix products).
+
+Only the worker thread calls a `Decoder`'s `step`; `add` and `Row.cancel` may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ia3.tasks import _accepts, _hf_model
+
+log = logging.getLogger("ia3.serve")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a row picks its tokens. `temperature` 0 is greedy; `top_k` 0 keeps every token."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class RowError(Exception):
+    """A row failed on its own (e.g. its sampling settings gave no distribution); the batch goes on."""
+
+
+@dataclass(eq=False)
+class Row:
+    """One sequence to generate: a prompt (token ids), its adapter and its own settings.
+
+    `on_text(row, piece)` (optional) gets each newly decoded piece of text as soon as it is stable; `on_done(row)`
+    is called once when the row finishes (`finish_reason` is "stop" or "length"), fails (`error` set) or is
+    cancelled (`finish_reason` "cancelled"). Both run on the worker thread and must not block.
+    """
+
+    prompt: list[int]
+    adapter: str
+    max_new_tokens: int
+    sampling: Sampling = Sampling()
+    stop: tuple[str, ...] = ()
+    on_text: Callable[[Row, str], None] | None = None
+    on_done: Callable[[Row], None] | None = None
+    index: int = 0  # which choice of its request (the seed is offset by it)
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""  # decoded so far (a stop sequence and what follows it cut off)
+    emitted: int = 0  # characters of `text` already handed to `on_text`
+    finish_reason: str | None = None
+    error: BaseException | None = None
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        """Stop generating this row at the next token boundary (any thread)."""
+        self.cancelled = True
+
+
+class Detokenizer:
+    """Incremental text of a growing token list: the full decode each time (exact for every tokenizer), with the
+    trailing replacement characters of an incomplete UTF-8 sequence held back until it completes."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def text(self, tokens: list[int], final: bool = False) -> str:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if not final:
+            text = text.rstrip("\ufffd")
+        return text
+
+
+def _holdback(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of `text` could be the start of a stop sequence (so cannot be emitted yet)."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
+def next_tokens(logits: torch.Tensor, rows: list[Row]) -> list[int | BaseException]:
+    """One token per row from its last-position `logits` (B, V): greedy rows in one argmax, sampling rows each with
+    their own settings and generator. A row whose settings give no valid distribution gets a `RowError`."""
+    logits = logits.float()
+    picks: list[int | BaseException] = logits.argmax(-1).tolist()
+    for i, row in enumerate(rows):
+        s = row.sampling
+        if s.greedy:
+            continue
+        try:
+            scores = logits[i]
+            # shift before dividing: the best token stays at 0, so even a tiny temperature cannot overflow to NaN
+            scores = (scores - scores.max()) / s.temperature
+            if 0 < s.top_k < scores.numel():
+                kth = torch.topk(scores, s.top_k).values[-1]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            if s.top_p < 1.0:
+                ordered, order = torch.sort(scores, descending=True)
+                probs = ordered.softmax(-1)
+                drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest prefix whose mass reaches top_p
+                scores = scores.scatter(0, order[drop], float("-inf"))
+            probs = scores.softmax(-1)
+            if not torch.isfinite(probs).all() or probs.sum() <= 0:
+                raise RowError("the sampling settings give no valid distribution over tokens")
+            picks[i] = int(torch.multinomial(probs, 1, generator=row.generator))
+        except Exception as err:  # this row's problem only
+            picks[i] = err if isinstance(err, RowError) else RowError(f"sampling failed: {type(err).__name__}: {err}")
+    return picks
+
+
+class Decoder:
+    """The running decode batch of a causal LM, with its waiting rows (see the module docstring).
+
+    Args:
+        model: the transformers causal LM (adapters already injected, if any).
+        tokenizer: its tokenizer (for incremental decoding and EOS).
+        device: where the model runs.
+        rows_context: `rows_context(adapters)` -> a context manager under which batch row `i` uses `adapters[i]`.
+        max_rows: rows decoded together at most.
+        max_prefill_tokens: prompt tokens admitted in one step at most (one longer prompt is admitted alone), so a
+            long prompt delays the running rows by one bounded prefill.
+        max_positions: the model's position limit (a row stops with "length" there); None: no limit.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        device: torch.device,
+        rows_context: Callable[[list[str]], Any],
+        max_rows: int = 32,
+        max_prefill_tokens: int = 4096,
+        max_positions: int | None = None,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.rows_context = rows_context
+        self.max_rows = max_rows
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_positions = max_positions
+        self.detok = Detokenizer(tokenizer)
+        inner = _hf_model(model)
+        self.keep = {"logits_to_keep": 1} if _accepts(inner, "logits_to_keep") else {}
+        # transformers renamed the argument `past_key_values` to `cache` (5.x)
+        self.cache_arg = "cache" if _accepts(inner, "cache") else "past_key_values"
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._lock = threading.Lock()
+        self.waiting: deque[Row] = deque()
+        self.running: list[Row] = []
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None  # (B, T) 1 for real tokens
+        self.positions: torch.Tensor | None = None  # (B,) position id of each row's next token
+        self.last: torch.Tensor | None = None  # (B,) each row's last token (the next step's input)
+        self.steps = 0  # decode steps run
+        self.tokens_out = 0
+        self.row_steps = 0  # sum over decode steps of the rows decoded
+        self.max_rows_seen = 0
+        self.max_adapters_seen = 0
+
+    # -- any thread --------------------------------------------------------------------------------------------
+    def add(self, rows: list[Row]) -> None:
+        for row in rows:
+            if row.generator is None and not row.sampling.greedy:
+                row.generator = torch.Generator(device="cpu")
+                if row.sampling.seed is not None:
+                    row.generator.manual_seed(row.sampling.seed + row.index)
+                else:
+                    row.generator.seed()
+        with self._lock:
+            self.waiting.extend(rows)
+
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self.running or self.waiting)
+
+    def counts(self) -> tuple[int, int]:
+        """(running rows, waiting rows)."""
+        with self._lock:
+            return len(self.running), len(self.waiting)
+
+    # -- worker thread -----------------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Admit what fits, run one decode step, retire finished rows."""
+        self._drop_cancelled()
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+        decoding = [r for r in self.running if r not in admitted]
+        if decoding:
+            self._decode()
+        self._retire()
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            gone = [r for r in self.waiting if r.cancelled]
+            for r in gone:
+                self.waiting.remove(r)
+        for r in gone:
+            self._finish(r, "cancelled")
+
+    def _admit(self) -> list[Row]:
+        admitted: list[Row] = []
+        budget = self.max_prefill_tokens
+        with self._lock:
+            while self.waiting and len(self.running) + len(admitted) < self.max_rows:
+                cost = len(self.waiting[0].prompt)
+                if admitted and cost > budget:
+                    break
+                admitted.append(self.waiting.popleft())
+                budget -= cost
+        return admitted
+
+    def _forward(self, adapters: list[str], **inputs: Any) -> Any:
+        with self.rows_context(adapters):
+            return self.model(**inputs, use_cache=True, **self.keep)
+
+    def _prefill(self, rows: list[Row]) -> None:
+        """Run the new rows' prompts; join their caches to the running batch's. A prompt that fails alone fails
+        only its row: on a batch failure each row is retried by itself."""
+        try:
+            self._join(rows, self._run_prompts(rows))
+        except Exception:
+            if len(rows) == 1:
+                log.exception("prefill failed for one row")
+                self._finish(rows[0], None, RowError("the model failed on this input"))
+                return
+            for row in rows:  # find the culprit(s); the others run
+                try:
+                    self._join([row], self._run_prompts([row]))
+                except Exception as err:
+                    log.warning("prefill failed for one row: %s: %s", type(err).__name__, err)
+                    self._finish(row, None, RowError("the model failed on this input"))
+
+    def _run_prompts(self, rows: list[Row]) -> tuple[Any, torch.Tensor, torch.Tensor, list[int | BaseException]]:
+        width = max(len(r.prompt) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt)
+            mask[i, width - len(r.prompt) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self._forward([r.adapter for r in rows], input_ids=ids, attention_mask=mask, position_ids=positions)
+        cache = _cache_of(out)
+        _check_cache(cache)
+        picks = next_tokens(out.logits[:, -1], rows)
+        return cache, mask, mask.sum(-1), picks
+
+    def _join(self, rows: list[Row], prefilled: tuple[Any, torch.Tensor, torch.Tensor, list]) -> None:
+        cache, mask, lengths, picks = prefilled
+        last = torch.tensor([p if isinstance(p, int) else self.pad_id for p in picks], device=self.device)
+        if self.cache is None or not self.running:
+            self.cache, self.mask, self.positions, self.last = cache, mask, lengths, last
+            self.running = list(rows)
+        else:
+            width = max(self.mask.shape[1], mask.shape[1])
+            for mine, theirs in zip(self.cache.layers, cache.layers):
+                mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+                mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+            self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask, width, dim=1)])
+            self.positions = torch.cat([self.positions, lengths])
+            self.last = torch.cat([self.last, last])
+            self.running = self.running + list(rows)
+        for row, pick in zip(rows, picks):
+            self._take(row, pick)
+
+    def stats(self) -> dict:
+        return {
+            "steps": self.steps,
+            "tokens": self.tokens_out,
+            "mean_rows": round(self.row_steps / self.steps, 3) if self.steps else None,
+            "max_rows": self.max_rows_seen,
+            "max_adapters": self.max_adapters_seen,
+        }
+
+    def _decode(self) -> None:
+        assert self.mask is not None and self.positions is not None and self.last is not None
+        self.steps += 1
+        self.row_steps += len(self.running)
+        self.max_rows_seen = max(self.max_rows_seen, len(self.running))
+        self.max_adapters_seen = max(self.max_adapters_seen, len({r.adapter for r in self.running}))
+        mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        out = self._forward(
+            [r.adapter for r in self.running],
+            input_ids=self.last[:, None],
+            attention_mask=mask,
+            position_ids=self.positions[:, None],
+            **{self.cache_arg: self.cache},
+        )
+        self.cache = _cache_of(out)
+        self.mask = mask
+        self.positions = self.positions + 1
+        fresh = [r.finish_reason is None and r.error is None for r in self.running]
+        picks = next_tokens(out.logits[:, -1], self.running)
+        self.last = torch.tensor([p if isinstance(p, int) else self.pad_id for p in picks], device=self.device)
+        for row, pick, live in zip(self.running, picks, fresh):
+            if live:
+                self._take(row, pick)
+
+    def _take(self, row: Row, pick: int | BaseException) -> None:
+        """Append the row's new token; emit its stable text; finish it on EOS, a stop sequence or a limit."""
+        if row.finish_reason is not None or row.error is not None:
+            return
+        if isinstance(pick, BaseException):
+            self._finish(row, None, pick)
+            return
+        if pick in self.eos:
+            self._flush(row)
+            self._finish(row, "stop")
+            return
+        row.tokens.append(pick)
+        self.tokens_out += 1
+        text = self.detok.text(row.tokens)
+        reason = None
+        for stop in row.stop:
+            at = text.find(stop, max(0, row.emitted - len(stop)))
+            if at >= 0:
+                text, reason = text[:at], "stop"
+        row.text = text
+        if reason is None and len(row.tokens) >= row.max_new_tokens:
+            reason = "length"
+        position = len(row.prompt) + len(row.tokens)
+        if reason is None and self.max_positions is not None and position >= self.max_positions:
+            reason = "length"
+        if reason == "length":
+            self._flush(row)
+        else:
+            self._emit(row, len(row.text) if reason else len(row.text) - _holdback(row.text, row.stop))
+        if reason:
+            self._finish(row, reason)
+
+    def _emit(self, row: Row, upto: int) -> None:
+        if upto > row.emitted:
+            piece = row.text[row.emitted : upto]
+            row.emitted = upto
+            if row.on_text is not None:
+                _call(row.on_text, row, piece)
+
+    def _flush(self, row: Row) -> None:
+        """The row ends without a stop sequence: its whole text counts, an incomplete last character included."""
+        row.text = self.detok.text(row.tokens, final=True)
+        self._emit(row, len(row.text))
+
+    def _finish(self, row: Row, reason: str | None, error: BaseException | None = None) -> None:
+        if row.finish_reason is not None or row.error is not None:
+            return
+        row.finish_reason, row.error = reason, error
+        if row.on_done is not None:
+            _call(row.on_done, row)
+
+    def _retire(self) -> None:
+        """Drop rows that finished, failed or were cancelled; trim cache columns no remaining row attends to."""
+        for row in self.running:
+            if row.cancelled:
+                self._finish(row, "cancelled")
+        keep = [i for i, r in enumerate(self.running) if r.finish_reason is None and r.error is None]
+        if len(keep) == len(self.running):
+            return
+        if not keep:
+            self.running, self.cache, self.mask, self.positions, self.last = [], None, None, None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        assert self.mask is not None and self.positions is not None and self.last is not None
+        mask = self.mask.index_select(0, index)
+        start = int((mask.sum(0) > 0).nonzero()[0])  # leading columns that are padding for every kept row
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self.mask = mask[:, start:]
+        self.positions = self.positions.index_select(0, index)
+        self.last = self.last.index_select(0, index)
+        self.running = [self.running[i] for i in keep]
+
+    def fail_all(self, error: BaseException, waiting: bool = False) -> None:
+        """Fail every running row (the batch's model call itself failed), and with `waiting` the waiting rows too
+        (shutting down); reset the batch."""
+        if waiting:
+            with self._lock:
+                rows, self.waiting = list(self.waiting), deque()
+            for row in rows:
+                self._finish(row, None, error)
+        for row in self.running:
+            self._finish(row, None, error)
+        self.running, self.cache, self.mask, self.positions, self.last = [], None, None, None, None
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    extra = width - tensor.shape[dim]
+    if extra == 0:
+        return tensor
+    pad = [0, 0] * (tensor.dim() - 1 - dim) + [extra, 0]
+    return F.pad(tensor, pad)
+
+
+def _cache_of(output: Any) -> Any:
+    return output.cache if "cache" in output else output.past_key_values
+
+
+def _check_cache(cache: Any) -> None:
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        kinds = sorted({type(layer).__name__ for layer in layers or []}) or [type(cache).__name__]
+        raise UnsupportedCache(f"continuous batching needs a plain dynamic key/value cache; this model uses {kinds}")
+
+
+class UnsupportedCache(RuntimeError):
+    """The model's cache cannot be joined and split by row (sliding windows, linear attention, ...)."""
+
+
+def _call(fn: Callable[..., None], *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:  # a callback's failure (e.g. a closed stream) must not stop the batch
+        log.exception("row callback failed")
+
+
+def supports_continuous(model: torch.nn.Module, device: torch.device) -> str | None:
+    """None when `model` can decode in a `Decoder`, else the reason it cannot (checked with a 2-token prompt)."""
+    try:
+        with torch.inference_mode():
+            ids = torch.tensor([[1, 2]], device=device)
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        _check_cache(_cache_of(out))
+    except UnsupportedCache as err:
+        return str(err)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return None

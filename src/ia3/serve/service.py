@@ -1,0 +1,443 @@
+"""Everything behind the endpoints: the model (`Engine`), the queue (`Batcher`), the adapters, the metrics, and one
+generation core that both the native API and the OpenAI-compatible API call.
+
+A request goes through three stages, each failing that request alone:
+
+1. validation on the event loop (text that is not valid Unicode, sizes, the compute budget): 4xx;
+2. tokenisation, one request at a time on the tokenizer thread: 4xx naming the input;
+3. the model on the worker thread: continuous decoding (`Decoder`) for causal generation, static batches for
+   classification, beam search and seq2seq. A static batch that fails is re-run request by request, so only the
+   request that causes the failure gets an error.
+
+A request whose client disconnects or whose deadline passes is cancelled: its rows leave the decode batch at the next
+token (a static batch stops early once every request in it has given up) and it is not counted as answered (status
+499 for a client that went away, 504 for a deadline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ia3.serve.batcher import Batch, Batcher, Job
+from ia3.serve.config import ServeConfig
+from ia3.serve.decoding import Row, RowError, Sampling
+from ia3.serve.engine import Engine, Generated, GenerateParams, labels_from_recipes
+from ia3.serve.errors import ApiError, ShuttingDown, adapter_not_found
+from ia3.serve.metrics import Metrics
+from ia3.serve.registry import AdapterInfo, Registry
+from ia3.tuner import BASE_ADAPTER
+
+log = logging.getLogger("ia3.serve")
+_seeded = itertools.count()
+# below this, sampling in transformers' `generate` (static batches) divides logits into inf/NaN; the limit of
+# sampling as the temperature goes to 0 is greedy decoding, which is what such a request gets there
+MIN_STATIC_TEMPERATURE = 1e-4
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+def check_text(text: str, where: str) -> None:
+    """422 unless `text` can be encoded as UTF-8 (JSON allows lone surrogates such as "\\ud800"; tokenizers don't)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ApiError(
+            422,
+            "invalid_input",
+            f"{where} is not valid Unicode text (a lone surrogate at character {err.start}); send UTF-8 text",
+        ) from None
+
+
+@dataclass
+class Prompt:
+    """One tokenised prompt: its ids and how many tokens truncation dropped from its start."""
+
+    ids: list[int]
+    dropped: int = 0
+
+
+@dataclass
+class GenerationRequest:
+    """What to generate, independent of the API that asked: `n` completions for each prompt."""
+
+    prompts: list[Prompt]
+    adapter: str
+    max_new_tokens: int
+    n: int = 1
+    num_beams: int = 1
+    sampling: Sampling = Sampling()
+    top_k_static: int = 50  # transformers' default top-k of the static path (native API)
+    stop: tuple[str, ...] = ()
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts) * self.n
+
+
+@dataclass
+class Completion:
+    """One answer: which prompt and choice, the text, its token count and why it ended."""
+
+    prompt: int
+    index: int
+    text: str
+    tokens: int
+    finish_reason: str
+
+
+@dataclass
+class StreamEvent:
+    """A piece of a streamed answer: new `text` of choice `index`, or its end (`finish_reason` set)."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: int = 0
+    error: ApiError | None = None
+
+
+@dataclass
+class Watch:
+    """How a waiting request learns that its client went away: `disconnected()` resolves when it does."""
+
+    disconnected: Callable[[], Any] | None = None
+    deadline: float = field(default_factory=lambda: time.monotonic() + 3600.0)
+
+
+class Service:
+    """Everything behind the endpoints. `create_app` makes one; tests reach it as `app.state.service`."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.registry = Registry(config.adapters_dir, config.task, config.allow_hub)
+        folders = self.registry.startup_folders()
+        labels = config.label_names or labels_from_recipes([folder for _, folder in folders])
+        self.engine = Engine(config, labels)
+        self.metrics = Metrics()
+        for name, folder in folders:
+            try:
+                info_config = self.registry.read_config(folder, name)
+                self._load_now(name, folder, f"local:{name}", info_config)
+            except ApiError as err:
+                log.warning("adapter %s not loaded: %s", name, err.message)
+        self.batcher = Batcher(
+            self._run_batch,
+            max_batch_size=config.max_batch_size,
+            max_wait_s=config.max_wait_ms / 1000,
+            max_queue=config.max_queue,
+            on_batch=self._on_batch,
+            decoder=self.engine.decoder,
+            max_batch_cost=config.batch_budget,
+        )
+        # one thread tokenises requests, one at a time: a fast tokenizer is not shared between threads
+        self.tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ia3-serve-tokenizer")
+
+    def summary(self) -> str:
+        """The startup line: model, device, adapters, batching and limits."""
+        cfg, engine = self.config, self.engine
+        names = self.registry.names()
+        batching = "continuous" if engine.decoder is not None else f"static ({engine.static_reason})"
+        return (
+            f"ia3 serve: model {cfg.model} ({cfg.task}) on {engine.device}; {len(names)} adapter(s)"
+            f"{': ' + ', '.join(names[:8]) + (' ...' if len(names) > 8 else '') if names else ''}; "
+            f"batching {batching}, {cfg.max_batch_size} rows; limits: {cfg.max_inputs} inputs x "
+            f"{engine.max_input_tokens} tokens (truncation {cfg.truncation}), {cfg.max_new_tokens} new tokens, "
+            f"{cfg.request_budget} tokens of compute per request, queue {cfg.max_queue}, "
+            f"{cfg.max_connections} connections; timeouts: request {cfg.request_timeout_s:g} s, headers "
+            f"{cfg.header_timeout_s:g} s, body {cfg.body_timeout_s:g} s, idle {cfg.idle_timeout_s:g} s"
+        )
+
+    def close(self) -> None:
+        self.batcher.stop()
+        self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- adapters (the worker thread, or before it starts) ---------------------------------------------------------
+    def _load_now(self, name: str, folder: Path, source: str, adapter_config) -> dict:
+        if self.registry.has(name):
+            raise ApiError(409, "adapter_exists", f"Adapter {name!r} is already loaded; DELETE it first")
+        try:
+            self.engine.load_adapter(name, folder)
+        except FileNotFoundError as err:
+            raise ApiError(404, "adapter_not_found", str(err)[:1000]) from None
+        except (ValueError, TypeError) as err:
+            raise ApiError(422, "adapter_incompatible", f"Adapter {name!r}: {str(err)[:1000]}") from None
+        info = AdapterInfo(name, source, str(folder), adapter_config.task_type, adapter_config.base_model_name_or_path)
+        self.registry.add(info)
+        return info.public()
+
+    def _delete_now(self, name: str) -> None:
+        if not self.registry.has(name):
+            raise adapter_not_found(name)
+        self.engine.delete_adapter(name)
+        self.registry.remove(name)
+
+    # -- static batches (the worker thread) ------------------------------------------------------------------------
+    def _run_batch(self, batch: Batch) -> list[Any]:
+        results: list[Any] = [None] * len(batch.items)
+        loaded = set(self.registry.names())
+        run: list[int] = []
+        for i, adapter in enumerate(batch.adapters):
+            if adapter == BASE_ADAPTER or adapter in loaded:
+                run.append(i)
+            else:  # deleted while the request waited
+                results[i] = ApiError(404, "adapter_not_found", f"Adapter {adapter!r} was unloaded")
+        if not run:
+            return results
+        rows = [batch.rows[i] for i in run]
+        adapters = [batch.adapters[i] for i in run]
+        jobs = list(dict.fromkeys(job for job, _ in batch.items))
+        if batch.kind == "generate":
+            outputs: list[Any] = self.engine.generate(
+                rows, adapters, batch.params, stop=lambda: all(job.closed for job in jobs)
+            )
+        else:
+            labels = batch.params
+            outputs = []
+            for scores in self.engine.classify(rows, adapters, labels):
+                best = max(range(len(scores)), key=scores.__getitem__)
+                outputs.append({"label": labels[best], "scores": dict(zip(labels, scores))})
+        for i, out in zip(run, outputs):
+            results[i] = out
+        return results
+
+    def _on_batch(self, batch: Batch, seconds: float) -> None:
+        self.metrics.record_batch(
+            len(batch.items), len({id(job) for job, _ in batch.items}), len(set(batch.adapters)), seconds
+        )
+
+    # -- request side (event loop) ---------------------------------------------------------------------------------
+    def check_inputs(self, inputs: str | list[str], field: str = "inputs") -> list[str]:
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        cfg = self.config
+        if not texts:
+            raise ApiError(422, "invalid_request", f"{field} is empty: give a text or a non-empty list of texts")
+        if len(texts) > cfg.max_inputs:
+            raise ApiError(413, "too_many_inputs", f"{len(texts)} {field}; at most {cfg.max_inputs} per request")
+        for i, text in enumerate(texts):
+            where = f"{field}[{i}]" if not isinstance(inputs, str) else field
+            if len(text) > cfg.max_input_chars:
+                raise ApiError(
+                    413, "input_too_long", f"{where} has {len(text)} characters; at most {cfg.max_input_chars}"
+                )
+            if not text.strip():
+                raise ApiError(422, "invalid_request", f"{where} is empty")
+            check_text(text, where)
+        return texts
+
+    def check_adapter(self, adapter: str, field: str = "adapter") -> None:
+        if adapter != BASE_ADAPTER and not self.registry.has(adapter):
+            err = adapter_not_found(adapter[:100], self.registry.names())
+            err.param = field
+            raise err
+
+    def check_stop(self, stop: str | list[str] | None) -> tuple[str, ...]:
+        if stop is None:
+            return ()
+        stops = [stop] if isinstance(stop, str) else list(stop)
+        if len(stops) > self.config.max_stop:
+            raise ApiError(422, "invalid_request", f"stop: at most {self.config.max_stop} sequences", param="stop")
+        for i, s in enumerate(stops):
+            if not s or len(s) > 200:
+                raise ApiError(422, "invalid_request", f"stop[{i}]: 1 to 200 characters", param="stop")
+            check_text(s, f"stop[{i}]")
+        return tuple(stops)
+
+    async def tokenize(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` on the tokenizer thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, fn, *args)
+
+    async def encode_inputs(self, texts: list[str], field: str = "inputs", raw: bool = False) -> list[Prompt]:
+        """Tokenise each input of one request (the recipe's prompt around it, unless `raw`)."""
+        engine = self.engine
+
+        def work() -> list[Prompt]:
+            encode = engine.encode_raw if raw else engine.encode_one
+            return [Prompt(*encode(t, f"{field}[{i}]" if len(texts) > 1 else field)) for i, t in enumerate(texts)]
+
+        return await self.tokenize(work)
+
+    def check_budget(self, request: GenerationRequest) -> None:
+        cost = request.rows * request.num_beams * request.max_new_tokens
+        if cost > self.config.request_budget:
+            raise ApiError(
+                413,
+                "request_too_large",
+                f"This request asks for {request.rows} sequence(s) x {request.num_beams} beam(s) x "
+                f"{request.max_new_tokens} new tokens = {cost} tokens of work; this server allows "
+                f"{self.config.request_budget} per request (--max-request-tokens): send fewer inputs or tokens",
+            )
+
+    async def _wait(self, job: Job, future: concurrent.futures.Future, watch: Watch) -> Any:
+        """The job's result, or ApiError 504 at the deadline, or ClientGone; the job is cancelled either way."""
+        waiter = asyncio.ensure_future(asyncio.wrap_future(future))
+        gone = asyncio.ensure_future(watch.disconnected()) if watch.disconnected is not None else None
+        try:
+            timeout = max(0.0, min(watch.deadline - time.monotonic(), self.config.request_timeout_s))
+            done, _ = await asyncio.wait(
+                {waiter} | ({gone} if gone else set()), timeout=timeout, return_when="FIRST_COMPLETED"
+            )
+            if waiter in done:
+                return waiter.result()
+            self.batcher.cancel(job)
+            if gone is not None and gone in done:
+                raise ClientGone()
+            raise ApiError(504, "timeout", f"No answer within {self.config.request_timeout_s:g} s")
+        except asyncio.CancelledError:
+            self.batcher.cancel(job)
+            raise
+        finally:
+            if gone is not None:
+                gone.cancel()
+            if not waiter.done():
+                waiter.cancel()
+
+    async def submit(self, kind: str, key: Any, rows: list[Any], adapter: str, params: Any, watch: Watch) -> list:
+        """A static job (classification, or generation when not decoding continuously): per-row results."""
+        if not self.config.mix_adapters:
+            key = (key, adapter)
+        job = Job(kind, key, rows, adapter, params)
+        if isinstance(params, GenerateParams):
+            job.cost = params.num_beams * params.max_new_tokens
+        future = self.batcher.submit(job)
+        return await self._wait(job, future, watch)
+
+    def _rows(self, request: GenerationRequest, on_text=None, on_done=None) -> list[Row]:
+        rows = []
+        for p, prompt in enumerate(request.prompts):
+            for j in range(request.n):
+                k = p * request.n + j
+                row = Row(prompt.ids, request.adapter, request.max_new_tokens, request.sampling, request.stop, index=k)
+                if on_text is not None:
+                    row.on_text = lambda r, piece, k=k: on_text(k, piece)
+                if on_done is not None:
+                    row.on_done = lambda r, k=k: on_done(k, r)
+                rows.append(row)
+        return rows
+
+    def _static_params(self, request: GenerationRequest) -> tuple[GenerateParams, Any]:
+        s = request.sampling
+        if s.greedy or s.temperature < MIN_STATIC_TEMPERATURE:
+            params = GenerateParams(request.max_new_tokens, request.num_beams)
+        else:
+            params = GenerateParams(
+                request.max_new_tokens, request.num_beams, True, s.temperature, s.top_p, request.top_k_static, s.seed
+            )
+        key = ("generate", params, next(_seeded) if params.seed is not None else None)
+        return params, key
+
+    @staticmethod
+    def _cut(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+        at = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        return (text[:at], True) if at >= 0 else (text, False)
+
+    def _row_error(self, row: Row) -> ApiError:
+        err = row.error
+        if isinstance(err, ApiError):
+            return err
+        if isinstance(err, RowError):
+            return ApiError(422, "invalid_request", f"Generation failed for this request: {err}")
+        log.error("generation failed: %s: %s", type(err).__name__, err)
+        return ApiError(500, "internal_error", "Generation failed on the server; the server goes on")
+
+    async def generate(self, request: GenerationRequest, watch: Watch) -> list[Completion]:
+        """Every completion of `request`, in prompt-major order."""
+        self.check_budget(request)
+        if self.engine.decoder is not None and request.num_beams == 1:
+            rows = self._rows(request)
+            job = Job("decode", None, rows, request.adapter)
+            future = self.batcher.submit_rows(job, rows)
+            done = await self._wait(job, future, watch)
+            for row in done:
+                if row.error is not None:
+                    raise self._row_error(row)
+            out = [
+                Completion(r.index // request.n, r.index % request.n, r.text, len(r.tokens), r.finish_reason)
+                for r in done
+            ]
+        else:
+            params, key = self._static_params(request)
+            ids = [p.ids for p in request.prompts for _ in range(request.n)]
+            results: list[Generated] = await self.submit("generate", key, ids, request.adapter, params, watch)
+            out = []
+            for k, g in enumerate(results):
+                text, stopped = self._cut(g.text, request.stop)
+                reason = "stop" if stopped else g.finish_reason
+                out.append(Completion(k // request.n, k % request.n, text, len(g.tokens), reason))
+        self.metrics.record_tokens(
+            request.adapter, sum(len(p.ids) for p in request.prompts), sum(c.tokens for c in out)
+        )
+        return out
+
+    async def stream(self, request: GenerationRequest, watch: Watch) -> AsyncIterator[StreamEvent]:
+        """The completions of `request` as they are generated: text pieces, then one end event per choice."""
+        self.check_budget(request)
+        if self.engine.decoder is None or request.num_beams != 1:  # static: each answer arrives whole
+            for c in await self.generate(request, watch):
+                k = c.prompt * request.n + c.index
+                if c.text:
+                    yield StreamEvent(k, c.text)
+                yield StreamEvent(k, finish_reason=c.finish_reason, tokens=c.tokens)
+            return
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+
+        def put(event: StreamEvent) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        def done(k: int, row: Row) -> None:
+            if row.error is not None:
+                put(StreamEvent(k, error=self._row_error(row)))
+            else:
+                put(StreamEvent(k, finish_reason=row.finish_reason or "cancelled", tokens=len(row.tokens)))
+
+        rows = self._rows(request, on_text=lambda k, piece: put(StreamEvent(k, piece)), on_done=done)
+        job = Job("decode", None, rows, request.adapter)
+        self.batcher.submit_rows(job, rows)
+        remaining, produced = len(rows), 0
+        deadline = min(watch.deadline, time.monotonic() + self.config.request_timeout_s)
+        try:
+            while remaining:
+                try:
+                    event = await asyncio.wait_for(queue.get(), max(0.001, deadline - time.monotonic()))
+                except TimeoutError:
+                    raise ApiError(504, "timeout", f"No answer within {self.config.request_timeout_s:g} s") from None
+                if event.error is not None:
+                    raise event.error
+                if event.finish_reason is not None:
+                    remaining -= 1
+                    produced += event.tokens
+                yield event
+        finally:
+            if remaining:
+                self.batcher.cancel(job)
+            prompt_tokens = sum(len(p.ids) for p in request.prompts)
+            self.metrics.record_tokens(request.adapter, prompt_tokens, produced)
+
+    async def classify(self, texts: list[str], adapter: str, labels: tuple[str, ...], watch: Watch) -> list[dict]:
+        prompts = await self.encode_inputs(texts)
+        if self.engine.task.generates:
+            await self.tokenize(self.engine.choices, labels)  # unencodable or too long labels: 422, this request only
+        ids = [p.ids for p in prompts]
+        return await self.submit("classify", ("classify", labels), ids, adapter, labels, watch)
+
+    async def on_worker(self, fn) -> Any:
+        future = self.batcher.call(fn)
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(future)), max(self.config.request_timeout_s, 60.0)
+            )
+        except TimeoutError:
+            raise ApiError(504, "timeout", "The worker did not get to this in time; it will still run") from None
+
+
+__all__ = ["ClientGone", "Completion", "GenerationRequest", "Prompt", "Service", "ShuttingDown", "StreamEvent", "Watch"]
