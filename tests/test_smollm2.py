@@ -10,6 +10,7 @@ import copy
 import csv
 import importlib.util
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -210,7 +211,37 @@ def test_serve_smollm2_with_the_trained_adapter_over_http(smollm2_run, tmp_path)
         assert generated == [o["generated"] for o in offline_generated]
         base = answers["__base__", "classify"].json()["outputs"]
         assert [o["scores"] for o in base] != [o["scores"] for o in ranked]  # the base row used no adapter
-        metrics = server.client.get("/metrics").json()
+        metrics = server.client.get("/metrics?format=json").json()
         assert metrics["adapters_loaded"] == 1
+
+        # the OpenAI API on the real model: chat with the tokenizer's own template, streamed and whole
+        openai = pytest.importorskip("openai")
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        assert {m.id for m in client.models.list().data} == {f"module:{PACKAGE}", "sentiment"}
+        messages = [{"role": "user", "content": "Name a colour, in French, with its accent: é or è."}]
+        whole = client.chat.completions.create(model="__base__", messages=messages, max_tokens=24, temperature=0)
+        stream = client.chat.completions.create(
+            model="__base__", messages=messages, max_tokens=24, temperature=0, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in stream) == whole.choices[0].message.content
+        assert whole.choices[0].message.content.strip() and whole.usage.completion_tokens <= 24
+        # several lengths at once in the decode batch: each equals the same request alone
+        prompts = [texts[0] + "\nSentiment:", texts[1] + "\nSentiment:"]
+        alone = [
+            client.completions.create(model="sentiment", prompt=p, max_tokens=n, temperature=0).choices[0].text
+            for p, n in zip(prompts, (3, 9))
+        ]
+        with ThreadPoolExecutor(2) as pool:
+            together = list(
+                pool.map(
+                    lambda pn: (
+                        client.completions.create(model="sentiment", prompt=pn[0], max_tokens=pn[1], temperature=0)
+                        .choices[0]
+                        .text
+                    ),
+                    zip(prompts, (3, 9)),
+                )
+            )
+        assert together == alone
     finally:
         server.close()
