@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -288,6 +289,16 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _quiet_gguf_bar(transformers) -> None:
+    """transformers' GGUF loader draws its "Converting and de-quantizing" bar with plain tqdm, which
+    `disable_progress_bar` does not reach: give it transformers' own (switchable) tqdm."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils
+    except ImportError:  # another transformers layout: the bar stays
+        return
+    modeling_gguf_pytorch_utils.tqdm = transformers.utils.logging.tqdm
+
+
 def _add_quiet(parser: argparse.ArgumentParser, default: object = False) -> None:
     parser.add_argument(
         "-q", "--quiet", action="store_true", default=default, help="no progress bars or per-epoch lines"
@@ -423,8 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    for noisy in ("torchao", "torch.utils._pytree"):  # import-time notices of optional quantisation backends
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     if args.quiet:
         transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
+        _quiet_gguf_bar(transformers)
     try:
         return args.func(args)
     except EXPECTED_ERRORS as err:
