@@ -104,11 +104,13 @@ def test_from_dict_reads_peft_written_config(tmp_path):
     assert ia3.IA3Config.from_pretrained(tmp_path, inference_mode=False).inference_mode is False
 
 
-def test_from_dict_refuses_unknown_key():
-    data = ia3.IA3Config(task_type="SEQ_2_SEQ_LM").to_dict()
+def test_from_dict_warns_and_ignores_unknown_key():
+    """Keys of a newer PEFT (or of another method's config) are dropped with a warning, as PEFT does."""
+    config = ia3.IA3Config(task_type="SEQ_2_SEQ_LM")
+    data = config.to_dict()
     data["lora_alpha"] = 16
-    with pytest.raises(ValueError, match="lora_alpha"):
-        ia3.IA3Config.from_dict(data)
+    with pytest.warns(UserWarning, match="lora_alpha"):
+        assert ia3.IA3Config.from_dict(data) == config
 
 
 @pytest.mark.parametrize("peft_type", ["LORA", "PREFIX_TUNING", None])

@@ -275,7 +275,7 @@ SERVER = textwrap.dedent(
         print("reaped", flush=True)
     """
 )
-TEMP_FILE = re.compile(r"\.(adapter_model\.safetensors|adapter_config\.json)\.[A-Za-z0-9_]+\.tmp")
+TEMP_FILE = re.compile(r"\.(adapter_model\.safetensors|adapter_config\.json|README\.md)\.[A-Za-z0-9_]+\.tmp")
 
 
 class _Net(torch.nn.Module):
@@ -288,7 +288,7 @@ class _Net(torch.nn.Module):
 def _check_folder(folder: Path, mode: str) -> tuple[bool, int]:
     """Returns (target present, number of leftover temp files)."""
     names = {p.name for p in folder.iterdir()}
-    targets = {WEIGHTS_NAME} if mode == "tensors" else {WEIGHTS_NAME, "adapter_config.json"}
+    targets = {WEIGHTS_NAME} if mode == "tensors" else {WEIGHTS_NAME, "adapter_config.json", "README.md"}
     leftovers = names - targets
     assert all(TEMP_FILE.fullmatch(n) for n in leftovers), leftovers  # hidden, and not *.safetensors / *.json
     weights = folder / WEIGHTS_NAME

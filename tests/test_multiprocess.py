@@ -125,6 +125,7 @@ def _expected_files(steps_per_epoch: int) -> set[str]:
     files = {
         "adapter_config.json",
         "adapter_model.safetensors",
+        "README.md",  # the model card save_pretrained writes (also in each checkpoint's adapter/)
         "recipe.yaml",
         "metrics.jsonl",
         "metrics.json",
@@ -136,6 +137,7 @@ def _expected_files(steps_per_epoch: int) -> set[str]:
             for name in (
                 "adapter/adapter_config.json",
                 "adapter/adapter_model.safetensors",
+                "adapter/README.md",
                 "trainer_state.json",
                 "trainer_state.safetensors",
             )

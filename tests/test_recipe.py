@@ -181,6 +181,7 @@ def test_tfew_losses_by_hand():
 RUN_FILES = {
     "adapter_config.json",
     "adapter_model.safetensors",
+    "README.md",  # the model card save_pretrained writes
     "recipe.yaml",
     "metrics.jsonl",
     "metrics.json",

@@ -17,6 +17,7 @@ import ia3
 
 NAMES = ["t5", "gpt2", "bert", "llama"]
 FILES = {"adapter_config.json", "adapter_model.safetensors"}
+CARD = {"README.md"}  # the model card, in the top folder only (as PEFT writes it)
 
 
 def _ours(name: str, seed: int = 0, **kwargs) -> ia3.PeftModel:
@@ -52,7 +53,7 @@ def _logits(model, name):
 def test_ia3_saved_adapter_loads_in_peft(name, tmp_path):
     ours = _ours(name)
     ours.save_pretrained(tmp_path)
-    assert _files(tmp_path) == FILES
+    assert _files(tmp_path) == FILES | CARD
     loaded = peft.PeftModel.from_pretrained(M.ALL[name](), tmp_path)
     expected = _logits(ours, name)
     torch.testing.assert_close(_logits(loaded, name), expected, atol=1e-6, rtol=0)
@@ -96,14 +97,14 @@ def test_second_adapter_goes_to_subfolder_like_peft(tmp_path):
     theirs = _theirs("t5")
     theirs.add_adapter("second", peft.IA3Config(task_type="SEQ_2_SEQ_LM", target_modules=["q"]))
     theirs.save_pretrained(tmp_path / "theirs")
-    assert _files(tmp_path / "ours") == FILES | {f"second/{f}" for f in FILES}
-    assert _files(tmp_path / "theirs") - {"README.md"} == _files(tmp_path / "ours")
+    assert _files(tmp_path / "ours") == FILES | CARD | {f"second/{f}" for f in FILES}
+    assert _files(tmp_path / "theirs") == _files(tmp_path / "ours")
     sub_ours = load_file(tmp_path / "ours" / "second" / "adapter_model.safetensors")
     sub_theirs = load_file(tmp_path / "theirs" / "second" / "adapter_model.safetensors")
     assert set(sub_ours) == set(sub_theirs) and all(k.endswith(".q.ia3_l") for k in sub_ours)
     # selected_adapters: only that adapter (not "default", so in its subfolder)
     ours.save_pretrained(tmp_path / "sel", selected_adapters=["second"])
-    assert _files(tmp_path / "sel") == {f"second/{f}" for f in FILES}
+    assert _files(tmp_path / "sel") == CARD | {f"second/{f}" for f in FILES}
     # the subfolder loads with peft (via subfolder=) and gives the same outputs
     ours.set_adapter("second")
     loaded = peft.PeftModel.from_pretrained(M.t5(), tmp_path / "ours", subfolder="second")
@@ -248,7 +249,7 @@ def test_push_to_hub_without_network(monkeypatch, tmp_path):
     assert len(calls["upload_folder"]) == 1
     repo_id, files, kwargs = calls["upload_folder"][0]
     assert repo_id == "someone/t5-ia3"
-    assert files == sorted(FILES)
+    assert files == sorted(FILES | CARD)
     assert kwargs.get("commit_message") == "add adapter"
     # the uploaded files are a working adapter, for both libraries
     for loader in (ia3.PeftModel, peft.PeftModel):
@@ -314,5 +315,5 @@ def test_save_load_round_trip_keeps_values_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     # saving again into the same folder overwrites cleanly
     loaded.save_pretrained(tmp_path)
-    assert _files(tmp_path) == FILES
+    assert _files(tmp_path) == FILES | CARD
     shutil.rmtree(tmp_path)

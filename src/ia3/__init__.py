@@ -13,7 +13,16 @@ from ia3.auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from ia3.config import IA3Config, PeftType, TaskType
+from ia3.config import IA3Config, PeftConfig, PeftType, TaskType
+from ia3.functional import (
+    cast_mixed_precision_params,
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    load_peft_weights,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 from ia3.layer import IA3Layer, WeightLayout
 from ia3.peft_model import (
     PeftModel,
@@ -25,6 +34,8 @@ from ia3.peft_model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
+from ia3.quantization import QuantizedMergeError, prepare_model_for_kbit_training
+from ia3.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from ia3.tuner import BASE_ADAPTER, IA3Model
 
 __version__ = "0.1.0"
@@ -41,6 +52,7 @@ __all__ = [
     "IA3Config",
     "IA3Layer",
     "IA3Model",
+    "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
@@ -49,7 +61,20 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "QuantizedMergeError",
     "TaskType",
+    "TunerLayerStatus",
+    "TunerModelStatus",
     "WeightLayout",
+    "cast_mixed_precision_params",
+    "get_base_model_state_dict",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "load_peft_weights",
+    "prepare_model_for_kbit_training",
+    "set_base_model_state_dict",
+    "set_peft_model_state_dict",
 ]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 from ia3.base_models import load_pretrained, resolve_base_model
 from ia3.config import IA3Config
+from ia3.hub import resolve_file
 from ia3.peft_model import (
+    ID2LABEL_METADATA,
+    LABEL_TASKS,
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -25,6 +29,47 @@ _TASK_AUTO_CLASS = {
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
     "FEATURE_EXTRACTION": "AutoModel",
 }
+# the heads whose first weight dimension is the number of labels, under PEFT's keys
+_HEAD_WEIGHTS = [
+    f"base_model.model.{head}{leaf}" for head in ("classifier", "score") for leaf in (".weight", ".out_proj.weight")
+]
+
+
+def saved_labels(
+    adapter: str | os.PathLike,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> dict[str, Any]:
+    """The base-model kwargs (`num_labels`, `id2label`, `label2id`) that fit a saved classification adapter's head.
+
+    From the `id2label` that ia3 writes into the weights file's metadata; for an adapter without it (saved by PEFT),
+    `num_labels` from the shape of the saved head. `{}` when neither is there.
+    """
+    from safetensors import safe_open
+
+    from ia3.serialization import WEIGHTS_NAME
+
+    path = resolve_file(adapter, WEIGHTS_NAME, subfolder=subfolder, revision=revision, token=token, missing_ok=True)
+    if path is None:
+        return {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            if ID2LABEL_METADATA in metadata:
+                names = json.loads(metadata[ID2LABEL_METADATA])
+                id2label = {int(k): str(v) for k, v in names.items()}
+                return {
+                    "num_labels": len(id2label),
+                    "id2label": id2label,
+                    "label2id": {v: k for k, v in id2label.items()},
+                }
+            for key in _HEAD_WEIGHTS:
+                if key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    return {"num_labels": int(handle.get_slice(key).get_shape()[0])}
+    except (OSError, ValueError, RuntimeError):  # a corrupt file: loading the adapter says so, with the reason
+        return {}
+    return {}
 
 
 class _AutoPeftModel:
@@ -45,11 +90,17 @@ class _AutoPeftModel:
         token: str | bool | None = None,
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        torch_device: str | None = None,
         **model_kwargs: Any,
     ) -> PeftModel:
         """Read the adapter's config, load `base_model_name_or_path` (at `revision`) with the transformers auto
         class of its task, then the adapter. `model_kwargs` (e.g. `dtype`, `device_map`, `gguf_file`) go to the base
         model. The base may be a Hub id, a folder, a `.gguf` file or `module:<package>` (see `ia3.base_models`).
+
+        A classification adapter's base gets the labels of the saved head (`num_labels`, `id2label`; see
+        `saved_labels`) unless `model_kwargs` names them.
         """
         import transformers
 
@@ -68,6 +119,8 @@ class _AutoPeftModel:
         auto_class = getattr(transformers, _TASK_AUTO_CLASS.get(task_type or "", "AutoModel"))
         # a Hub id, a folder, a .gguf file or module:<package> (see ia3.base_models)
         ref = resolve_base_model(config.base_model_name_or_path, model_kwargs.pop("gguf_file", None))
+        if task_type in LABEL_TASKS and not {"num_labels", "id2label", "config"} & set(model_kwargs):
+            model_kwargs.update(saved_labels(pretrained_model_name_or_path, revision=revision, token=token))
         base = load_pretrained(
             auto_class, ref, revision=config.revision, token=token, trust_remote_code=trust_remote_code, **model_kwargs
         )
@@ -79,6 +132,9 @@ class _AutoPeftModel:
             revision=revision,
             token=token,
             allow_pickle=allow_pickle,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            torch_device=torch_device,
         )
 
 

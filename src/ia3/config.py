@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
@@ -62,8 +63,55 @@ def names_overlap(name: str, names: list[str]) -> bool:
     return any(n == name or n.endswith("." + name) or name.endswith("." + n) for n in names)
 
 
+class PeftConfig:
+    """PEFT's entry point for reading any adapter config: `PeftConfig.from_pretrained(folder)` returns the config of
+    the adapter's `peft_type`. ia3 knows one type, so the answer is an `IA3Config` (the only subclass), or a
+    ValueError naming the other type."""
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+        """The JSON object of an `adapter_config.json` file, as a dict (not yet checked).
+
+        Raises:
+            ValueError: the file is not valid JSON.
+        """
+        path = Path(path_json_file)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError, huge ints, deep nesting
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+    @classmethod
+    def from_peft_type(cls, **kwargs: Any) -> IA3Config:
+        """Build the config that `kwargs["peft_type"]` names (keys as in `adapter_config.json`).
+
+        Keys this version does not know (from a newer PEFT) are dropped with a warning, as PEFT does.
+        """
+        return IA3Config.from_dict(kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        **kwargs: Any,
+    ) -> IA3Config:
+        """Read `adapter_config.json` from a folder or a Hub repo; `kwargs` override fields."""
+        from ia3.hub import resolve_file
+
+        path = resolve_file(
+            pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, revision=revision, token=token
+        )
+        data = cls.from_json_file(path)  # type: ignore[arg-type]
+        if isinstance(data, dict):
+            data.update(kwargs)
+        return IA3Config.from_dict(data)
+
+
 @dataclass
-class IA3Config:
+class IA3Config(PeftConfig):
     """Configuration of an (IA)^3 adapter (Liu et al. 2022, https://arxiv.org/abs/2205.05638).
 
     Args:
@@ -149,7 +197,11 @@ class IA3Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IA3Config:
-        """Build a config from an `adapter_config.json` dict, refusing unknown keys and other adapter types."""
+        """Build a config from an `adapter_config.json` dict, refusing other adapter types.
+
+        Keys that no (IA)^3 config of this version has (written by a newer PEFT) are dropped with a warning, as PEFT
+        does, so that newer adapters still load.
+        """
         if not isinstance(data, dict):
             raise ValueError(f"An adapter config must be a JSON object; got {type(data).__name__}")
         peft_type = data.get("peft_type")
@@ -158,39 +210,30 @@ class IA3Config:
                 f"This adapter has peft_type={peft_type!r}; ia3 loads only (IA)^3 adapters (peft_type {PEFT_TYPE!r})"
             )
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known - _IGNORED_KEYS)
+        unknown = sorted(set(data) - known - _IGNORED_KEYS, key=repr)
         if unknown:
-            raise ValueError(f"Unknown key(s) {unknown} in the adapter config; (IA)^3 configs accept {sorted(known)}")
+            warnings.warn(
+                f"Unknown key(s) {unknown} in the adapter config are ignored; (IA)^3 configs accept {sorted(known)}. "
+                "The adapter was probably saved by a newer PEFT: upgrade ia3 if it behaves unexpectedly.",
+                UserWarning,
+                stacklevel=2,
+            )
         for key in ("target_parameters", "layers_to_transform", "layers_pattern"):
             if data.get(key):
                 raise ValueError(f"The adapter config sets `{key}`={data[key]!r}, which ia3 does not support")
         return cls(**{k: v for k, v in data.items() if k in known})
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write `adapter_config.json` into `save_directory` (atomically)."""
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, auto_mapping_dict: dict[str, str] | None = None
+    ) -> None:
+        """Write `adapter_config.json` into `save_directory` (atomically).
+
+        `auto_mapping_dict`: written as `auto_mapping` (PEFT records the base model's class and module there for
+        adapters without a `task_type`).
+        """
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path / CONFIG_NAME, json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        subfolder: str | None = None,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        **kwargs: Any,
-    ) -> IA3Config:
-        """Read `adapter_config.json` from a folder or a Hub repo; `kwargs` override fields."""
-        from ia3.hub import resolve_file
-
-        path = resolve_file(
-            pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, revision=revision, token=token
-        )
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError, huge ints, deep nesting
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
-        if isinstance(data, dict):
-            data.update(kwargs)
-        return cls.from_dict(data)
+        data = self.to_dict()
+        if auto_mapping_dict is not None:
+            data["auto_mapping"] = dict(auto_mapping_dict)
+        atomic_write_text(path / CONFIG_NAME, json.dumps(data, indent=2) + "\n")

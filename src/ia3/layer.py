@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ia3.quantization import check_mergeable, float_dtype
+
 
 class WeightLayout(Enum):
     """How a base layer stores its weight, which decides how a vector lines up with the weight and activations.
@@ -120,6 +122,7 @@ class IA3Layer(nn.Module):
             A deep copy of `base_layer` (same type, dtype, device and `requires_grad`) with merged weight and bias.
         """
         names = self._unmerged(self._active_adapters if adapter_names is None else list(adapter_names))
+        check_mergeable(self.base_layer, "fold adapters (to_module)")
         base = self.base_layer
         weight, bias = self._merged_tensors(names)
         # `_merged_tensors` returns fresh tensors only for what it scaled; copy the rest so nothing is shared
@@ -165,7 +168,7 @@ class IA3Layer(nn.Module):
             dtype: the vector's dtype; default: the base weight's.
         """
         weight = self.base_layer.weight
-        dtype = dtype or weight.dtype
+        dtype = dtype or float_dtype(weight)
         if init_ones:
             vector = torch.ones(self.vector_shape(), dtype=dtype, device=weight.device)
         else:
@@ -225,7 +228,7 @@ class IA3Layer(nn.Module):
         if adapter_name is not None and adapter_name in self.ia3_l:
             return self.ia3_l[adapter_name].reshape(-1)
         ref = next(iter(self.ia3_l.values()), None)
-        dtype = ref.dtype if ref is not None else self.base_layer.weight.dtype
+        dtype = ref.dtype if ref is not None else float_dtype(self.base_layer.weight)
         return torch.ones(self.num_features, dtype=dtype, device=self.base_layer.weight.device)
 
     def set_row_scales(self, rows: torch.Tensor | None) -> None:
@@ -333,10 +336,12 @@ class IA3Layer(nn.Module):
 
         Raises:
             ValueError: an unknown adapter name, or non-finite merged weights under `safe_merge`.
+            QuantizedMergeError: `base_layer` is quantised (bitsandbytes, torchao); see `ia3.quantization`.
         """
         names = self._unmerged(self._active_adapters if adapter_names is None else adapter_names)
         if not names:
             return
+        check_mergeable(self.base_layer)
         weight, bias = self._merged_tensors(names)
         if safe_merge and not _finite(weight, bias):
             raise ValueError(
@@ -354,6 +359,8 @@ class IA3Layer(nn.Module):
     def check_merge(self, adapter_names: Sequence[str] | None = None) -> bool:
         """True when merging would give finite weights (used by `safe_merge` to check every layer first)."""
         names = self._unmerged(self._active_adapters if adapter_names is None else adapter_names)
+        if names:
+            check_mergeable(self.base_layer)
         return not names or _finite(*self._merged_tensors(names))
 
     def unmerge(self) -> None:

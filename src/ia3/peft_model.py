@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -14,19 +15,32 @@ import torch
 from torch import nn
 
 from ia3.config import IA3Config
+from ia3.functional import (
+    PREFIX,
+    IncompatibleKeys,
+    get_peft_model_state_dict,
+    unwrapped_name,
+)
+from ia3.functional import WRAPPER_MODULES as WRAPPER_MODULES  # re-exported: scripts/gpu_check_loop.py
 from ia3.hub import resolve_file
 from ia3.layer import IA3Layer
+from ia3.model_card import write_model_card
 from ia3.serialization import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, load_tensors, save_tensors
+from ia3.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from ia3.tuner import IA3Model
 
-PREFIX = "base_model.model."
-# Modules that torch's FSDP (version 1) and activation checkpointing insert between a module and its children; the
-# state dicts they produce leave them out, and so do adapter keys.
-WRAPPER_MODULES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+# safetensors metadata key of the label names of a classification adapter: a JSON object {"0": name, ...}, read by
+# `AutoPeftModelForSequenceClassification` to rebuild the base with the right head (PEFT ignores metadata)
+ID2LABEL_METADATA = "id2label"
+LABEL_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 
 
-def _unwrapped_name(name: str) -> str:
-    return ".".join(part for part in name.split(".") if part not in WRAPPER_MODULES)
+def _checkpointing(model: nn.Module) -> bool:
+    """PEFT prepares a model for gradient checkpointing unless it says checkpointing is off."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if name in dir(type(model)):  # transformers' property (the second is deprecated)
+            return bool(getattr(model, name))
+    return True
 
 
 class PeftModel(nn.Module):
@@ -40,6 +54,7 @@ class PeftModel(nn.Module):
         peft_config: the first adapter's `IA3Config`.
         adapter_name: its name.
         autocast_adapter_dtype: keep vectors in float32 over float16/bfloat16 weights.
+        low_cpu_mem_usage: create the vectors on the meta device, for loading to fill (not for training).
     """
 
     base_model: IA3Model
@@ -50,13 +65,16 @@ class PeftModel(nn.Module):
         peft_config: IA3Config,
         adapter_name: str = "default",
         autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
     ) -> None:
         super().__init__()
         if peft_config.base_model_name_or_path is None:
             name = getattr(model, "name_or_path", None) or None
             if name:
                 peft_config = dataclasses.replace(peft_config, base_model_name_or_path=name)
-        self.base_model = IA3Model(model, peft_config, adapter_name, autocast_adapter_dtype)
+        self.base_model = IA3Model(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
+        if _checkpointing(model):
+            self.prepare_model_for_gradient_checkpointing(model)
 
     def __getattr__(self, name: str) -> Any:
         """Attributes of the wrapped model (`peft_model.config`, `peft_model.generation_config`, ...).
@@ -91,9 +109,39 @@ class PeftModel(nn.Module):
         """Names (relative to the wrapped model) of the modules wrapped by (IA)^3 layers."""
         return self.base_model.targeted_module_names
 
-    def add_adapter(self, adapter_name: str, peft_config: IA3Config) -> None:
-        """Add a new adapter (inactive until `set_adapter`)."""
-        self.base_model.inject_adapter(adapter_name, peft_config)
+    @property
+    def active_peft_config(self) -> IA3Config:
+        """The config of the active adapter (the first, when several are active)."""
+        return self.peft_config[self.active_adapters[0]]
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The `modules_to_save` entries of all adapters together (None when there are none), as PEFT lists them."""
+        names = {m for config in self.peft_config.values() for m in config.modules_to_save or []}
+        return names or None
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: IA3Config,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Add a new adapter (inactive until `set_adapter`).
+
+        Args:
+            adapter_name: its name.
+            peft_config: what it targets.
+            low_cpu_mem_usage: create its vectors on the meta device, for loading to fill.
+            autocast_adapter_dtype: float32 vectors over float16/bfloat16 weights (as PEFT does); False: the
+                weights' dtype.
+        """
+        self.base_model.inject_adapter(
+            adapter_name,
+            peft_config,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make these adapters active (several: their vectors multiply); only active adapters train."""
@@ -112,9 +160,47 @@ class PeftModel(nn.Module):
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model alone inside the block (merged adapters are unmerged exactly, merged back after)."""
+        """Run the base model alone inside the block (merged adapters are unmerged exactly, merged back after).
+
+        Inside, no adapter parameter requires grad, as in PEFT.
+        """
         with self.base_model.disable_adapter():
             yield
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model alone until `enable_adapter_layers()` (the two halves of `disable_adapter()`)."""
+        self.base_model.disable_adapter_layers()
+
+    def enable_adapter_layers(self) -> None:
+        """Apply the adapters again after `disable_adapter_layers()`."""
+        self.base_model.enable_adapter_layers()
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Switch gradients of these adapters' vectors (and `modules_to_save` copies) on or off."""
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """Make the input embeddings' output require grad, so that reentrant activation checkpointing passes
+        gradients to the vectors while the whole base is frozen (skipped for quantized models, as in PEFT)."""
+        if any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+            return model
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        elif hasattr(model, "get_input_embeddings"):
+
+            def make_inputs_require_grad(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+                output.requires_grad_(True)
+
+            model.get_input_embeddings().register_forward_hook(make_inputs_require_grad)
+        return model
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """The status of each adapter layer (see `ia3.get_layer_status`)."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """The status of the adapters as a whole (see `ia3.get_model_status`)."""
+        return get_model_status(self)
 
     @contextmanager
     def per_example(self, adapter_names: list[str] | None) -> Iterator[None]:
@@ -190,35 +276,23 @@ class PeftModel(nn.Module):
     def adapter_state_dict(
         self, adapter_name: str = "default", state_dict: dict[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
-        """The tensors PEFT saves for `adapter_name`, under PEFT's keys (adapter name stripped).
+        """The tensors PEFT saves for `adapter_name`, under PEFT's keys (adapter name stripped); the same as
+        `ia3.get_peft_model_state_dict(self, state_dict, adapter_name)`.
 
         `state_dict`: take them from this full state dict of the model (keys as in `self.state_dict()`) instead of
         the live parameters, e.g. `accelerator.get_state_dict(model)` under FSDP or DeepSpeed ZeRO-3, where each
         process holds only a shard of every parameter.
         """
-        self.base_model._check_names([adapter_name])
-        out: dict[str, torch.Tensor] = {}
-        full: dict[str, str] = {}  # PEFT's key -> the key in self.state_dict()
-        for name, layer in self.base_model.ia3_layers():
-            name = _unwrapped_name(name)
-            if adapter_name in layer.ia3_l:
-                out[f"{PREFIX}{name}.ia3_l"] = layer.ia3_l[adapter_name].detach()
-                full[f"{PREFIX}{name}.ia3_l"] = f"{PREFIX}{name}.ia3_l.{adapter_name}"
-        for name, wrapper in self.base_model.wrappers():
-            name = _unwrapped_name(name)
-            if adapter_name in wrapper.modules_to_save:
-                for key, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
-                    key = _unwrapped_name(key)
-                    out[f"{PREFIX}{name}.{key}"] = tensor.detach()
-                    full[f"{PREFIX}{name}.{key}"] = f"{PREFIX}{name}.modules_to_save.{adapter_name}.{key}"
-        if state_dict is None:
-            return out
-        missing = [full[k] for k in out if full[k] not in state_dict]
-        if missing:
-            raise ValueError(
-                f"state_dict lacks {len(missing)} tensor(s) of adapter {adapter_name!r}, e.g. {missing[:3]}"
-            )
-        return {k: state_dict[full[k]].detach() for k in out}
+        return get_peft_model_state_dict(self, state_dict, adapter_name)
+
+    def _label_metadata(self, adapter_name: str) -> dict[str, str]:
+        """The label names of a classification adapter's base model, for the weights file's metadata."""
+        if self.peft_config[adapter_name].task_type not in LABEL_TASKS:
+            return {}
+        id2label = getattr(getattr(self.get_base_model(), "config", None), "id2label", None)
+        if not isinstance(id2label, dict) or not id2label:
+            return {}
+        return {ID2LABEL_METADATA: json.dumps({str(k): str(v) for k, v in sorted(id2label.items())})}
 
     def save_pretrained(
         self,
@@ -229,10 +303,13 @@ class PeftModel(nn.Module):
         **kwargs: Any,
     ) -> None:
         """Write `adapter_config.json` and `adapter_model.safetensors` (adapters other than `"default"` go in a
-        subfolder named after them), each file atomically: a crash never leaves a half-written file.
+        subfolder named after them), each file atomically: a crash never leaves a half-written file; and a
+        `README.md` model card with the Hub's metadata (an existing card keeps its text, as in PEFT).
 
         As in PEFT, `state_dict=` (a full state dict of the model, e.g. `accelerator.get_state_dict(model)` under
-        FSDP or ZeRO-3) supplies the tensors instead of the live parameters."""
+        FSDP or ZeRO-3) supplies the tensors instead of the live parameters. A classification adapter
+        (`SEQ_CLS`, `TOKEN_CLS`) records its base model's `id2label` in the weights file's metadata, so that
+        `AutoPeftModelForSequenceClassification` rebuilds the base with the same labels."""
         state_dict = kwargs.pop("state_dict", None)
         if not safe_serialization:
             raise ValueError("ia3 saves adapters as safetensors only (safe_serialization=False is not supported)")
@@ -242,11 +319,19 @@ class PeftModel(nn.Module):
         self.base_model._check_names(names)
         if not is_main_process:
             return
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        write_model_card(save_directory, self.get_base_model(), isinstance(self, PeftModelForCausalLM))
         for adapter_name in names:
             folder = Path(save_directory) if adapter_name == "default" else Path(save_directory) / adapter_name
             folder.mkdir(parents=True, exist_ok=True)
-            save_tensors(self.adapter_state_dict(adapter_name, state_dict), folder / WEIGHTS_NAME)
-            dataclasses.replace(self.peft_config[adapter_name], inference_mode=True).save_pretrained(folder)
+            tensors = self.adapter_state_dict(adapter_name, state_dict)
+            save_tensors(tensors, folder / WEIGHTS_NAME, metadata=self._label_metadata(adapter_name))
+            config = self.peft_config[adapter_name]
+            auto_mapping = None
+            if config.task_type is None:  # PEFT records the base class, to rebuild a custom model
+                base_class = type(self.get_base_model())
+                auto_mapping = {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
+            dataclasses.replace(config, inference_mode=True).save_pretrained(folder, auto_mapping_dict=auto_mapping)
 
     def push_to_hub(
         self,
@@ -259,8 +344,8 @@ class PeftModel(nn.Module):
         create_pr: bool = False,
         selected_adapters: list[str] | None = None,
     ) -> Any:
-        """Upload the adapter files (`adapter_config.json`, `adapter_model.safetensors`) to the Hub repo `repo_id`,
-        creating the repo if needed. Returns huggingface_hub's commit info."""
+        """Upload the adapter files (`adapter_config.json`, `adapter_model.safetensors`, `README.md`) to the Hub
+        repo `repo_id`, creating the repo if needed. Returns huggingface_hub's commit info."""
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
@@ -285,27 +370,49 @@ class PeftModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
         config: IA3Config | None = None,
+        autocast_adapter_dtype: bool = True,
         *,
+        low_cpu_mem_usage: bool = False,
         subfolder: str | None = None,
         revision: str | None = None,
         token: str | bool | None = None,
         allow_pickle: bool = False,
-        autocast_adapter_dtype: bool = True,
+        torch_device: str | torch.device | None = None,
+        device_map: Any = None,
+        **kwargs: Any,
     ) -> PeftModel:
         """Load an adapter (a folder or a Hub repo id, saved by ia3 or PEFT) onto `model`.
 
         The adapter's `task_type` picks the subclass (as in PEFT). Every tensor of the file must fit a module of
         `model` and every adapted module must get its tensor: anything else raises, naming the keys.
+
+        Args:
+            model: the base model (changed in place).
+            model_id: the adapter's folder or Hub repo id.
+            adapter_name: the name to load it under.
+            is_trainable: False (default): frozen, and the model is put in eval mode.
+            config: use this config instead of the saved one.
+            autocast_adapter_dtype: float32 vectors over float16/bfloat16 weights.
+            low_cpu_mem_usage: create the vectors empty (meta device) and take the file's tensors as they are.
+            subfolder, revision, token: where on the Hub.
+            allow_pickle: accept a pickled `adapter_model.bin` (unpickling can run code).
+            torch_device: where to read the file's tensors to; vectors always end up on their layer's device.
+            device_map: accepted for PEFT's signature; vectors are created on each base layer's own device, so a
+                model dispatched with a device map needs nothing more.
+            kwargs: other PEFT loading options (`cache_dir`, `ephemeral_gpu_offload`, ...), accepted and unused.
         """
+        del device_map, kwargs
         if config is None:
             config = IA3Config.from_pretrained(model_id, subfolder=subfolder, revision=revision, token=token)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         klass = cls if cls is not PeftModel else TASK_TO_MODEL.get(config.task_type or "", PeftModel)
         fresh = dataclasses.replace(config, init_ia3_weights=True)
         had_layers = any(isinstance(m, IA3Layer) for m in model.modules())
-        peft_model = klass(model, fresh, adapter_name, autocast_adapter_dtype)
+        peft_model = klass(model, fresh, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
         try:
-            peft_model._load_weights(model_id, adapter_name, subfolder, revision, token, allow_pickle)
+            peft_model._load_weights(
+                model_id, adapter_name, subfolder, revision, token, allow_pickle, torch_device, low_cpu_mem_usage
+            )
         except BaseException:
             # `model` was changed in place; put its original layers back so a failed load leaves it as it was
             if not had_layers:
@@ -320,19 +427,43 @@ class PeftModel(nn.Module):
         model_id: str | os.PathLike,
         adapter_name: str,
         is_trainable: bool = False,
+        torch_device: str | torch.device | None = None,
+        autocast_adapter_dtype: bool = True,
         *,
+        low_cpu_mem_usage: bool = False,
         subfolder: str | None = None,
         revision: str | None = None,
         token: str | bool | None = None,
         allow_pickle: bool = False,
-    ) -> None:
-        """Load another adapter into this model under `adapter_name` (not made active)."""
+        **kwargs: Any,
+    ) -> IncompatibleKeys:
+        """Load another adapter into this model under `adapter_name` (not made active).
+
+        Returns PEFT's load result: the adapter keys that got no tensor and the file's keys that fit nothing. ia3
+        loads strictly (a key missing or left over raises, naming it), so after a load both lists are empty.
+
+        Args:
+            model_id: the adapter's folder or Hub repo id.
+            adapter_name: the name to load it under.
+            is_trainable: False (default): frozen, and the model is put in eval mode.
+            torch_device: where to read the file's tensors to; vectors end up on their layer's device.
+            autocast_adapter_dtype: float32 vectors over float16/bfloat16 weights.
+            low_cpu_mem_usage: create the vectors empty (meta device) and take the file's tensors as they are.
+            subfolder, revision, token: where on the Hub.
+            allow_pickle: accept a pickled `adapter_model.bin` (unpickling can run code).
+            kwargs: other PEFT loading options, accepted and unused.
+        """
+        del kwargs
         config = IA3Config.from_pretrained(model_id, subfolder=subfolder, revision=revision, token=token)
         config = dataclasses.replace(config, inference_mode=not is_trainable, init_ia3_weights=True)
         wrapped_before = {name for name, _ in self.base_model.ia3_layers()} | {n for n, _ in self.base_model.wrappers()}
-        self.base_model.inject_adapter(adapter_name, config)
+        self.base_model.inject_adapter(
+            adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage
+        )
         try:
-            self._load_weights(model_id, adapter_name, subfolder, revision, token, allow_pickle)
+            self._load_weights(
+                model_id, adapter_name, subfolder, revision, token, allow_pickle, torch_device, low_cpu_mem_usage
+            )
         except BaseException:
             self.base_model.delete_adapter(adapter_name)
             # also undo the wrapping of layers that only this adapter targeted, so the model is as it was
@@ -345,8 +476,21 @@ class PeftModel(nn.Module):
                 if name not in wrapped_before and not len(wrapper.modules_to_save):
                     _set_module(self.base_model.model, name, wrapper.original_module)
             raise
+        if not is_trainable:
+            self.eval()  # as PEFT does: dropout off after loading an adapter for inference
+        return IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
-    def _load_weights(self, model_id, adapter_name, subfolder, revision, token, allow_pickle) -> None:
+    def _load_weights(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        subfolder: str | None,
+        revision: str | None,
+        token: str | bool | None,
+        allow_pickle: bool,
+        torch_device: str | torch.device | None = None,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
         path = resolve_file(
             model_id, WEIGHTS_NAME, subfolder=subfolder, revision=revision, token=token, missing_ok=True
         )
@@ -357,12 +501,19 @@ class PeftModel(nn.Module):
             if pickled is None:
                 raise FileNotFoundError(f"{model_id} has no {WEIGHTS_NAME} (nor {PICKLE_WEIGHTS_NAME})")
             path = pickled
-        self.load_adapter_state_dict(load_tensors(path, allow_pickle=allow_pickle), adapter_name, source=str(path))
+        tensors = load_tensors(path, allow_pickle=allow_pickle)
+        if torch_device is not None:
+            tensors = {k: v.to(torch_device) for k, v in tensors.items()}
+        self.load_adapter_state_dict(tensors, adapter_name, source=str(path), assign=low_cpu_mem_usage)
 
     def load_adapter_state_dict(
-        self, tensors: dict[str, torch.Tensor], adapter_name: str, source: str = "state dict"
+        self, tensors: dict[str, torch.Tensor], adapter_name: str, source: str = "state dict", assign: bool = False
     ) -> None:
-        """Copy PEFT-format adapter tensors into adapter `adapter_name`, strictly: all or nothing."""
+        """Copy PEFT-format adapter tensors into adapter `adapter_name`, strictly: all or nothing.
+
+        `assign`: the adapter's vectors are empty (meta device, `low_cpu_mem_usage`): replace them with the given
+        tensors, moved to each layer's device and to the empty vector's dtype.
+        """
         expected = self.adapter_state_dict(adapter_name)
         problems: list[str] = []
         unexpected = sorted(set(tensors) - set(expected))
@@ -382,9 +533,26 @@ class PeftModel(nn.Module):
                 f"The adapter in {source} does not fit this {type(self.get_base_model()).__name__} (was it trained "
                 "on another architecture or size?):\n  - " + "\n  - ".join(problems)
             )
+        if assign:
+            self._assign_adapter(tensors, adapter_name)
+            return
         with torch.no_grad():
             for key, tensor in expected.items():
                 tensor.copy_(tensors[key].to(dtype=tensor.dtype, device=tensor.device))
+
+    def _assign_adapter(self, tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
+        for name, layer in self.base_model.ia3_layers():
+            if adapter_name in layer.ia3_l:
+                empty = layer.ia3_l[adapter_name]  # the dtype inject_adapter chose (autocast_adapter_dtype)
+                tensor = tensors[f"{PREFIX}{unwrapped_name(name)}.ia3_l"].detach()
+                vector = tensor.to(device=layer.base_layer.weight.device, dtype=empty.dtype)
+                layer.ia3_l[adapter_name] = nn.Parameter(vector)
+        with torch.no_grad():  # modules_to_save copies are full modules, never empty: copy into them
+            expected = self.adapter_state_dict(adapter_name)
+            for key, tensor in expected.items():
+                if not key.endswith(".ia3_l"):
+                    tensor.copy_(tensors[key].to(dtype=tensor.dtype, device=tensor.device))
+        self.base_model._refresh()  # new parameters: requires_grad and per-example tables from the active adapters
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
@@ -422,15 +590,43 @@ TASK_TO_MODEL: dict[str, type[PeftModel]] = {
 
 
 def get_peft_model(
-    model: nn.Module, peft_config: IA3Config, adapter_name: str = "default", autocast_adapter_dtype: bool = True
+    model: nn.Module,
+    peft_config: IA3Config,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
 ) -> PeftModel:
     """Wrap `model` with a new (IA)^3 adapter; returns the `PeftModel` subclass for `peft_config.task_type`.
 
     Base weights are frozen; only the adapter's vectors (and `modules_to_save` copies) train.
+
+    Args:
+        model: the base model (changed in place).
+        peft_config: the adapter's config (not changed: the model keeps a resolved copy).
+        adapter_name: its name.
+        mixed: PEFT's mixed-adapter-type model; ia3 has one adapter type, so only False.
+        autocast_adapter_dtype: float32 vectors over float16/bfloat16 weights.
+        revision: the base model's Hub revision, recorded in the adapter's config.
+        low_cpu_mem_usage: create the vectors on the meta device (for loading weights into; not for training).
     """
+    if mixed:
+        raise ValueError("mixed=True builds PEFT's PeftMixedModel of several adapter types; ia3 has only (IA)^3")
+    if revision is not None:
+        if isinstance(peft_config, IA3Config) and peft_config.revision not in (None, revision):
+            import warnings
+
+            warnings.warn(
+                f"peft_config.revision is {peft_config.revision!r}; revision={revision!r} is recorded instead",
+                UserWarning,
+                stacklevel=2,
+            )
+        if isinstance(peft_config, IA3Config):
+            peft_config = dataclasses.replace(peft_config, revision=revision)
     if not isinstance(peft_config, IA3Config):
         raise TypeError(f"peft_config must be an ia3.IA3Config; got {type(peft_config).__name__}")
     if any(isinstance(m, IA3Layer) for m in model.modules()):
         raise ValueError("This model already has (IA)^3 layers; use peft_model.add_adapter(...) to add another adapter")
     klass = TASK_TO_MODEL.get(peft_config.task_type or "", PeftModel)
-    return klass(model, peft_config, adapter_name, autocast_adapter_dtype)
+    return klass(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)

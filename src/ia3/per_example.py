@@ -102,7 +102,8 @@ class PerExampleAdapters:
             return plan
         by_key: dict[tuple[torch.device, torch.dtype], list[IA3Layer]] = {}
         for layer in layers:
-            ref = next(iter(layer.ia3_l.values()), layer.base_layer.weight)
+            ref = next(iter(layer.ia3_l.values()), None)
+            ref = layer.vector_or_ones(None) if ref is None else ref
             by_key.setdefault((ref.device, ref.dtype), []).append(layer)
         plan = [
             _Group(device, dtype, group, [layer.ia3_l[n] for layer in group for n in unique if n in layer.ia3_l])

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,6 +15,7 @@ from ia3.config import IA3Config
 from ia3.layer import IA3Layer
 from ia3.modules_to_save import ModulesToSaveWrapper
 from ia3.per_example import BASE_ADAPTER, PerExampleAdapters, check_adapter_names
+from ia3.quantization import check_mergeable
 from ia3.targets import find_targets, matches, resolve_config
 
 # Heads that a task trains in full: added to `modules_to_save` when the model has them (as PEFT does).
@@ -35,12 +37,18 @@ class IA3Model(nn.Module):
         adapter_name: its name.
         autocast_adapter_dtype: keep vectors in float32 when the base weights are float16/bfloat16 (as PEFT does);
             otherwise vectors take the base weight's dtype.
+        low_cpu_mem_usage: create the vectors on the meta device, to be filled by loading (see `inject_adapter`).
     """
 
     prefix = "ia3_"
 
     def __init__(
-        self, model: nn.Module, config: IA3Config, adapter_name: str = "default", autocast_adapter_dtype: bool = True
+        self,
+        model: nn.Module,
+        config: IA3Config,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -48,7 +56,10 @@ class IA3Model(nn.Module):
         self.active_adapters: list[str] = []
         self.autocast_adapter_dtype = autocast_adapter_dtype
         self._per_example = PerExampleAdapters()  # per-row vector tables, cached by adapter mix
-        self.inject_adapter(adapter_name, config)
+        # what `disable_adapter_layers` changed and `enable_adapter_layers` restores: the adapters of each layer it
+        # unmerged, and each adapter parameter's requires_grad
+        self._disabled_state: tuple[dict[IA3Layer, list[str]], dict[nn.Parameter, bool]] | None = None
+        self.inject_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str) -> Any:
@@ -94,14 +105,30 @@ class IA3Model(nn.Module):
             raise ValueError(f"Unknown adapter name(s) {unknown}; this model has {list(self.peft_config)}{extra}")
 
     # -- adding ----------------------------------------------------------------------------------------------------
-    def _vector_dtype(self, layer: IA3Layer) -> torch.dtype:
+    def _vector_dtype(self, layer: IA3Layer, autocast: bool) -> torch.dtype:
         dtype = layer.base_layer.weight.dtype
-        if not dtype.is_floating_point or (self.autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16)):
+        if not dtype.is_floating_point or (autocast and dtype in (torch.float16, torch.bfloat16)):
             return torch.float32
         return dtype
 
-    def inject_adapter(self, adapter_name: str, config: IA3Config) -> IA3Config:
-        """Add adapter `adapter_name` as described by `config`; returns the resolved config it stores."""
+    def inject_adapter(
+        self,
+        adapter_name: str,
+        config: IA3Config,
+        autocast_adapter_dtype: bool | None = None,
+        low_cpu_mem_usage: bool = False,
+    ) -> IA3Config:
+        """Add adapter `adapter_name` as described by `config`; returns the resolved config it stores.
+
+        Args:
+            adapter_name: the new adapter's name.
+            config: what it targets.
+            autocast_adapter_dtype: float32 vectors over float16/bfloat16 weights; None: as given to `__init__`.
+            low_cpu_mem_usage: create the vectors on the meta device (no memory, no values) for a state dict to be
+                assigned to them (`set_peft_model_state_dict(..., low_cpu_mem_usage=True)`); the adapter cannot run
+                until then.
+        """
+        autocast = self.autocast_adapter_dtype if autocast_adapter_dtype is None else autocast_adapter_dtype
         if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE_ADAPTER or "." in adapter_name:
             raise ValueError(
                 f"Invalid adapter name {adapter_name!r}: use a non-empty name without '.' (not {BASE_ADAPTER!r})"
@@ -134,7 +161,13 @@ class IA3Model(nn.Module):
             if not isinstance(module, IA3Layer):
                 module = IA3Layer.from_module(module, target.is_feedforward)
                 _set_module(self.model, target.name, module)
-            module.add_adapter(adapter_name, init_ones=resolved.init_ia3_weights, dtype=self._vector_dtype(module))
+            dtype = self._vector_dtype(module, autocast)
+            if low_cpu_mem_usage:
+                module.ia3_l[adapter_name] = nn.Parameter(
+                    torch.empty(module.vector_shape(), dtype=dtype, device="meta")
+                )
+            else:
+                module.add_adapter(adapter_name, init_ones=resolved.init_ia3_weights, dtype=dtype)
         for name in save_names:
             wrapper = self.model.get_submodule(name)
             if not isinstance(wrapper, ModulesToSaveWrapper):
@@ -173,6 +206,14 @@ class IA3Model(nn.Module):
         self._check_names(names)
         if not names:
             raise ValueError("set_adapter needs at least one adapter name")
+        for name, wrapper in self.wrappers():
+            owners = [n for n in names if n in wrapper.modules_to_save]
+            if len(owners) > 1:
+                raise ValueError(
+                    f"Adapters {owners} each train their own copy of {name} (modules_to_save); only one copy can run, "
+                    "so they cannot be active together. Activate one of them, or use per-example adapters "
+                    "(adapter_names=...) to give each row its own."
+                )
         self.active_adapters = names
         self._refresh()
 
@@ -212,23 +253,72 @@ class IA3Model(nn.Module):
             self.active_adapters = [next(iter(self.peft_config))]
         self._refresh()
 
+    def _adapter_modules(self) -> list[IA3Layer | ModulesToSaveWrapper]:
+        modules: list[IA3Layer | ModulesToSaveWrapper] = [layer for _, layer in self.ia3_layers()]
+        return modules + [wrapper for _, wrapper in self.wrappers()]
+
+    def _adapter_parameters(self) -> Iterator[nn.Parameter]:
+        for _, layer in self.ia3_layers():
+            yield from layer.ia3_l.values()
+        for _, wrapper in self.wrappers():
+            yield from wrapper.modules_to_save.parameters()
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model alone until `enable_adapter_layers`: merged layers are unmerged (exactly) and no
+        vector or `modules_to_save` copy requires grad meanwhile, as in PEFT."""
+        if self._disabled_state is None:
+            self._disabled_state = ({}, {p: p.requires_grad for p in self._adapter_parameters()})
+        merged, _ = self._disabled_state
+        for _, layer in self.ia3_layers():
+            if layer.merged_adapters:
+                merged[layer] = list(layer.merged_adapters)
+                layer.unmerge()
+        for module in self._adapter_modules():
+            module.disabled = True
+        for param in self._adapter_parameters():
+            param.requires_grad_(False)
+
+    def enable_adapter_layers(self) -> None:
+        """Undo `disable_adapter_layers`: adapters apply again, the layers it unmerged are merged back and each
+        adapter parameter requires grad as it did before."""
+        for module in self._adapter_modules():
+            module.disabled = False
+        if self._disabled_state is None:
+            return
+        (merged, grads), self._disabled_state = self._disabled_state, None
+        for layer, adapters in merged.items():
+            layer.merge([a for a in adapters if a in layer.ia3_l])
+        for param in self._adapter_parameters():
+            param.requires_grad_(grads.get(param, param.requires_grad))
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Switch gradients of these adapters' vectors and `modules_to_save` copies on or off (until the next
+        `set_adapter`, which sets them from the active adapters again)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_names(names)
+        for _, layer in self.ia3_layers():
+            for name in names:
+                if name in layer.ia3_l:
+                    layer.ia3_l[name].requires_grad_(requires_grad)
+        for _, wrapper in self.wrappers():
+            for name in names:
+                if name in wrapper.modules_to_save:
+                    wrapper.modules_to_save[name].requires_grad_(requires_grad)
+
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model alone inside the block; merged adapters are unmerged (exactly) and merged back after."""
-        merged = {layer: list(layer.merged_adapters) for _, layer in self.ia3_layers() if layer.merged_adapters}
-        for layer in merged:
-            layer.unmerge()
-        modules: list[IA3Layer | ModulesToSaveWrapper] = [layer for _, layer in self.ia3_layers()]
-        modules += [wrapper for _, wrapper in self.wrappers()]
-        for module in modules:
-            module.disabled = True
+        """Run the base model alone inside the block; merged adapters are unmerged (exactly) and merged back after.
+
+        Inside, no adapter parameter requires grad (as in PEFT); after, the trainable ones do again.
+        """
+        if self._disabled_state is not None:  # already off (disable_adapter_layers): stays off after the block
+            yield
+            return
+        self.disable_adapter_layers()
         try:
             yield
         finally:
-            for module in modules:
-                module.disabled = False
-            for layer, adapters in merged.items():
-                layer.merge(adapters)
+            self.enable_adapter_layers()
 
     # -- per-example adapters --------------------------------------------------------------------------------------
     @contextmanager
@@ -264,8 +354,16 @@ class IA3Model(nn.Module):
     def _merge(self, adapter_names: list[str] | None, safe_merge: bool, keep_original: bool) -> None:
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         self._check_names(names)
+        already = sorted({n for _, layer in self.ia3_layers() for n in layer.merged_adapters})
+        if already:
+            todo = [n for n in names if n not in already]
+            then = f"now also merging {todo}" if todo else "nothing to do for the adapters asked for"
+            warnings.warn(f"Adapters {already} are already merged; {then}", UserWarning, stacklevel=3)
         # each layer merges the adapters it has (an adapter need not touch every layer)
         layers = [(name, layer, [n for n in names if n in layer.ia3_l]) for name, layer in self.ia3_layers()]
+        for _, layer, own in layers:  # a quantised layer refuses before any layer has changed
+            if own:
+                check_mergeable(layer.base_layer)
         if safe_merge:
             broken = [name for name, layer, own in layers if not layer.check_merge(own)]
             if broken:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from contextlib import AbstractContextManager
-from typing import Any, assert_type
+from typing import Any, Literal, assert_type
 
 import torch
 from torch import nn
@@ -84,3 +84,38 @@ def layer_api() -> None:
     layer.delete_adapter("b")
     assert_type(WeightLayout.of(nn.Conv1d(4, 6, 3)), WeightLayout)
     assert_type(IA3Layer.from_module(nn.Conv2d(4, 6, 3), is_feedforward=True).vector_shape(), tuple[int, ...])
+
+
+def peft_functions_api(base: nn.Module, folder: str | os.PathLike[str]) -> None:
+    """PEFT's functions and the rest of `PeftModel`'s methods (tests/test_peft_api.py checks them against peft)."""
+    model = get_peft_model(base, IA3Config(task_type="CAUSAL_LM"), revision="main", low_cpu_mem_usage=False)
+    state = ia3.get_peft_model_state_dict(model, adapter_name="default")
+    assert_type(state, dict[str, torch.Tensor])
+    result = ia3.set_peft_model_state_dict(model, state, adapter_name="default", low_cpu_mem_usage=False)
+    assert_type(result.missing_keys, list[str])
+    assert_type(ia3.get_base_model_state_dict(model), dict[str, torch.Tensor])
+    assert_type(ia3.set_base_model_state_dict(model, {}, strict=False).unexpected_keys, list[str])
+    assert_type(ia3.load_peft_weights(folder, device="cpu"), dict[str, torch.Tensor])
+    assert_type(ia3.inject_adapter_in_model(IA3Config(target_modules=["c_attn"]), nn.Linear(2, 2)), nn.Module)
+    assert_type(ia3.cast_mixed_precision_params(model, torch.bfloat16), None)
+    assert_type(ia3.PeftConfig.from_pretrained(folder), IA3Config)
+    assert_type(ia3.PeftConfig.from_peft_type(peft_type="IA3"), IA3Config)
+    assert_type(IA3Config.from_json_file("adapter_config.json"), dict[str, Any])
+    assert_type(ia3.get_layer_status(model), list[ia3.TunerLayerStatus])
+    assert_type(ia3.get_model_status(model), ia3.TunerModelStatus)
+    assert_type(model.get_model_status().enabled, bool | Literal["irregular"])
+
+    model.add_adapter("half", IA3Config(task_type="CAUSAL_LM"), low_cpu_mem_usage=False, autocast_adapter_dtype=True)
+    loaded = model.load_adapter(
+        folder, "again", torch_device="cpu", autocast_adapter_dtype=True, low_cpu_mem_usage=True
+    )
+    assert_type(loaded.missing_keys, list[str])
+    again = PeftModel.from_pretrained(base, folder, torch_device="cpu", low_cpu_mem_usage=True, device_map="auto")
+    assert_type(again, PeftModel)
+    assert_type(model.disable_adapter_layers(), None)
+    assert_type(model.enable_adapter_layers(), None)
+    assert_type(model.set_requires_grad(["half"], requires_grad=False), None)
+    assert_type(model.prepare_model_for_gradient_checkpointing(base), nn.Module)
+    assert_type(model.active_peft_config, IA3Config)
+    assert_type(model.modules_to_save, set[str] | None)
+    assert_type(model.get_layer_status(), list[ia3.TunerLayerStatus])

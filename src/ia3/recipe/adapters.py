@@ -41,7 +41,8 @@ def merge_to_full_model(adapter_dir: str | Path, output_dir: str | Path, safe_me
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; pick a new --output folder")
-    cfg = run_config(adapter_dir)
+    # merged into the full-precision base, also for a run trained on a quantised one (whose codes cannot take it)
+    cfg = run_config(adapter_dir, {"model.quantization": "none"})
     task, model = load_run(adapter_dir, cfg, cfg.data.label_names or [], device="cpu")
     merged = model.merge_and_unload(safe_merge=safe_merge)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from ia3.quantization import QUANTIZATIONS
 from ia3.tasks import TASKS
 
 LOSSES = ("lm", "tfew")
@@ -267,6 +268,9 @@ class ModelArgs:
             architecture).
         feedforward_modules: the targets whose input is scaled rather than their output, a subset of
             `model.target_modules`: names (comma-separated) or a regex (none: the defaults).
+        quantization: load the frozen base quantised, to fit a bigger model in memory: `int8` or `nf4`
+            (bitsandbytes LLM.int8() or 4 bit NormalFloat), torchao's int8 weight only scheme, or `none` (full
+            precision); the adapter file is the same either way, but merge it on a `none` base.
     """
 
     section: ClassVar[str] = "model"
@@ -278,6 +282,7 @@ class ModelArgs:
     trust_remote_code: bool = False
     target_modules: list[str] | str | None = None
     feedforward_modules: list[str] | str | None = None
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
         c = Checks(self, _flag(self.section))
@@ -285,6 +290,14 @@ class ModelArgs:
         c.choice("task", TASKS)
         c.text("revision", "a branch, tag or commit (or none)")
         c.gguf("gguf_file")
+        c.choice("quantization", QUANTIZATIONS)
+        if c.ok("quantization") and self.quantization != "none" and c.ok("name"):
+            c.require(
+                not (self.name.lower().endswith(".gguf") or (c.ok("gguf_file") and self.gguf_file)),
+                f"--model.quantization {self.quantization} cannot apply to a GGUF base (transformers dequantises "
+                "GGUF files to full precision on loading): use --model.quantization none, or name the model's "
+                "transformers checkpoint (a folder or Hub id) instead",
+            )
         c.done("Invalid model settings")
 
 
@@ -474,7 +487,12 @@ class Setting:
     choices: tuple[str, ...] | None = None
 
 
-CHOICES: dict[str, tuple[str, ...]] = {"model.task": tuple(TASKS), "train.loss": LOSSES, "train.precision": PRECISIONS}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.task": tuple(TASKS),
+    "model.quantization": tuple(QUANTIZATIONS),
+    "train.loss": LOSSES,
+    "train.precision": PRECISIONS,
+}
 
 
 def settings() -> list[Setting]:

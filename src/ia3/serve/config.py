@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ia3.quantization import QUANTIZATIONS
 from ia3.recipe.config import Checks, field_types
 from ia3.tasks import TASKS
 
@@ -36,6 +37,8 @@ class ServeConfig:
         task: `seq2seq`, `causal` or `cls` (a sequence classifier whose head each adapter brings).
         gguf_file: name of the .gguf file inside the `model` folder (a .gguf path or a module: package with one
             .gguf needs none).
+        quantization: load the base quantised (`none`, `int8`, `nf4`, `torchao-int8`; the recipe's
+            `model.quantization`), to serve a bigger model in the same memory; adapters stay unmerged.
         prompt: causal task: the text around each input, with `{text}` where it goes (the recipe's
             `data.prompt`); the default passes inputs through as they are.
         chat_template: causal task: wrap each input in the tokenizer's chat template as a user turn (the recipe's
@@ -85,6 +88,7 @@ class ServeConfig:
     adapters_dir: str | None = None
     task: str = "seq2seq"
     gguf_file: str | None = None
+    quantization: str = "none"
     prompt: str = "{text}"
     chat_template: bool = False
     label_names: list[str] | None = None
@@ -122,6 +126,7 @@ class ServeConfig:
         c.text("model", "a Hub id, a local folder, a .gguf file or module:<package>")
         c.choice("task", TASKS)
         c.gguf("gguf_file")
+        c.choice("quantization", QUANTIZATIONS)
         c.choice("batching", BATCHING)
         c.choice("truncation", TRUNCATION)
         if self.task in TASKS:

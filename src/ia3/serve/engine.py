@@ -74,7 +74,9 @@ class Engine:
     def __init__(self, config: ServeConfig, label_names: list[str] | None) -> None:
         self.config = config
         task_class = get_task(config.task)
-        args = ModelArgs(name=config.model, task=config.task, gguf_file=config.gguf_file)
+        args = ModelArgs(
+            name=config.model, task=config.task, gguf_file=config.gguf_file, quantization=config.quantization
+        )
         tokenizer = load_tokenizer(args, task_class)
         self.task = task_class(tokenizer, prompt=config.prompt, chat_template=config.chat_template)
         model = load_base_model(args, task_class, label_names or [])
