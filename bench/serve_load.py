@@ -388,7 +388,7 @@ def summarise(name: str, requests: list[Request], run: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=["smollm2", "t5"], default="smollm2")
-    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--clients", default="32,64", help="comma-separated client counts; each runs every scenario")
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--min-new", type=int, default=8)
@@ -400,7 +400,8 @@ def main() -> None:
     parser.add_argument("--scenarios", default="continuous,static,continuous+hostile")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_load.json"))
     args = parser.parse_args()
-    if not (1 <= args.clients <= 256 and 1 <= args.requests <= 5000 and 1 <= args.adapters <= 64):
+    client_counts = [int(c) for c in str(args.clients).split(",")]
+    if not (all(1 <= c <= 256 for c in client_counts) and 1 <= args.requests <= 5000 and 1 <= args.adapters <= 64):
         parser.error("keep it bounded: clients 1-256, requests 1-5000, adapters 1-64")
     if not 1 <= args.min_new <= args.max_new <= 512:
         parser.error("need 1 <= --min-new <= --max-new <= 512")
@@ -427,34 +428,37 @@ def main() -> None:
             "max_inputs": 64,
         }
         settings = {"continuous": {}, "static": {"batching": "static"}, "unbatched": {"max_batch_size": 1}}
-        for scenario in [s.strip() for s in args.scenarios.split(",") if s.strip()]:
+        plan = [(c, s.strip()) for c in client_counts for s in args.scenarios.split(",") if s.strip()]
+        for clients, scenario in plan:
             kind, _, extra = scenario.partition("+")
             proc, port = start_server({**base, **settings[kind]}, args.threads)
             try:
-                run = asyncio.run(
-                    drive(port, requests, args.clients, args.time_limit, 0.1 if extra == "hostile" else 0.0)
-                )
+                run = asyncio.run(drive(port, requests, clients, args.time_limit, 0.1 if extra == "hostile" else 0.0))
             finally:
                 proc.terminate()
                 proc.wait(60)
-            rows.append(summarise(scenario, requests, run))
+            rows.append({"clients": clients, **summarise(scenario, requests, run)})
             r = rows[-1]
             print(
-                f"  {scenario}: {r['tokens_per_s']} tok/s, {r['req_per_s']} req/s, {r['answered']}/{r['requests']} "
+                f"  {clients} clients, {scenario}: {r['tokens_per_s']} tok/s, {r['req_per_s']} req/s, {r['answered']}/{r['requests']} "
                 f"answered, {r['mismatched']} mismatched, {r['lost']} lost, {r['5xx']} 5xx",
                 flush=True,
             )
-    by = {r["scenario"]: r for r in rows}
+    by = {(r["clients"], r["scenario"]): r for r in rows}
     ratios = {}
-    if "continuous" in by and "static" in by and by["static"]["tokens_per_s"]:
-        ratios["continuous_over_static_tokens_per_s"] = round(
-            by["continuous"]["tokens_per_s"] / by["static"]["tokens_per_s"], 3
-        )
+    for c in client_counts:
+        cont, static = by.get((c, "continuous")), by.get((c, "static"))
+        if cont and static and static["tokens_per_s"]:
+            ratios[f"{c}_clients_continuous_over_static_tokens_per_s"] = round(
+                cont["tokens_per_s"] / static["tokens_per_s"], 3
+            )
     for r in rows:
         if r["per_token_p50_ms"]:
-            ratios[f"{r['scenario']}_per_token_p99_over_p50"] = round(r["per_token_p99_ms"] / r["per_token_p50_ms"], 3)
+            ratios[f"{r['clients']}_clients_{r['scenario']}_per_token_p99_over_p50"] = round(
+                r["per_token_p99_ms"] / r["per_token_p50_ms"], 3
+            )
     header = [
-        "scenario", "tokens_per_s", "req_per_s", "ttft_p50_ms", "ttft_p99_ms", "latency_p50_ms", "latency_p99_ms",
+        "clients", "scenario", "tokens_per_s", "req_per_s", "ttft_p50_ms", "ttft_p99_ms", "latency_p50_ms", "latency_p99_ms",
         "per_token_p50_ms", "per_token_p99_ms", "answered", "mismatched", "lost", "5xx",
     ]  # fmt: skip
     print()
