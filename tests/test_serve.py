@@ -24,28 +24,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from live_server import LiveServer  # noqa: E402
-from serve_setup import LABELS, TEXTS, Setup, save_adapter  # noqa: E402
+from serve_setup import LABELS, TEXTS, Setup, one_torch_thread, save_adapter  # noqa: E402, F401
 from tiny_dirs import make_model_dir  # noqa: E402
 
 from ia3 import BASE_ADAPTER  # noqa: E402
 from ia3.serve import ServeConfig  # noqa: E402
 from ia3.serve.batcher import Batcher, Job  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # tiny models: one intra-op thread is faster, and far faster on a busy machine (no OpenMP spinning)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

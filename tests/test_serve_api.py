@@ -27,7 +27,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from live_server import LiveServer  # noqa: E402
-from serve_setup import TEXTS, Setup  # noqa: E402
+from serve_setup import TEXTS, Setup, one_torch_thread  # noqa: E402, F401
 
 from ia3 import BASE_ADAPTER  # noqa: E402
 from ia3.serve import ServeConfig  # noqa: E402
@@ -37,12 +37,7 @@ CHAT_TEMPLATE = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

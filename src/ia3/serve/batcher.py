@@ -152,17 +152,20 @@ class Batcher:
         if not job.rows:
             raise ValueError("a job needs at least one row")
         with self._cond:
-            if self._stopping:
-                raise ShuttingDown()
-            if self._live >= self.max_queue:
-                raise QueueFull(self.max_queue)
-            self._live += 1
-            self._max_live = max(self._max_live, self._live)
+            self._admit(job)
             job.results = [None] * len(job.rows)
-            job.enqueued_at = time.monotonic()
             self._pending.append(job)
             self._cond.notify_all()
         return job.future
+
+    def _admit(self, job: Job) -> None:  # with the lock held
+        if self._stopping:
+            raise ShuttingDown()
+        if self._live >= self.max_queue:
+            raise QueueFull(self.max_queue)
+        self._live += 1
+        self._max_live = max(self._max_live, self._live)
+        job.enqueued_at = time.monotonic()
 
     def submit_rows(self, job: Job, rows: list[Row]) -> concurrent.futures.Future:
         """Queue `job` for continuous decoding: its `rows` join the decoder's batch as room frees up. Its future
@@ -173,14 +176,8 @@ class Batcher:
         if not rows:
             raise ValueError("a job needs at least one row")
         with self._cond:
-            if self._stopping:
-                raise ShuttingDown()
-            if self._live >= self.max_queue:
-                raise QueueFull(self.max_queue)
-            self._live += 1
-            self._max_live = max(self._max_live, self._live)
+            self._admit(job)
             job.decoding = rows
-            job.enqueued_at = time.monotonic()
         for row in rows:
             row.on_done = self._chain(job, row.on_done)
         self.decoder.add(rows)
