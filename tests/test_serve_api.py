@@ -423,3 +423,31 @@ def test_prometheus_metrics_and_summary(server):
     assert "ia3_queue_depth" in samples and "ia3_batch_occupancy" in samples and "ia3_tokens_per_second" in samples
     summary = server.service.summary()
     assert "3 adapter(s): a, b, c" in summary and "batching continuous" in summary and "timeouts" in summary
+
+
+def test_seq2seq_decodes_continuously_and_equals_runs_alone(tmp_path):
+    """T5: encoder states and cross-attention caches kept per row; requests of different lengths and adapters
+    share decode steps and each answer equals `generate` alone."""
+    s2s = Setup(tmp_path, "seq2seq")
+    srv = LiveServer(
+        ServeConfig(model=str(s2s.model_dir), adapters_dir=str(s2s.adapters), task="seq2seq", max_new_tokens=16)
+    )
+    try:
+        assert srv.service.engine.decoder is not None, srv.service.engine.static_reason
+        jobs = [(["a", "b", "c", BASE_ADAPTER][i % 4], TEXTS[(i * 3) % 4], 2 + (i * 5) % 15) for i in range(12)]
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(
+                pool.map(
+                    lambda j: srv.post(
+                        "/v1/generate", json={"adapter": j[0], "inputs": j[1], "parameters": {"max_new_tokens": j[2]}}
+                    ),
+                    jobs,
+                )
+            )
+        for (adapter, text, n), r in zip(jobs, answers):
+            assert r.status_code == 200, r.text
+            assert r.json()["outputs"][0]["text"] == s2s.generate(adapter, text, n), (adapter, text, n)
+        decode = srv.client.get("/metrics?format=json").json()["decode"]
+        assert decode["max_rows"] > 1 and decode["max_adapters"] > 1, decode
+    finally:
+        srv.close()

@@ -46,9 +46,9 @@ class ServeConfig:
         label_names: labels `/v1/classify` ranks (seq2seq/causal) or the head's classes (cls). None: the first
             `recipe.yaml` (data.label_names) found among the adapters, else (cls) the model config's labels.
         device: `cpu`, `cuda`, `cuda:1`, ...; None picks cuda when available.
-        batching: `continuous` (causal generation: requests join and leave the running decode batch at every
-            token, whatever their parameters; beam search, seq2seq and classification run in shared static
-            batches between decode steps) or `static` (every request waits for a batch of requests with the same
+        batching: `continuous` (generation on causal LMs and T5-family seq2seq models: requests join and leave
+            the running decode batch at every token, whatever their parameters; beam search and classification
+            run in shared static batches between decode steps) or `static` (every request waits for a batch of requests with the same
             parameters; for comparison).
         max_batch_size: rows (inputs) per forward / generate call; with continuous batching, rows decoded
             together.

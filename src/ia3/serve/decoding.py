@@ -1,4 +1,5 @@
-"""Continuous batching for decoder-only models: rows join and leave the running decode batch at token boundaries.
+"""Continuous batching: rows join and leave the running decode batch at token boundaries (decoder-only models, and
+encoder-decoders with relative positions: T5, mT5).
 
 `Decoder` keeps one key/value cache for every running row (left-padded to a common length, with an attention mask
 and per-row position ids). Each `step()`:
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ia3.serve.errors import ApiError
 from ia3.tasks import _accepts, _hf_model
 
 log = logging.getLogger("ia3.serve")
@@ -152,6 +154,11 @@ class Decoder:
         max_prefill_tokens: prompt tokens admitted in one step at most (one longer prompt is admitted alone), so a
             long prompt delays the running rows by one bounded prefill.
         max_positions: the model's position limit (a row stops with "length" there); None: no limit.
+        adapter_loaded: `adapter_loaded(name)` -> False once an adapter is unloaded: its rows, waiting or running,
+            end with 404 at the next step, and the other rows go on.
+        seq2seq: an encoder-decoder with relative positions (T5, mT5): each row's prompt runs through the encoder
+            once; the encoder states and the cross-attention cache are kept per row (right-padded), the decoder's
+            self-attention cache left-padded as for a causal model.
     """
 
     def __init__(
@@ -163,8 +170,13 @@ class Decoder:
         max_rows: int = 32,
         max_prefill_tokens: int = 4096,
         max_positions: int | None = None,
+        seq2seq: bool = False,
+        adapter_loaded: Callable[[str], bool] | None = None,
     ) -> None:
         self.model = model
+        self.adapter_loaded = adapter_loaded
+        self.seq2seq = seq2seq
+        self.start_id = getattr(getattr(model, "config", None), "decoder_start_token_id", None)
         self.device = device
         self.rows_context = rows_context
         self.max_rows = max_rows
@@ -187,6 +199,8 @@ class Decoder:
         self.mask: torch.Tensor | None = None  # (B, T) 1 for real tokens
         self.positions: torch.Tensor | None = None  # (B,) position id of each row's next token
         self.last: torch.Tensor | None = None  # (B,) each row's last token (the next step's input)
+        self.encoded: torch.Tensor | None = None  # seq2seq: (B, S, d) encoder states, right-padded
+        self.encoded_mask: torch.Tensor | None = None  # seq2seq: (B, S)
         self.steps = 0  # decode steps run
         self.tokens_out = 0
         self.row_steps = 0  # sum over decode steps of the rows decoded
@@ -227,12 +241,18 @@ class Decoder:
         self._retire()
 
     def _drop_cancelled(self) -> None:
+        loaded = self.adapter_loaded or (lambda name: True)
         with self._lock:
-            gone = [r for r in self.waiting if r.cancelled]
+            gone = [r for r in self.waiting if r.cancelled or not loaded(r.adapter)]
             for r in gone:
                 self.waiting.remove(r)
-        for r in gone:
-            self._finish(r, "cancelled")
+        for r in [*gone, *self.running]:
+            if r.cancelled:
+                self._finish(r, "cancelled")
+            elif not loaded(r.adapter):  # unloaded while it waited or ran
+                self._finish(r, None, ApiError(404, "adapter_not_found", f"Adapter {r.adapter!r} was unloaded"))
+        if any(r.finish_reason or r.error for r in self.running):
+            self._retire()
 
     def _admit(self) -> list[Row]:
         admitted: list[Row] = []
@@ -267,7 +287,9 @@ class Decoder:
                     log.warning("prefill failed for one row: %s: %s", type(err).__name__, err)
                     self._finish(row, None, RowError("the model failed on this input"))
 
-    def _run_prompts(self, rows: list[Row]) -> tuple[Any, torch.Tensor, torch.Tensor, list[int | BaseException]]:
+    def _run_prompts(self, rows: list[Row]) -> tuple:
+        if self.seq2seq:
+            return self._run_encoder(rows)
         width = max(len(r.prompt) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -280,20 +302,59 @@ class Decoder:
         cache = _cache_of(out)
         _check_cache(cache)
         picks = next_tokens(out.logits[:, -1], rows)
-        return cache, mask, mask.sum(-1), picks
+        return cache, mask, mask.sum(-1), picks, None, None
 
-    def _join(self, rows: list[Row], prefilled: tuple[Any, torch.Tensor, torch.Tensor, list]) -> None:
-        cache, mask, lengths, picks = prefilled
+    def _run_encoder(self, rows: list[Row]) -> tuple:
+        """seq2seq: the prompts through the encoder (right-padded), then the decoder's first step."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        width = max(len(r.prompt) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r.prompt)] = torch.tensor(r.prompt)
+            mask[i, : len(r.prompt)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        start = torch.full((len(rows), 1), self.start_id, dtype=torch.long, device=self.device)
+        with self.rows_context([r.adapter for r in rows]):
+            encoded = self.model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            out = self.model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=encoded),
+                attention_mask=mask,
+                decoder_input_ids=start,
+                decoder_attention_mask=torch.ones_like(start),
+                use_cache=True,
+                **self.keep,
+            )
+        cache = _cache_of(out)
+        _check_cache(cache)
+        picks = next_tokens(out.logits[:, -1], rows)
+        lengths = torch.ones(len(rows), dtype=torch.long, device=self.device)
+        return cache, torch.ones_like(start), lengths, picks, encoded, mask
+
+    def _join(self, rows: list[Row], prefilled: tuple) -> None:
+        cache, mask, lengths, picks, encoded, encoded_mask = prefilled
         last = torch.tensor([p if isinstance(p, int) else self.pad_id for p in picks], device=self.device)
         if self.cache is None or not self.running:
             self.cache, self.mask, self.positions, self.last = cache, mask, lengths, last
+            self.encoded, self.encoded_mask = encoded, encoded_mask
             self.running = list(rows)
         else:
             width = max(self.mask.shape[1], mask.shape[1])
-            for mine, theirs in zip(self.cache.layers, cache.layers):
+            for mine, theirs in zip(_self_layers(self.cache), _self_layers(cache)):
                 mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
                 mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
             self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask, width, dim=1)])
+            if self.seq2seq:  # encoder states and cross-attention keys: padded on the right, masked
+                assert self.encoded is not None and self.encoded_mask is not None
+                s = max(self.encoded.shape[1], encoded.shape[1])
+                for mine, theirs in zip(_cross_layers(self.cache), _cross_layers(cache)):
+                    mine.keys = torch.cat([_right_pad(mine.keys, s), _right_pad(theirs.keys, s)])
+                    mine.values = torch.cat([_right_pad(mine.values, s), _right_pad(theirs.values, s)])
+                self.encoded = torch.cat([_right_pad(self.encoded, s, dim=1), _right_pad(encoded, s, dim=1)])
+                self.encoded_mask = torch.cat(
+                    [_right_pad(self.encoded_mask, s, dim=1), _right_pad(encoded_mask, s, dim=1)]
+                )
             self.positions = torch.cat([self.positions, lengths])
             self.last = torch.cat([self.last, last])
             self.running = self.running + list(rows)
@@ -316,13 +377,26 @@ class Decoder:
         self.max_rows_seen = max(self.max_rows_seen, len(self.running))
         self.max_adapters_seen = max(self.max_adapters_seen, len({r.adapter for r in self.running}))
         mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        out = self._forward(
-            [r.adapter for r in self.running],
-            input_ids=self.last[:, None],
-            attention_mask=mask,
-            position_ids=self.positions[:, None],
-            **{self.cache_arg: self.cache},
-        )
+        adapters = [r.adapter for r in self.running]
+        if self.seq2seq:
+            from transformers.modeling_outputs import BaseModelOutput
+
+            out = self._forward(
+                adapters,
+                encoder_outputs=BaseModelOutput(last_hidden_state=self.encoded),
+                attention_mask=self.encoded_mask,
+                decoder_input_ids=self.last[:, None],
+                decoder_attention_mask=mask,
+                **{self.cache_arg: self.cache},
+            )
+        else:
+            out = self._forward(
+                adapters,
+                input_ids=self.last[:, None],
+                attention_mask=mask,
+                position_ids=self.positions[:, None],
+                **{self.cache_arg: self.cache},
+            )
         self.cache = _cache_of(out)
         self.mask = mask
         self.positions = self.positions + 1
@@ -393,16 +467,25 @@ class Decoder:
         if len(keep) == len(self.running):
             return
         if not keep:
-            self.running, self.cache, self.mask, self.positions, self.last = [], None, None, None, None
+            self._reset()
             return
         index = torch.tensor(keep, device=self.device)
         assert self.mask is not None and self.positions is not None and self.last is not None
         mask = self.mask.index_select(0, index)
         start = int((mask.sum(0) > 0).nonzero()[0])  # leading columns that are padding for every kept row
-        for layer in self.cache.layers:
+        for layer in _self_layers(self.cache):
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
         self.mask = mask[:, start:]
+        if self.seq2seq:
+            assert self.encoded is not None and self.encoded_mask is not None
+            encoded_mask = self.encoded_mask.index_select(0, index)
+            end = int((encoded_mask.sum(0) > 0).nonzero()[-1]) + 1  # trailing encoder padding of every kept row
+            for layer in _cross_layers(self.cache):
+                layer.keys = layer.keys.index_select(0, index)[:, :, :end]
+                layer.values = layer.values.index_select(0, index)[:, :, :end]
+            self.encoded = self.encoded.index_select(0, index)[:, :end]
+            self.encoded_mask = encoded_mask[:, :end]
         self.positions = self.positions.index_select(0, index)
         self.last = self.last.index_select(0, index)
         self.running = [self.running[i] for i in keep]
@@ -417,7 +500,11 @@ class Decoder:
                 self._finish(row, None, error)
         for row in self.running:
             self._finish(row, None, error)
+        self._reset()
+
+    def _reset(self) -> None:
         self.running, self.cache, self.mask, self.positions, self.last = [], None, None, None, None
+        self.encoded = self.encoded_mask = None
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
@@ -428,6 +515,24 @@ def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
     return F.pad(tensor, pad)
 
 
+def _right_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    extra = width - tensor.shape[dim]
+    if extra == 0:
+        return tensor
+    pad = [0, 0] * (tensor.dim() - 1 - dim) + [0, extra]
+    return F.pad(tensor, pad)
+
+
+def _self_layers(cache: Any) -> list:
+    """The (decoder) self-attention cache layers of a causal or encoder-decoder cache."""
+    inner = getattr(cache, "self_attention_cache", cache)
+    return list(inner.layers)
+
+
+def _cross_layers(cache: Any) -> list:
+    return list(cache.cross_attention_cache.layers)
+
+
 def _cache_of(output: Any) -> Any:
     return output.cache if "cache" in output else output.past_key_values
 
@@ -435,7 +540,10 @@ def _cache_of(output: Any) -> Any:
 def _check_cache(cache: Any) -> None:
     from transformers.cache_utils import DynamicLayer
 
-    layers = getattr(cache, "layers", None)
+    if hasattr(cache, "self_attention_cache"):  # encoder-decoder: both halves must be plain
+        layers = list(cache.self_attention_cache.layers) + list(cache.cross_attention_cache.layers)
+    else:
+        layers = getattr(cache, "layers", None)
     if not layers or any(type(layer) is not DynamicLayer for layer in layers):
         kinds = sorted({type(layer).__name__ for layer in layers or []}) or [type(cache).__name__]
         raise UnsupportedCache(f"continuous batching needs a plain dynamic key/value cache; this model uses {kinds}")
@@ -452,12 +560,23 @@ def _call(fn: Callable[..., None], *args: Any) -> None:
         log.exception("row callback failed")
 
 
-def supports_continuous(model: torch.nn.Module, device: torch.device) -> str | None:
+# encoder-decoders whose decoder has relative positions only (left padding of its cache changes nothing)
+RELATIVE_SEQ2SEQ = ("t5", "mt5", "umt5")
+
+
+def supports_continuous(model: torch.nn.Module, device: torch.device, seq2seq: bool = False) -> str | None:
     """None when `model` can decode in a `Decoder`, else the reason it cannot (checked with a 2-token prompt)."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if seq2seq and kind not in RELATIVE_SEQ2SEQ:
+        return f"continuous batching of encoder-decoders is built for {list(RELATIVE_SEQ2SEQ)}; this is {kind!r}"
     try:
         with torch.inference_mode():
             ids = torch.tensor([[1, 2]], device=device)
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+            if seq2seq:
+                start = torch.full((1, 1), model.config.decoder_start_token_id, device=device)
+                out = model(input_ids=ids, decoder_input_ids=start, use_cache=True)
+            else:
+                out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
         _check_cache(_cache_of(out))
     except UnsupportedCache as err:
         return str(err)

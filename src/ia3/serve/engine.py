@@ -106,7 +106,11 @@ class Engine:
                 self._rows,
                 max_rows=config.max_batch_size,
                 max_prefill_tokens=config.max_prefill_tokens,
-                max_positions=self.positions,
+                max_positions=self.positions if task_class.answer_follows_prompt else None,
+                seq2seq=not task_class.answer_follows_prompt,
+                adapter_loaded=lambda name: (
+                    name == BASE_ADAPTER or (self.peft is not None and name in self.peft.peft_config)
+                ),
             )
         eos = getattr(getattr(self.base, "generation_config", None), "eos_token_id", None)
         eos = tokenizer.eos_token_id if eos is None else eos
@@ -116,9 +120,9 @@ class Engine:
         """None when generation decodes continuously, else why it runs in static batches."""
         if self.config.batching != "continuous":
             return "--batching static"
-        if not task_class.answer_follows_prompt:
-            return f"task {task_class.name}: continuous batching is built for decoder-only models"
-        return supports_continuous(self.base, self.device)
+        if not task_class.generates:
+            return f"task {task_class.name} does not generate"
+        return supports_continuous(self.base, self.device, seq2seq=not task_class.answer_follows_prompt)
 
     @property
     def positions(self) -> int | None:

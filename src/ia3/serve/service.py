@@ -5,8 +5,8 @@ A request goes through three stages, each failing that request alone:
 
 1. validation on the event loop (text that is not valid Unicode, sizes, the compute budget): 4xx;
 2. tokenisation, one request at a time on the tokenizer thread: 4xx naming the input;
-3. the model on the worker thread: continuous decoding (`Decoder`) for causal generation, static batches for
-   classification, beam search and seq2seq. A static batch that fails is re-run request by request, so only the
+3. the model on the worker thread: continuous decoding (`Decoder`) for generation, static batches for
+   classification, beam search and models the decoder cannot batch by row. A static batch that fails is re-run request by request, so only the
    request that causes the failure gets an error.
 
 A request whose client disconnects or whose deadline passes is cancelled: its rows leave the decode batch at the next
