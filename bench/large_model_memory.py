@@ -30,22 +30,13 @@ ROOT = Path(__file__).resolve().parent.parent
 GB = 1e9
 
 
-def mt0_large_config():
+def mt0_large_config(**sizes):
+    """mt0-large's config; `sizes` overrides its dimensions (e.g. a tiny model of the same shape for smoke runs)."""
     from transformers import MT5Config
 
-    cfg = MT5Config(
-        vocab_size=250112,
-        d_model=1024,
-        d_kv=64,
-        d_ff=2816,
-        num_layers=24,
-        num_decoder_layers=24,
-        num_heads=16,
-        feed_forward_proj="gated-gelu",
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
+    dims = dict(vocab_size=250112, d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24, num_heads=16)
+    dims.update(sizes)
+    cfg = MT5Config(**dims, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     # MT5Config forces tie_word_embeddings=True on construction; mt0-large's lm_head is untied (its encoder/decoder
     # embed_tokens share `shared`). transformers keeps the saved lm_head untied on load since the values differ.
     cfg.tie_word_embeddings = False

@@ -39,7 +39,7 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 from common import RESULTS, Result, environment, table  # noqa: E402
-from large_model_memory import GB, _reset_peak, _status, build  # noqa: E402
+from large_model_memory import GB, _reset_peak, _status, build, mt0_large_config  # noqa: E402
 
 VARIANTS = ("fp32", "int8", "nf4")
 TARGETS = {"int8": 0.35, "nf4": 0.25}
@@ -47,23 +47,9 @@ BATCH_ROWS, INPUT_TOKENS, LABEL_TOKENS = 2, 32, 8
 
 
 def _tiny_config():
-    from transformers import MT5Config
-
-    cfg = MT5Config(
-        vocab_size=1024,
-        d_model=128,
-        d_kv=32,
-        d_ff=256,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
+    return mt0_large_config(
+        vocab_size=1024, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4
     )
-    cfg.tie_word_embeddings = False
-    return cfg
 
 
 def build_tiny(model_dir: Path) -> dict:

@@ -33,6 +33,7 @@ from ia3.serve.decoding import Sampling
 from ia3.serve.errors import ApiError
 from ia3.serve.http import BodyLimit, Guard, uvicorn_config
 from ia3.serve.metrics import Metrics
+from ia3.serve.openai_api import add_openai_routes
 from ia3.serve.registry import check_name
 from ia3.serve.service import ClientGone, GenerationRequest, Service, Watch, check_text
 from ia3.tuner import BASE_ADAPTER
@@ -421,8 +422,6 @@ def create_app(config: ServeConfig | None = None, *, service: Service | None = N
         return PlainTextResponse(
             svc.metrics.prometheus(gauges, counters), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
-
-    from ia3.serve.openai_api import add_openai_routes
 
     add_openai_routes(app, svc, auth, watch, client_gone)
 

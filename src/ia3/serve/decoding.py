@@ -187,10 +187,7 @@ class Decoder:
         self.keep = {"logits_to_keep": 1} if _accepts(inner, "logits_to_keep") else {}
         # transformers renamed the argument `past_key_values` to `cache` (5.x)
         self.cache_arg = "cache" if _accepts(inner, "cache") else "past_key_values"
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        if eos is None:
-            eos = tokenizer.eos_token_id
-        self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.eos = eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._lock = threading.Lock()
         self.waiting: deque[Row] = deque()
@@ -231,7 +228,7 @@ class Decoder:
     # -- worker thread -----------------------------------------------------------------------------------------
     def step(self) -> None:
         """Admit what fits, run one decode step, retire finished rows."""
-        self._drop_cancelled()
+        self._drop_gone()
         admitted = self._admit()
         if admitted:
             self._prefill(admitted)
@@ -240,7 +237,7 @@ class Decoder:
             self._decode()
         self._retire()
 
-    def _drop_cancelled(self) -> None:
+    def _drop_gone(self) -> None:
         loaded = self.adapter_loaded or (lambda name: True)
         with self._lock:
             gone = [r for r in self.waiting if r.cancelled or not loaded(r.adapter)]
@@ -505,6 +502,14 @@ class Decoder:
     def _reset(self) -> None:
         self.running, self.cache, self.mask, self.positions, self.last = [], None, None, None, None
         self.encoded = self.encoded_mask = None
+
+
+def eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+    """The token ids that end an answer: the generation config's EOS (one id or several), else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

@@ -23,7 +23,7 @@ import yaml
 from ia3.recipe.config import ModelArgs
 from ia3.recipe.modeling import load_base_model, load_tokenizer
 from ia3.serve.config import ServeConfig
-from ia3.serve.decoding import Decoder, supports_continuous
+from ia3.serve.decoding import Decoder, eos_ids, supports_continuous
 from ia3.serve.errors import ApiError
 from ia3.tasks import LabelLengthError, get_task
 from ia3.tuner import BASE_ADAPTER
@@ -51,6 +51,17 @@ class Generated:
     tokens: list[int]
     text: str
     finish_reason: str
+
+
+def _gave_up_criterion(stop):
+    """A transformers stopping criterion that ends every row once `stop()` says the batch's requests gave up."""
+    from transformers import StoppingCriteria
+
+    class GaveUp(StoppingCriteria):
+        def __call__(self, input_ids, scores, **_):
+            return torch.full((input_ids.shape[0],), bool(stop()), dtype=torch.bool, device=input_ids.device)
+
+    return GaveUp()
 
 
 def labels_from_recipes(adapter_folders: list[Path]) -> list[str] | None:
@@ -112,9 +123,7 @@ class Engine:
                     name == BASE_ADAPTER or (self.peft is not None and name in self.peft.peft_config)
                 ),
             )
-        eos = getattr(getattr(self.base, "generation_config", None), "eos_token_id", None)
-        eos = tokenizer.eos_token_id if eos is None else eos
-        self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.eos = eos_ids(self.base, tokenizer)
 
     def _continuous_reason(self, task_class) -> str | None:
         """None when generation decodes continuously, else why it runs in static batches."""
@@ -270,7 +279,7 @@ class Engine:
     def generate(self, ids: list[list[int]], adapters: list[str], params: GenerateParams, stop=None) -> list[Generated]:
         """One static batch through transformers' `generate`; `stop()` (optional) -> True ends it early (every
         request of the batch gave up)."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import StoppingCriteriaList
 
         kwargs: dict = dict(num_beams=params.num_beams, do_sample=params.do_sample, num_return_sequences=1)
         if params.do_sample:
@@ -278,12 +287,7 @@ class Engine:
             if params.seed is not None:
                 torch.manual_seed(params.seed)
         if stop is not None:
-
-            class GaveUp(StoppingCriteria):
-                def __call__(self, input_ids, scores, **_):
-                    return torch.full((input_ids.shape[0],), bool(stop()), dtype=torch.bool, device=input_ids.device)
-
-            kwargs["stopping_criteria"] = StoppingCriteriaList([GaveUp()])
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_gave_up_criterion(stop)])
         task = self.task
         batch = {k: v.to(self.device) for k, v in task.generation_inputs(ids).items()}
         with self._rows(adapters):
