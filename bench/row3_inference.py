@@ -6,6 +6,10 @@ Targets: unmerged / base <= 1.05 (SmolLM2: 1.03); merged / base <= 1.02 (SmolLM2
 the JSON for reference. Every variant produces exactly the same number of tokens (min_new_tokens), so all do the
 same work.
 
+A control runs beside them: a second, plain copy of the base (`base copy`), timed like the others. Its ratio to the
+base is what this machine's noise and memory placement alone give two identical models: a target tighter than that
+spread cannot be told from it (measured here on SmolLM2: 0.95-1.06 between runs).
+
 Usage: python bench/row3_inference.py [--quick | --full]
 """
 
@@ -27,8 +31,8 @@ TARGETS = {"smollm2": (1.03, 1.01)}  # (unmerged, merged); the tiny models: (1.0
 
 
 def variants(name: str) -> dict[str, torch.nn.Module]:
-    """The same base weights four ways (copies: merging changes weights); the adapters have random vectors
-    (N(0, 1) on the tiny models, near 1 on SmolLM2: `W.trained_like`)."""
+    """The same base weights five ways (copies: merging changes weights); the adapters have random vectors
+    (N(0, 1) on the tiny models, near 1 on SmolLM2: `W.trained_like`). `base copy` is the control."""
     task = W.TASK[name]
     base = getattr(tiny, name)(0) if name in W.TINY else W.base_model(name).eval()
     unmerged = W.wrap("ia3", copy.deepcopy(base), task)
@@ -39,7 +43,8 @@ def variants(name: str) -> dict[str, torch.nn.Module]:
     merged.merge_adapter()
     theirs = W.wrap("peft", copy.deepcopy(base), task)
     W.copy_adapters(unmerged, theirs)
-    return {"base": base, "ia3 unmerged": unmerged, "ia3 merged": merged, "peft unmerged": theirs}
+    control = copy.deepcopy(base)
+    return {"base": base, "ia3 unmerged": unmerged, "ia3 merged": merged, "peft unmerged": theirs, "base copy": control}
 
 
 def bench_model(name: str, mode: Mode) -> list[Result]:
@@ -78,12 +83,16 @@ def bench_model(name: str, mode: Mode) -> list[Result]:
         "ms": ms,
         **times.to_json(),
         "peft_unmerged_over_base": ms["peft unmerged"] / ms["base"],
+        "control_over_base": ms["base copy"] / ms["base"],
     }
     label = f"generate {NEW_TOKENS[name]} tokens, {W.LABEL[name]} ({ROWS}x{LENGTH})"
     unmerged_target, merged_target = TARGETS.get(name, (1.05, 1.02))
     return [
         Result("3", f"{label}, ia3 unmerged", ms["ia3 unmerged"], ms["base"], "ms", "base", unmerged_target, extra),
         Result("3", f"{label}, ia3 merged", ms["ia3 merged"], ms["base"], "ms", "base", merged_target, extra),
+        Result(
+            "3", f"{label}, control: another copy of the base", ms["base copy"], ms["base"], "ms", "base", None, extra
+        ),
     ]
 
 

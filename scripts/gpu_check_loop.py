@@ -1,6 +1,6 @@
 """A plain accelerate training loop over ia3's library API, for checking DDP / FSDP / DeepSpeed launches.
 
-`ia3 train` runs on one process or DDP only; this loop is what a user's own script under FSDP or DeepSpeed looks like:
+`ia3 train` runs on one process, DDP or FSDP; this loop is what a user's own script under FSDP or DeepSpeed looks like:
 prepare, train the (IA)^3 vectors (and the classifier head), then save the adapter from a gathered state dict
 (`accelerator.get_state_dict`, a collective every process calls) so that sharded parameters are saved whole.
 
@@ -43,7 +43,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType
     from torch.utils.data import DataLoader, TensorDataset
     from transformers import AutoModelForSequenceClassification
 
@@ -69,13 +68,9 @@ def main() -> None:
     )
     loader = DataLoader(data, batch_size=args.batch_size // world, shuffle=False)
 
-    if accelerator.distributed_type == DistributedType.FSDP:  # FSDP: build the optimizer over the wrapped model
-        model = accelerator.prepare(model)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
-        optimizer, loader = accelerator.prepare(optimizer, loader)
-    else:
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
-        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # one prepare call for all three: under FSDP2 accelerate re-points the optimizer at the sharded parameters
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
     model.train()
     losses = []

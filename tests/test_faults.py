@@ -374,10 +374,10 @@ def test_crash_between_logging_an_epoch_and_checkpointing_it(run_setup, tmp_path
     cfg = build_config(config, {"output_dir": str(tmp_path / "run"), "train.checkpoint_every": "2"})
     real = train_module.save_checkpoint
 
-    def dies_at_epoch_end(root_dir, step, peft_model, optimizer, scheduler, progress):
+    def dies_at_epoch_end(root_dir, step, peft_model, optimizer, scheduler, progress, **gathered):
         if progress["batches_done"] == 0:
             raise KeyboardInterrupt("killed after logging epoch 0")
-        return real(root_dir, step, peft_model, optimizer, scheduler, progress)
+        return real(root_dir, step, peft_model, optimizer, scheduler, progress, **gathered)
 
     monkeypatch.setattr(train_module, "save_checkpoint", dies_at_epoch_end)
     with pytest.raises(KeyboardInterrupt):

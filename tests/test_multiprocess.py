@@ -50,7 +50,15 @@ def _env(tmp: Path) -> dict[str, str]:
 def no_dropout_model(root: Path, kind: str) -> Path:
     path = make_model_dir(root, kind)
     config = json.loads((path / "config.json").read_text())
-    for key in ("dropout_rate", "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+    for key in (
+        "dropout_rate",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "classifier_dropout",
+        "resid_pdrop",
+        "embd_pdrop",
+        "attn_pdrop",
+    ):
         if key in config:
             config[key] = 0.0
     (path / "config.json").write_text(json.dumps(config))
@@ -63,7 +71,7 @@ def setup(tmp_path_factory):
     lines = DEMO.read_text(encoding="utf-8").splitlines(keepends=True)
     data = root / "data100.csv"
     data.write_text("".join(lines[:101]), encoding="utf-8")  # header + 100 rows, all three classes
-    return root, data, {kind: no_dropout_model(root / "models", kind) for kind in ("cls", "seq2seq")}
+    return root, data, {kind: no_dropout_model(root / "models", kind) for kind in ("cls", "seq2seq", "causal")}
 
 
 def _config(root: Path, model: Path, task: str, data: Path) -> Path:
@@ -90,12 +98,12 @@ def _run(cmd: list[str], tmp: Path, ok: bool = True) -> subprocess.CompletedProc
     return done
 
 
-def _launch_two(*args: str, script: list[str] | None = None) -> list[str]:
+def _launch_two(*args: str, script: list[str] | None = None, config: str = "ddp") -> list[str]:
     return [
         ACCELERATE,
         "launch",
         "--config_file",
-        str(CONFIGS / "ddp.yaml"),
+        str(CONFIGS / f"{config}.yaml"),
         "--num_processes",
         "2",
         "--num_machines",
@@ -193,6 +201,72 @@ def test_two_processes_match_one(setup, tmp_path, task):
     )
 
 
+def _adapters_close(a_dir: Path, b_dir: Path, atol: float) -> float:
+    a, b = load_file(a_dir / "adapter_model.safetensors"), load_file(b_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=atol, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def _rewind(run: Path, to: Path, step: int) -> None:
+    """A copy of a finished run as a crash after checkpoint `step` leaves it: `latest` names that checkpoint and the
+    final files are not written yet."""
+    shutil.copytree(run, to)
+    (to / "checkpoints" / "latest").write_text(f"step-{step:08d}\n")
+    for name in ("adapter_model.safetensors", "adapter_config.json", "metrics.json"):
+        (to / name).unlink()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ACCELERATE is None, reason="needs the accelerate CLI")
+@pytest.mark.parametrize("task", ["seq2seq", "causal"])
+def test_fsdp_matches_one_process_and_resumes(setup, tmp_path, task):
+    """`ia3 train` under configs/accelerate/fsdp.yaml on 2 CPU processes (gloo; ia3 applies FSDP2's fully_shard
+    itself, since accelerate has no FSDP without GPUs): each process holds half the model, the adapter is the
+    one-process adapter within fp32 rounding, the checkpoints hold whole tensors (the files one process writes), and
+    a run resumed from a mid-run checkpoint ends bit-identical under FSDP and within rounding on one process."""
+    root, data, models = setup
+    config = _config(tmp_path, models[task], task, data)
+    one, two = tmp_path / "one", tmp_path / "fsdp"
+    single = [sys.executable, "-m", "ia3", "-q", "train", "--config", str(config)]
+    _run([*single, "--output-dir", str(one)], tmp_path)
+    _run(_launch_two("--config", str(config), "--output-dir", str(two), config="fsdp"), tmp_path)
+
+    held = json.loads((two / "metrics.json").read_text())["fsdp"]
+    assert held["launch"] == "fsdp-cpu" and held["processes"] == 2
+    assert 0.45 < held["held_fraction"] < 0.55, held  # every weight split in two (uneven rows pad a little)
+    diff = _adapters_close(one, two, atol=1e-5)
+    print(f"\n{task}: max |adapter(1 process) - adapter(FSDP, 2 processes)| = {diff:.3g}")
+    trained = load_file(two / "adapter_model.safetensors").items()
+    assert [k for k, v in trained if k.endswith("ia3_l") and not torch.equal(v, torch.ones_like(v))], "no training"
+
+    steps_per_epoch = -(-90 // 16)
+    assert _files(two) == _files(one) == _expected_files(steps_per_epoch)
+    last = f"step-{EPOCHS * steps_per_epoch:08d}"
+    ckpt_one = load_file(one / "checkpoints" / last / "trainer_state.safetensors")
+    ckpt_two = load_file(two / "checkpoints" / last / "trainer_state.safetensors")
+    assert ckpt_one.keys() == ckpt_two.keys()
+    for key in ckpt_one:
+        assert ckpt_two[key].shape == ckpt_one[key].shape, key  # whole moments, not a shard
+        if key.startswith("state."):
+            torch.testing.assert_close(ckpt_two[key], ckpt_one[key], atol=1e-5, rtol=1e-3)
+
+    # a crash after the second-to-last checkpoint, resumed under FSDP: the uninterrupted FSDP run, bit for bit
+    middle = EPOCHS * steps_per_epoch - CHECKPOINT_EVERY  # the earlier of the two kept checkpoints
+    resumed = tmp_path / "resumed"
+    _rewind(two, resumed, middle)
+    _run(_launch_two("--config", str(config), "--output-dir", str(resumed), "--resume", config="fsdp"), tmp_path)
+    a, b = load_file(two / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len((resumed / "metrics.jsonl").read_text().splitlines()) == EPOCHS
+    # the same FSDP checkpoint resumed on one process: the one-process run, within rounding
+    alone = tmp_path / "alone"
+    _rewind(two, alone, middle)
+    _run([*single, "--output-dir", str(alone), "--resume"], tmp_path)
+    _adapters_close(one, alone, atol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(ACCELERATE is None, reason="needs the accelerate CLI")
 def test_two_processes_are_two(setup, tmp_path):
@@ -239,8 +313,12 @@ def test_accelerate_configs_are_valid():
     assert found["ddp"].distributed_type == DistributedType.MULTI_GPU
     fsdp = found["fsdp"]
     assert fsdp.distributed_type == DistributedType.FSDP
-    assert fsdp.fsdp_config["fsdp_use_orig_params"] is True and fsdp.fsdp_config["fsdp_version"] == 1
+    assert fsdp.fsdp_config["fsdp_version"] == 2 and fsdp.fsdp_config["fsdp_reshard_after_forward"] is True
+    assert fsdp.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert fsdp.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    # what the CPU path cannot honour stays off (ia3.recipe.sharding refuses it)
+    for key in ("fsdp_offload_params", "fsdp_cpu_ram_efficient_loading", "fsdp_activation_checkpointing"):
+        assert fsdp.fsdp_config[key] is False, key
     for stage in (2, 3):
         cfg = found[f"deepspeed_zero{stage}"]
         assert cfg.distributed_type == DistributedType.DEEPSPEED
@@ -255,17 +333,35 @@ def test_accelerate_configs_are_valid():
             assert zero["stage3_param_persistence_threshold"] >= 16384  # (IA)^3 vectors stay whole on every process
 
 
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
-def test_train_refuses_sharded_launches(monkeypatch, tmp_path, kind):
+class _Launch:
+    def __init__(self, kind: str, fsdp2: bool = True):
+        self.distributed_type, self.is_fsdp2 = kind, fsdp2
+
+
+@pytest.mark.parametrize(
+    "launch, env, message",
+    [
+        (_Launch("DEEPSPEED"), {}, r"not under DEEPSPEED: launch with configs/accelerate/ddp.yaml"),
+        (_Launch("FSDP", fsdp2=False), {}, r"FSDP version 2 only .*fsdp_version: 2"),
+        (_Launch("MULTI_CPU"), {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, r"FSDP version 2 only"),
+        (
+            _Launch("MULTI_CPU"),
+            {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"},
+            r"CPU processes \(gloo\) does not support fsdp_offload_params",
+        ),
+    ],
+)
+def test_train_refuses_launches_it_cannot_run(monkeypatch, tmp_path, launch, env, message):
+    """ZeRO, FSDP version 1 and FSDP settings the CPU path cannot honour: a clear error before anything is loaded
+    or written."""
     import ia3.recipe.train as train_module
     from ia3.recipe.config import build_config
 
-    class Sharded:
-        distributed_type = kind
-
-    monkeypatch.setattr(train_module, "_accelerator", lambda cfg: Sharded())
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(train_module, "_accelerator", lambda cfg: launch)
     cfg = build_config(overrides={"output_dir": str(tmp_path / "o"), "data.dataset": "demo"})
-    with pytest.raises(ValueError, match=rf"not under {kind}: launch with configs/accelerate/ddp.yaml"):
+    with pytest.raises(ValueError, match=message):
         train_module.train(cfg, progress=False)
     assert not (tmp_path / "o").exists()
 

@@ -408,7 +408,8 @@ def test_merge_and_push_commands(tmp_path, model_dirs, small_data, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     assert push_adapter(out, "someone/finsent-ia3") == "ok"
-    assert uploaded == {"repo": "someone/finsent-ia3", "files": ["adapter_config.json", "adapter_model.safetensors"]}
+    files = ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # the model card too; no metrics
+    assert uploaded == {"repo": "someone/finsent-ia3", "files": files}
 
 
 # -- zero-shot line, example sentences, training without validation ---------------------------------------------------
@@ -448,3 +449,16 @@ def test_val_split_zero_trains_on_everything_without_evaluation(tmp_path, model_
     assert (out / "adapter_model.safetensors").is_file()
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert set(record) == {"epoch", "step", "train_loss", "train_ppl", "train_seconds"}
+
+
+def test_max_train_samples_trains_on_the_first_examples_and_keeps_the_validation_split(tmp_path, model_dirs):
+    settings = {"train.epochs": "1", "train.plots": "false", "train.generation_eval": "false"}
+    whole = train(_cfg(tmp_path / "whole", model_dirs["causal"], "causal", **settings), progress=False)
+    part = train(
+        _cfg(tmp_path / "part", model_dirs["causal"], "causal", **settings, **{"train.max_train_samples": "20"}),
+        progress=False,
+    )
+    assert part["step"] == 2 and whole["step"] > 2  # 20 examples in batches of 16
+    # the same validation examples: the same support per gold class
+    support = {name: c["support"] for name, c in whole["per_class"].items()}
+    assert {name: c["support"] for name, c in part["per_class"].items()} == support and sum(support.values()) > 0

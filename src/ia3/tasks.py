@@ -249,13 +249,18 @@ class Seq2SeqTask(Task):
         )
 
     def choice_logprobs(self, model, inputs, choices, device):
-        """The encoder runs once per input; its states are shared by all choices."""
+        """The encoder runs once per input; its states are shared by all choices.
+
+        Both passes go through the model's own forward (the first with a one-token decoder input, for the encoder
+        states), never through `get_encoder()` alone: a sharded (FSDP) model gathers its weights in that forward."""
         n_choices, batch = len(choices), len(inputs)
         choice = pad_rows(choices, -100).to(device)  # (C, T)
         targets = choice.repeat(batch, 1)  # (B*C, T), example-major
         input_ids = pad_rows(inputs, self.pad_id).to(device)
         mask = attention_mask(inputs).to(device)
-        hidden = model.get_encoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        start_id = getattr(_hf_model(model).config, "decoder_start_token_id", None)
+        start = torch.full((batch, 1), self.pad_id if start_id is None else start_id, device=device)
+        hidden = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=start).encoder_last_hidden_state
         hidden = hidden.repeat_interleave(n_choices, dim=0)
         mask = mask.repeat_interleave(n_choices, dim=0)
         logits = model(encoder_outputs=(hidden,), attention_mask=mask, labels=targets).logits  # (B*C, T, V)

@@ -55,7 +55,8 @@ def merge_to_full_model(adapter_dir: str | Path, output_dir: str | Path, safe_me
 
 
 def push_adapter(adapter_dir: str | Path, repo_id: str, private: bool | None = None, token: str | None = None):
-    """Upload an adapter folder's `adapter_config.json` and `adapter_model.safetensors` to the Hub repo `repo_id`."""
+    """Upload an adapter folder's `adapter_config.json`, `adapter_model.safetensors` and model card (`README.md`, when
+    there is one) to the Hub repo `repo_id`; a run folder's other files (metrics, checkpoints, plots) stay here."""
     from huggingface_hub import HfApi
 
     folder = Path(adapter_dir)
@@ -67,6 +68,6 @@ def push_adapter(adapter_dir: str | Path, repo_id: str, private: bool | None = N
         repo_id=repo_id,
         folder_path=str(folder),
         repo_type="model",
-        allow_patterns=["adapter_config.json", WEIGHTS_NAME],
+        allow_patterns=["adapter_config.json", WEIGHTS_NAME, "README.md"],
         commit_message="Upload (IA)^3 adapter",
     )

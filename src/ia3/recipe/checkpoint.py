@@ -20,8 +20,7 @@ LATEST = "latest"
 KEEP = 2
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
+def _optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {}
     for index, values in state["state"].items():
         for name, value in values.items():
@@ -29,8 +28,20 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": state["param_groups"]}
 
 
-def save_checkpoint(root: Path, step: int, peft_model, optimizer, scheduler, progress: dict) -> Path:
-    """Write checkpoint `step` under `root` and point `root/latest` at it; keeps the newest `KEEP`."""
+def save_checkpoint(
+    root: Path,
+    step: int,
+    peft_model,
+    optimizer,
+    scheduler,
+    progress: dict,
+    adapter_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict | None = None,
+) -> Path:
+    """Write checkpoint `step` under `root` and point `root/latest` at it; keeps the newest `KEEP`.
+
+    `adapter_state` / `optimizer_state`: whole tensors gathered from sharded ones (`ia3.recipe.sharding`), written
+    instead of the live parameters and `optimizer.state_dict()`."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
@@ -41,8 +52,8 @@ def save_checkpoint(root: Path, step: int, peft_model, optimizer, scheduler, pro
         else:
             stale.unlink(missing_ok=True)
     tmp.mkdir()
-    peft_model.save_pretrained(tmp / "adapter")
-    tensors, opt_meta = _optimizer_tensors(optimizer)
+    peft_model.save_pretrained(tmp / "adapter", state_dict=adapter_state)
+    tensors, opt_meta = _optimizer_tensors(optimizer_state if optimizer_state is not None else optimizer.state_dict())
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -74,17 +85,31 @@ def find_checkpoint(path: Path) -> Path | None:
 
 def load_checkpoint(folder: Path, peft_model, optimizer, scheduler) -> dict:
     """Restore adapter weights, optimizer, scheduler and RNG; returns the saved progress dict."""
+    load_adapter_weights(folder, peft_model)
+    return load_trainer_state(folder, optimizer, scheduler)
+
+
+def load_adapter_weights(folder: Path, peft_model) -> None:
+    """The checkpoint's adapter into `peft_model` (before any sharding: the tensors are whole)."""
     from ia3.serialization import WEIGHTS_NAME
+
+    peft_model.load_adapter_state_dict(load_tensors(folder / "adapter" / WEIGHTS_NAME), "default", str(folder))
+
+
+def load_trainer_state(folder: Path, optimizer, scheduler) -> dict:
+    """Restore optimizer (cut into shards where its parameters are sharded), scheduler and RNG; returns the saved
+    progress dict."""
+    from ia3.recipe.sharding import shard_optimizer_state
 
     meta = json.loads((folder / "trainer_state.json").read_text())
     tensors = load_tensors(folder / "trainer_state.safetensors")
-    peft_model.load_adapter_state_dict(load_tensors(folder / "adapter" / WEIGHTS_NAME), "default", str(folder))
     state: dict = {}
     for key, value in tensors.items():
         if key.startswith("state."):
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    whole = {"state": state, "param_groups": meta["optimizer"]["param_groups"]}
+    optimizer.load_state_dict(shard_optimizer_state(whole, optimizer))
     scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
     if torch.cuda.is_available():

@@ -371,6 +371,8 @@ class TrainArgs:
         group_by_length: batch examples of similar length together (less padding, same examples per epoch).
         precision: `auto` (bf16 on a GPU that has it, else fp32), `fp32`, `bf16` or `fp16`.
         checkpoint_every: also checkpoint every N optimizer steps (0: at the end of each epoch only).
+        max_train_samples: train on the first N training examples of the split (none: all); the validation split
+            is the same either way.
         max_eval_samples: evaluate on at most this many validation examples (none: all).
         generation_eval: label generation: also measure accuracy of freely generated labels (slower).
         plots: save loss.png and confusion_matrix.png in the output folder.
@@ -394,6 +396,7 @@ class TrainArgs:
     group_by_length: bool = True
     precision: str = "auto"
     checkpoint_every: int = 0
+    max_train_samples: int | None = None
     max_eval_samples: int | None = None
     generation_eval: bool = True
     plots: bool = True
@@ -402,7 +405,7 @@ class TrainArgs:
 
     def __post_init__(self) -> None:
         c = Checks(self, _flag(self.section))
-        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "max_eval_samples"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "max_train_samples", "max_eval_samples"):
             c.integer(name, 1)
         for name in ("warmup_steps", "checkpoint_every", "show_examples"):
             c.integer(name, 0)

@@ -1,7 +1,7 @@
 """`train`: fine-tune an (IA)^3 adapter on a labelled text dataset, with metrics, checkpoints and resume.
 
-One explicit loop: accelerate handles the device, mixed precision and processes (`accelerate launch -m ia3 train`);
-everything else is readable top to bottom.
+One explicit loop: accelerate handles the device, mixed precision and processes (`accelerate launch -m ia3 train`:
+one process, DDP, or FSDP2 with `ia3.recipe.sharding`); everything else is readable top to bottom.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from ia3 import IA3Config, get_peft_model
 from ia3.base_models import portable_reference
-from ia3.recipe.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from ia3.recipe import sharding
+from ia3.recipe.checkpoint import find_checkpoint, load_adapter_weights, load_trainer_state, save_checkpoint
 from ia3.recipe.config import RecipeConfig
 from ia3.recipe.data import load_examples, train_val_split
 from ia3.recipe.evaluate import evaluate
@@ -57,8 +58,6 @@ def _units(enc, indices: list[int], cfg: RecipeConfig) -> int:
 def _loss_sum(model, enc, indices: list[int], cfg: RecipeConfig, device) -> torch.Tensor:
     """Summed training loss of these examples (divided later by the units of the whole optimizer step, across
     processes and accumulation steps, so that any split of a global batch gives the same gradient)."""
-    if not indices:  # this process got no rows of a small last batch: a zero loss that still reaches every vector
-        return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
     task = enc.task
     if cfg.train.loss == "tfew":
         lp, mask = task.choice_logprobs(model, enc.inputs(indices), enc.choice_ids, device)
@@ -110,14 +109,16 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
     Returns the final evaluation metrics (plus `seconds_per_epoch`).
     """
     accelerator = _accelerator(cfg)
-    if accelerator.distributed_type in ("FSDP", "DEEPSPEED"):
-        # Sharded parameters and ZeRO optimizers: this loop would evaluate and save the local shards of the vectors
-        # and write optimizer checkpoints in a format it cannot read back. Refuse before any work is done.
+    if accelerator.distributed_type == "DEEPSPEED":
+        # ZeRO optimizers: this loop would write optimizer checkpoints in a format it cannot read back. Refuse
+        # before any work is done.
         raise ValueError(
-            f"ia3 train runs on one process or with DDP, not under {str(accelerator.distributed_type).split('.')[-1]}: "
-            "launch with configs/accelerate/ddp.yaml (or --multi_gpu). (IA)^3's vectors and optimizer state are tiny, "
-            "so ZeRO-2 saves nothing over DDP; for base models that need FSDP or ZeRO-3, see configs/accelerate/README.md."
+            "ia3 train runs on one process, with DDP or with FSDP, not under DEEPSPEED: launch with "
+            "configs/accelerate/ddp.yaml, or configs/accelerate/fsdp.yaml for a base model that does not fit one "
+            "device. (IA)^3's vectors and optimizer state are tiny, so ZeRO-2 saves nothing over DDP; for ZeRO-3, "
+            "see configs/accelerate/README.md."
         )
+    fsdp = sharding.fsdp_launch(accelerator)  # None, "accelerate" (GPUs) or "cpu" (gloo processes)
     main = accelerator.is_main_process
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.train.seed)
@@ -133,6 +134,8 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
         label_names=d.label_names,
     )
     train_ex, val_ex = train_val_split(examples, d.val_split, t.seed)
+    if t.max_train_samples:
+        train_ex = train_ex.subset(list(range(min(t.max_train_samples, len(train_ex)))))
     if t.max_eval_samples:
         val_ex = val_ex.subset(list(range(min(t.max_eval_samples, len(val_ex)))))
     label_names = examples.label_names
@@ -155,6 +158,14 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
     world = accelerator.num_processes
     if t.batch_size % world:
         raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the {world} processes")
+    folder = None
+    if resume:
+        folder = find_checkpoint(out if resume is True else Path(resume))
+        if folder is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {out if resume is True else resume}")
+        load_adapter_weights(folder, model)  # whole tensors, before any sharding
+    if fsdp == "cpu":
+        sharding.shard(model)  # replaces the parameters: before the optimizer is built over them
     steps_per_epoch = math.ceil(math.ceil(len(train_enc) / t.batch_size) / t.grad_accum)
     total_steps = steps_per_epoch * t.epochs
     params = [p for p in model.parameters() if p.requires_grad]
@@ -162,19 +173,23 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
     from transformers import get_linear_schedule_with_warmup
 
     scheduler = get_linear_schedule_with_warmup(optimizer, t.warmup_steps, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp != "cpu":  # one process, DDP, or accelerate's FSDP2 (which shards here and re-points the optimizer)
+        model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
     peft_model = accelerator.unwrap_model(model)
+    sharded = fsdp is not None
+    torch_optimizer = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    held = sharding.describe(peft_model, f"fsdp-{fsdp}", world) if sharded else None
+    if held and main and progress:
+        print(
+            f"FSDP ({fsdp}): {world} processes, each holding {held['held_fraction']:.1%} of the model's parameters "
+            "between forward passes"
+        )
 
     # -- resume ------------------------------------------------------------------------------------------------
     start_epoch, skip_batches, step, history = 0, 0, 0, []
-    if resume:
-        folder = find_checkpoint(out if resume is True else Path(resume))
-        if folder is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {out if resume is True else resume}")
-        saved = load_checkpoint(
-            folder, peft_model, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, scheduler
-        )
+    if folder is not None:
+        saved = load_trainer_state(folder, torch_optimizer, scheduler)
         start_epoch, skip_batches, step, history = (
             saved["epoch"],
             saved["batches_done"],
@@ -194,29 +209,35 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
         atomic_write_text(out / LOG_FILE, "".join(json.dumps(h) + "\n" for h in history))
 
     def checkpoint(epoch: int, batches_done: int) -> None:
+        # sharded: every process takes part in gathering the vectors and their optimizer state, the main one writes
+        adapter_state = sharding.adapter_state(peft_model, sharded)
+        optimizer_state = sharding.optimizer_state(torch_optimizer) if sharded else None
         if main:
             save_checkpoint(
                 out / "checkpoints",
                 step,
                 peft_model,
-                optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                torch_optimizer,
                 scheduler,
                 {"epoch": epoch, "batches_done": batches_done, "history": history},
+                adapter_state=adapter_state,
+                optimizer_state=optimizer_state,
             )
         accelerator.wait_for_everyone()
 
     def validate() -> dict:
         """The evaluation part of a history record, on the validation split."""
-        metrics, _ = evaluate(
-            peft_model,
-            val_enc,
-            label_names,
-            batch_size=t.eval_batch_size,
-            label_length=d.label_length,
-            generation=t.generation_eval,
-            device=device,
-            progress=main and progress,
-        )
+        with sharding.whole_root(peft_model):
+            metrics, _ = evaluate(
+                peft_model,
+                val_enc,
+                label_names,
+                batch_size=t.eval_batch_size,
+                label_length=d.label_length,
+                generation=t.generation_eval,
+                device=device,
+                progress=main and progress,
+            )
         return _eval_record(metrics)
 
     # -- zero-shot ---------------------------------------------------------------------------------------------
@@ -255,9 +276,11 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
                 local = global_batch[rank::world]
                 ctx = accelerator.no_sync(model) if i < len(group) - 1 else _null()
                 with ctx, accelerator.autocast():
-                    summed = _loss_sum(model, train_enc, local, cfg, device)
-                    # DDP averages gradients over processes: scale by `world` so the step's gradient is the
-                    # gradient of (sum of all processes' losses) / units, whatever the split
+                    # a process with no rows of a small last batch still runs a forward and backward (of one row,
+                    # weighted 0): DDP's and FSDP's gradient reductions need every process
+                    summed = _loss_sum(model, train_enc, local or global_batch[:1], cfg, device) * float(bool(local))
+                    # DDP and FSDP average gradients over processes: scale by `world` so the step's gradient is
+                    # the gradient of (sum of all processes' losses) / units, whatever the split
                     accelerator.backward(summed * world / units)
                 loss_sum += (
                     float(accelerator.reduce(summed.detach(), reduction="sum")) if world > 1 else float(summed.detach())
@@ -296,19 +319,25 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
                 )
         checkpoint(epoch + 1, 0)
 
+    if not history:
+        raise RuntimeError("Nothing to train: the checkpoint is already at the last epoch")
+    adapter_state = sharding.adapter_state(peft_model, sharded)  # every process: a collective when sharded
     if main:
-        if not history:
-            raise RuntimeError("Nothing to train: the checkpoint is already at the last epoch")
-        peft_model.save_pretrained(out)
+        peft_model.save_pretrained(out, state_dict=adapter_state)
+    shown = t.show_examples if progress and len(val_enc) else 0
+    if shown and (main or sharded):  # the forward passes of a sharded model need every process
+        with sharding.whole_root(peft_model):
+            _show_examples(peft_model, val_enc, val_ex, label_names, shown, d.label_length, device, printing=main)
+    if main:
         final = {
             **history[-1],
             "label_names": label_names,
             "seconds_per_epoch": sum(h["train_seconds"] for h in history) / len(history),
         }
+        if held is not None:
+            final["fsdp"] = held
         if zero_shot is not None:
             final["zero_shot"] = {k: zero_shot[k] for k in ("accuracy", "macro_f1", "generation_accuracy", "eval_loss")}
-        if progress and t.show_examples and len(val_enc):
-            _show_examples(peft_model, val_enc, val_ex, label_names, t.show_examples, d.label_length, device)
         atomic_write_text(out / FINAL_METRICS, json.dumps(final, indent=2) + "\n")
         if t.plots:
             from ia3.recipe.plots import save_plots
@@ -318,8 +347,11 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
     return {}
 
 
-def _show_examples(model, enc, examples, label_names: list[str], count: int, label_length: int, device) -> None:
-    """Print a few validation sentences with their gold label and the trained model's predictions."""
+def _show_examples(
+    model, enc, examples, label_names: list[str], count: int, label_length: int, device, printing: bool = True
+) -> None:
+    """Print a few validation sentences with their gold label and the trained model's predictions (`printing`
+    False: only take part in the forward passes, as the other processes of a sharded model must)."""
     from ia3.recipe.evaluate import generate_labels, score_batch
 
     by_class: dict[int, list[int]] = {}
@@ -330,6 +362,8 @@ def _show_examples(model, enc, examples, label_names: list[str], count: int, lab
     model.eval()
     ranked, _, _, _ = score_batch(model, enc, indices, device)
     generated = generate_labels(model, enc, indices, label_length, device) if enc.task.generates else None
+    if not printing:
+        return
     print("examples (gold -> rank classification" + (", generated" if generated else "") + "):")
     for n, i in enumerate(indices):
         text = examples.texts[i] if len(examples.texts[i]) <= 100 else examples.texts[i][:97] + "..."
