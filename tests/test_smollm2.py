@@ -247,3 +247,28 @@ def test_serve_smollm2_with_the_trained_adapter_over_http(smollm2_run, tmp_path)
         assert together == alone
     finally:
         server.close()
+
+
+def test_int8_base_from_the_gguf_package(smollm2):
+    """transformers will not quantise while it loads a GGUF file; ia3 dequantises it, writes an ordinary checkpoint
+    to a temporary folder and quantises from there: the linears become LLM.int8() layers and the model still
+    predicts like the fp32 one."""
+    import transformers
+    from bitsandbytes.nn import Linear8bitLt
+
+    from ia3.base_models import load_pretrained
+    from ia3.quantization import quantization_config
+
+    tokenizer, fp32 = smollm2
+    int8 = load_pretrained(
+        transformers.AutoModelForCausalLM,
+        resolve_base_model(f"module:{PACKAGE}"),
+        quantization_config=quantization_config("int8"),
+        device_map={"": "cpu"},
+    ).eval()
+    assert sum(isinstance(m, Linear8bitLt) for m in int8.modules()) == 30 * 7  # q k v o gate up down, 30 layers
+    batch = tokenizer(["Operating profit rose to EUR 13.1 mn .\nSentiment:"], return_tensors="pt")
+    with torch.no_grad():
+        ours, reference = int8(**batch).logits[0, -1], fp32(**batch).logits[0, -1]
+    assert int(ours.argmax()) == int(reference.argmax())
+    assert float(torch.nn.functional.cosine_similarity(ours, reference, dim=0)) > 0.99

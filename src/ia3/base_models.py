@@ -161,7 +161,15 @@ def check_gguf_file(path: Path) -> None:
 
 
 def load_pretrained(auto_class: Any, ref: BaseModelRef, **kwargs: Any) -> Any:
-    """`auto_class.from_pretrained` for `ref`, with GGUF failures turned into errors that say what to do."""
+    """`auto_class.from_pretrained` for `ref`, with GGUF failures turned into errors that say what to do.
+
+    A GGUF base with a `quantization_config` (bitsandbytes, torchao), which transformers refuses in one call: the
+    GGUF file is dequantised as usual, written to a temporary folder as an ordinary safetensors checkpoint, and
+    loaded from there with the quantisation config, so transformers' own quantising loader does the rest. The
+    folder (the size of the dense model) is deleted once the model is loaded.
+    """
+    if ref.is_gguf and kwargs.get("quantization_config") is not None:
+        return _load_gguf_quantized(auto_class, ref, **kwargs)
     try:
         model = auto_class.from_pretrained(ref.path, **ref.from_pretrained_kwargs(), **kwargs)
     except ValueError as err:
@@ -177,6 +185,18 @@ def load_pretrained(auto_class: Any, ref: BaseModelRef, **kwargs: Any) -> Any:
         # attached only as a marker, and it refuses `save_pretrained` (`ia3 merge`) for no remaining reason
         quantizer.remove_quantization_config(model)
     return model
+
+
+def _load_gguf_quantized(auto_class: Any, ref: BaseModelRef, **kwargs: Any) -> Any:
+    import tempfile
+
+    quantized = {k: kwargs.pop(k) for k in ("quantization_config", "device_map") if k in kwargs}
+    dense = load_pretrained(auto_class, ref, **kwargs)
+    with tempfile.TemporaryDirectory(prefix="ia3-gguf-dense-") as folder:
+        dense.save_pretrained(folder)
+        del dense
+        kwargs.pop("revision", None)  # of the GGUF source; the folder has none
+        return auto_class.from_pretrained(folder, **kwargs, **quantized)
 
 
 def portable_reference(ref: BaseModelRef) -> str:

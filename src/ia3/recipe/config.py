@@ -291,13 +291,6 @@ class ModelArgs:
         c.text("revision", "a branch, tag or commit (or none)")
         c.gguf("gguf_file")
         c.choice("quantization", QUANTIZATIONS)
-        if c.ok("quantization") and self.quantization != "none" and c.ok("name"):
-            c.require(
-                not (self.name.lower().endswith(".gguf") or (c.ok("gguf_file") and self.gguf_file)),
-                f"--model.quantization {self.quantization} cannot apply to a GGUF base (transformers dequantises "
-                "GGUF files to full precision on loading): use --model.quantization none, or name the model's "
-                "transformers checkpoint (a folder or Hub id) instead",
-            )
         c.done("Invalid model settings")
 
 
