@@ -8,19 +8,23 @@ import transformers as tf
 TINY = dict(vocab_size=99)
 
 
-def t5(seed: int = 0):
+def t5(seed: int = 0, **sizes):
+    """`sizes`: T5Config fields to override (e.g. a wider d_model)."""
     torch.manual_seed(seed)
     cfg = tf.T5Config(
-        vocab_size=99,
-        d_model=32,
-        d_kv=8,
-        d_ff=48,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
+        **{
+            "vocab_size": 99,
+            "d_model": 32,
+            "d_kv": 8,
+            "d_ff": 48,
+            "num_layers": 2,
+            "num_decoder_layers": 2,
+            "num_heads": 4,
+            "decoder_start_token_id": 0,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+            **sizes,
+        }
     )
     return tf.T5ForConditionalGeneration(cfg).eval()
 

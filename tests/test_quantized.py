@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import models
 import pytest
 import torch
 import transformers as tf
@@ -103,21 +104,7 @@ def _raw(tensor: torch.Tensor) -> torch.Tensor:
 def _t5() -> tf.T5ForConditionalGeneration:
     # 64 wide, not tests/models.py's 32: bitsandbytes' CPU inference kernel for 4-bit weights (used in eval mode
     # without grad on CPUs with AVX512-BF16) cannot repack a layer with fewer input features than its block (64)
-    torch.manual_seed(0)
-    cfg = tf.T5Config(
-        vocab_size=99,
-        d_model=64,
-        d_kv=16,
-        d_ff=128,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-        dropout_rate=0.0,
-    )
-    return tf.T5ForConditionalGeneration(cfg).eval()
+    return models.t5(0, d_model=64, d_kv=16, d_ff=128, dropout_rate=0.0)
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,6 @@ import os
 
 import torch
 
-_TRUE = ("1", "true", "yes")
-
-
-def _env_flag(name: str, default: str = "false") -> bool:
-    return os.environ.get(name, default).strip().lower() in _TRUE
-
 
 def fsdp_launch(accelerator) -> str | None:
     """How this run shards: "accelerate" (accelerate's FSDP2), "cpu" (FSDP asked of CPU processes) or None.
@@ -41,7 +35,9 @@ def fsdp_launch(accelerator) -> str | None:
                 "parameters, from which the loop cannot checkpoint or resume them."
             )
         return "accelerate"
-    if kind != "MULTI_CPU" or not _env_flag("ACCELERATE_USE_FSDP"):
+    from accelerate.utils import parse_flag_from_env
+
+    if kind != "MULTI_CPU" or not parse_flag_from_env("ACCELERATE_USE_FSDP"):
         return None
     if os.environ.get("FSDP_VERSION", "1").strip() != "2":
         raise ValueError(
@@ -53,7 +49,7 @@ def fsdp_launch(accelerator) -> str | None:
         "FSDP_ACTIVATION_CHECKPOINTING": "fsdp_activation_checkpointing",
         "FSDP_CPU_RAM_EFFICIENT_LOADING": "fsdp_cpu_ram_efficient_loading (ia3 wraps the model after it loads)",
     }
-    asked = [setting for env, setting in unsupported.items() if _env_flag(env)]
+    asked = [setting for env, setting in unsupported.items() if parse_flag_from_env(env)]
     if asked:
         raise ValueError(
             f"FSDP on CPU processes (gloo) does not support {', '.join(asked)}: set it to false in the accelerate "
@@ -78,6 +74,7 @@ def shard(peft_model) -> int:
     """Shard the base model under `peft_model` across this process group, in place (FSDP2): each transformer block
     its own unit, the rest (embeddings, head, norms) the root's. Call before building the optimizer: sharding
     replaces the parameters. Returns the number of units."""
+    from accelerate.utils import parse_flag_from_env
     from torch.distributed.fsdp import fully_shard
 
     policy = os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP").strip().upper()
@@ -86,7 +83,7 @@ def shard(peft_model) -> int:
             f"FSDP on CPU processes wraps by transformer block only: fsdp_auto_wrap_policy={policy} is not supported "
             "there; use TRANSFORMER_BASED_WRAP (or NO_WRAP: the whole model one unit)"
         )
-    reshard = _env_flag("FSDP_RESHARD_AFTER_FORWARD", "true")
+    reshard = parse_flag_from_env("FSDP_RESHARD_AFTER_FORWARD", default=True)
     root = peft_model.get_base_model()
     classes = _wrap_classes(root) if policy == "TRANSFORMER_BASED_WRAP" else set()
     blocks = [m for m in root.modules() if m is not root and type(m).__name__ in classes]

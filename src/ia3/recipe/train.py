@@ -278,7 +278,9 @@ def train(cfg: RecipeConfig, resume: str | bool = False, progress: bool = True) 
                 with ctx, accelerator.autocast():
                     # a process with no rows of a small last batch still runs a forward and backward (of one row,
                     # weighted 0): DDP's and FSDP's gradient reductions need every process
-                    summed = _loss_sum(model, train_enc, local or global_batch[:1], cfg, device) * float(bool(local))
+                    summed = _loss_sum(model, train_enc, local or global_batch[:1], cfg, device)
+                    if not local:
+                        summed = summed * 0.0
                     # DDP and FSDP average gradients over processes: scale by `world` so the step's gradient is
                     # the gradient of (sum of all processes' losses) / units, whatever the split
                     accelerator.backward(summed * world / units)
