@@ -229,11 +229,17 @@ def test_fsdp_matches_one_process_and_resumes(setup, tmp_path, task):
     root, data, models = setup
     config = _config(tmp_path, models[task], task, data)
     one, two = tmp_path / "one", tmp_path / "fsdp"
+    # with the base model's zero-shot evaluation before any training forward, and label generation (transformers'
+    # seq2seq generate calls the encoder alone): both need the root unit's weights gathered (sharding.whole_root)
+    evals = ["--train.eval_before_training", "true", "--train.generation_eval", "true"]
     single = [sys.executable, "-m", "ia3", "-q", "train", "--config", str(config)]
-    _run([*single, "--output-dir", str(one)], tmp_path)
-    _run(_launch_two("--config", str(config), "--output-dir", str(two), config="fsdp"), tmp_path)
+    _run([*single, "--output-dir", str(one), *evals], tmp_path)
+    _run(_launch_two("--config", str(config), "--output-dir", str(two), *evals, config="fsdp"), tmp_path)
 
-    held = json.loads((two / "metrics.json").read_text())["fsdp"]
+    final_one, final_two = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    for key in ("generation_accuracy", "accuracy"):
+        assert final_two[key] == final_one[key] and final_two["zero_shot"][key] == final_one["zero_shot"][key], key
+    held = final_two["fsdp"]
     assert held["launch"] == "fsdp-cpu" and held["processes"] == 2
     assert 0.45 < held["held_fraction"] < 0.55, held  # every weight split in two (uneven rows pad a little)
     diff = _adapters_close(one, two, atol=1e-5)
