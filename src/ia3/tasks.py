@@ -24,13 +24,26 @@ Token conventions:
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from ia3.families import (
+    CausalDecodeState,
+    DecodeState,
+    Seq2SeqDecodeState,
+    attention_mask,
+    cache_argument,
+    cache_of,
+    eos_ids,
+    keep_logits,
+    left_padded,
+    pad_rows,
+    unwrap,
+)
 
 PROMPT_FIELD = "{text}"
 _SENTINEL = "\u2063IA3_TEXT\u2063"  # stands for the text while a chat template is rendered
@@ -44,47 +57,17 @@ class LabelLengthError(ValueError):
         super().__init__(f"Label {label!r} is {len(tokens)} tokens long ({tokens}) but at most {limit} are allowed")
 
 
-def pad_rows(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
-    """`(len(rows), longest)` long tensor of `rows`, padded with `value` on the right (or left)."""
-    width = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            if left:
-                out[i, width - len(row) :] = torch.tensor(row)
-            else:
-                out[i, : len(row)] = torch.tensor(row)
-    return out
+@dataclass
+class Generation:
+    """One generated answer: its new tokens (the end-of-answer token excluded) and why it ended ("stop": an
+    end-of-answer token; "length": the token limit)."""
 
-
-def attention_mask(rows: list[list[int]], left: bool = False) -> torch.Tensor:
-    """1 for the real tokens of `rows` as `pad_rows` lays them out, 0 for padding."""
-    return pad_rows([[1] * len(r) for r in rows], 0, left)
+    tokens: list[int]
+    finish_reason: str
 
 
 def _recipe_flag(field: str) -> str:
     return f"--data.{field}"
-
-
-def _accepts(model: nn.Module, argument: str) -> bool:
-    """Whether `model.forward` takes `argument` (looked up once per model class: this runs every step)."""
-    return _forward_takes(type(model), argument)
-
-
-@functools.cache
-def _forward_takes(model_class: type, argument: str) -> bool:
-    try:
-        return argument in inspect.signature(model_class.forward).parameters
-    except (TypeError, ValueError, AttributeError):
-        return False
-
-
-def _hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a `PeftModel` (whose forward takes `**kwargs` and hides the signature)."""
-    while isinstance(getattr(model, "module", None), nn.Module):  # DDP and other process wrappers
-        model = model.module
-    inner = getattr(model, "get_base_model", None)
-    return inner() if callable(inner) else model
 
 
 class Task:
@@ -104,6 +87,9 @@ class Task:
     """True when the model writes the label (choices are token sequences); False for a classifier head."""
     answer_follows_prompt: ClassVar[bool] = False
     """True when the answer takes positions after the prompt (decoder-only models), so both share the context."""
+    decode_state: ClassVar[type[DecodeState] | None] = None
+    """The running-batch state of the model family, for token-by-token decoding (None: the task does not
+    generate)."""
 
     def __init__(self, tokenizer: Any, prompt: str = PROMPT_FIELD, chat_template: bool = False) -> None:
         problems = self.check_settings(prompt, chat_template)
@@ -199,18 +185,41 @@ class Task:
         return output
 
     @torch.no_grad()
-    def generate(
+    def generate_tokens(
         self, model: nn.Module, inputs: list[list[int]], device: torch.device, max_new_tokens: int, **kwargs: Any
-    ) -> list[str]:
-        """Decoded new tokens for each input (greedy unless `kwargs` say otherwise; special tokens dropped)."""
+    ) -> list[Generation]:
+        """Each input's new tokens through transformers' `generate` (greedy unless `kwargs` say otherwise), cut
+        before the first end-of-answer token, with the reason generation ended."""
         if not self.generates:
             raise ValueError(f"Task {self.name!r} does not generate text")
         batch = {k: v.to(device) for k, v in self.generation_inputs(inputs).items()}
         kwargs.setdefault("do_sample", False)
         kwargs.setdefault("num_beams", 1)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, **kwargs)
-        out = self.new_tokens(out, batch["input_ids"].shape[1])
-        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        eos = eos_ids(unwrap(model), self.tokenizer)
+        results = []
+        for row in self.new_tokens(out, batch["input_ids"].shape[1]).tolist():
+            ended = next((i for i, t in enumerate(row) if t in eos), None)  # later tokens are padding
+            results.append(Generation(row[:ended], "stop") if ended is not None else Generation(row, "length"))
+        return results
+
+    def generate(
+        self, model: nn.Module, inputs: list[list[int]], device: torch.device, max_new_tokens: int, **kwargs: Any
+    ) -> list[str]:
+        """Decoded new tokens for each input (as `generate_tokens`; special tokens dropped)."""
+        generated = self.generate_tokens(model, inputs, device, max_new_tokens, **kwargs)
+        return self.tokenizer.batch_decode([g.tokens for g in generated], skip_special_tokens=True)
+
+    def plain_prompt(self, text: str) -> tuple[list[int], int]:
+        """Token ids of `text` taken as it is (no prompt template around it), with the special tokens the model's
+        input starts or ends with, and how many leading ids a truncation must keep."""
+        return self.tokenizer(text)["input_ids"], 0
+
+    @staticmethod
+    def truncate(ids: list[int], limit: int, head: int = 0) -> list[int]:
+        """`ids` cut to `limit` tokens: the first `head` kept, then the last ones (the end of an input, next to the
+        answer, stays)."""
+        return ids[:head] + ids[len(ids) - (limit - head) :]
 
 
 class Seq2SeqTask(Task):
@@ -220,6 +229,7 @@ class Seq2SeqTask(Task):
     peft_task_type = "SEQ_2_SEQ_LM"
     auto_class = "AutoModelForSeq2SeqLM"
     generates = True
+    decode_state = Seq2SeqDecodeState
 
     def encode(self, texts: list[str], max_length: int, reserve: int = 0) -> list[list[int]]:
         # the encoder reads the text as it is (the seed recipe's input); `prompt` applies to causal models
@@ -258,13 +268,16 @@ class Seq2SeqTask(Task):
         targets = choice.repeat(batch, 1)  # (B*C, T), example-major
         input_ids = pad_rows(inputs, self.pad_id).to(device)
         mask = attention_mask(inputs).to(device)
-        start_id = getattr(_hf_model(model).config, "decoder_start_token_id", None)
+        start_id = getattr(unwrap(model).config, "decoder_start_token_id", None)
         start = torch.full((batch, 1), self.pad_id if start_id is None else start_id, device=device)
         hidden = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=start).encoder_last_hidden_state
         hidden = hidden.repeat_interleave(n_choices, dim=0)
         mask = mask.repeat_interleave(n_choices, dim=0)
         logits = model(encoder_outputs=(hidden,), attention_mask=mask, labels=targets).logits  # (B*C, T, V)
         return _gather_logprobs(logits, targets, batch, n_choices)
+
+    def new_tokens(self, output, prompt_width):
+        return output[:, 1:]  # the decoder's start token is not part of the answer
 
 
 class CausalTask(Task):
@@ -275,6 +288,7 @@ class CausalTask(Task):
     auto_class = "AutoModelForCausalLM"
     generates = True
     answer_follows_prompt = True
+    decode_state = CausalDecodeState
 
     @classmethod
     def check_settings(cls, prompt: str, chat_template: bool, flag: Callable[[str], str] = _recipe_flag) -> list[str]:
@@ -289,7 +303,8 @@ class CausalTask(Task):
         if tokenizer.eos_token_id is None:
             raise ValueError("The tokenizer has no EOS token; the causal task ends every label with EOS")
         add_bos = tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False)
-        self._bos = [tokenizer.bos_token_id] if add_bos and not chat_template else []
+        self._text_bos = [tokenizer.bos_token_id] if add_bos else []  # as the tokenizer starts a text
+        self._bos = [] if chat_template else self._text_bos  # a chat template writes its own
         before, after = self._prompt_parts()
         self._before = tokenizer(before, add_special_tokens=False)["input_ids"] if before else []
         self._after = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
@@ -355,16 +370,10 @@ class CausalTask(Task):
             choices.append(ids)
         return choices
 
-    def _rows(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Left-padded `rows` with position ids that count real tokens only (so padding changes nothing)."""
-        mask = attention_mask(rows, left=True)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return {"input_ids": pad_rows(rows, self.pad_id, left=True), "attention_mask": mask, "position_ids": positions}
-
     def train_batch(self, inputs, choices, gold):
         rows = [inp + choices[g] for inp, g in zip(inputs, gold)]
         labels = [[-100] * len(inp) + choices[g] for inp, g in zip(inputs, gold)]
-        batch = self._rows(rows)
+        batch = left_padded(rows, self.pad_id)
         batch["labels"] = pad_rows(labels, -100, left=True)
         return batch
 
@@ -375,7 +384,7 @@ class CausalTask(Task):
         position of the prompt; the very last position predicts nothing in the row and is dropped.
         """
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs, **self._keep(model, width + 1)).logits[:, -(width + 1) :]
+        logits = model(**inputs, **keep_logits(model, width + 1)).logits[:, -(width + 1) :]
         return logits[:, :-1]
 
     def loss_sum(self, model, batch):
@@ -395,15 +404,13 @@ class CausalTask(Task):
         """
         n_choices, batch = len(choices), len(inputs)
         width = max(len(c) for c in choices)
-        prompts = {k: v.to(device) for k, v in self._rows(inputs).items()}
-        first = model(**prompts, use_cache=width > 1, **self._keep(model, 1))
+        prompts = {k: v.to(device) for k, v in left_padded(inputs, self.pad_id).items()}
+        first = model(**prompts, use_cache=width > 1, **keep_logits(model, 1))
         logits = first.logits[:, -1:].repeat_interleave(n_choices, dim=0)  # (B*C, 1, V)
         targets = pad_rows(choices, -100).repeat(batch, 1).to(device)  # (B*C, T), example-major
         if width > 1:
-            cache = first.cache if "cache" in first else first.past_key_values
+            cache = cache_of(first)
             cache.batch_repeat_interleave(n_choices)
-            # transformers renamed the argument `past_key_values` to `cache` (5.x)
-            cache_arg = "cache" if _accepts(_hf_model(model), "cache") else "past_key_values"
             tails = [c[:-1] for c in choices] * batch
             tail_mask = attention_mask(tails).to(device)
             mask = torch.cat([prompts["attention_mask"].repeat_interleave(n_choices, dim=0), tail_mask], dim=1)
@@ -414,14 +421,10 @@ class CausalTask(Task):
                 attention_mask=mask,
                 position_ids=positions,
                 use_cache=False,
-                **{cache_arg: cache},
+                **{cache_argument(model): cache},
             )
             logits = torch.cat([logits, rest.logits], dim=1)  # (B*C, T, V)
         return _gather_logprobs(logits, targets, batch, n_choices)
-
-    @staticmethod
-    def _keep(model: nn.Module, positions: int) -> dict[str, int]:
-        return {"logits_to_keep": positions} if _accepts(_hf_model(model), "logits_to_keep") else {}
 
     def generation_inputs(self, inputs):
         return {
@@ -431,6 +434,11 @@ class CausalTask(Task):
 
     def new_tokens(self, output, prompt_width):
         return output[:, prompt_width:]
+
+    def plain_prompt(self, text: str) -> tuple[list[int], int]:
+        # BOS as the tokenizer starts a text, and no EOS: the answer follows
+        bos = self._text_bos
+        return bos + self.tokenizer(text, add_special_tokens=False)["input_ids"], len(bos)
 
 
 class ClassificationTask(Task):

@@ -31,10 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from ia3.families import DecodeState, eos_ids
 from ia3.serve.errors import ApiError
-from ia3.tasks import _accepts, _hf_model
 
 log = logging.getLogger("ia3.serve")
 
@@ -143,22 +142,24 @@ def next_tokens(logits: torch.Tensor, rows: list[Row]) -> list[int | BaseExcepti
 
 
 class Decoder:
-    """The running decode batch of a causal LM, with its waiting rows (see the module docstring).
+    """The running decode batch of a generating model, with its waiting rows (see the module docstring).
+
+    The model-specific parts (prompt padding, the key/value cache and how it grows and shrinks by row, the decode
+    step's inputs) belong to the model family's `DecodeState` (`ia3.families`); this class only schedules: admit,
+    step, sample, stop, drop.
 
     Args:
-        model: the transformers causal LM (adapters already injected, if any).
+        model: the transformers model (adapters already injected, if any).
         tokenizer: its tokenizer (for incremental decoding and EOS).
         device: where the model runs.
         rows_context: `rows_context(adapters)` -> a context manager under which batch row `i` uses `adapters[i]`.
+        state_class: the model family's decode state (the task's `decode_state`).
         max_rows: rows decoded together at most.
         max_prefill_tokens: prompt tokens admitted in one step at most (one longer prompt is admitted alone), so a
             long prompt delays the running rows by one bounded prefill.
         max_positions: the model's position limit (a row stops with "length" there); None: no limit.
         adapter_loaded: `adapter_loaded(name)` -> False once an adapter is unloaded: its rows, waiting or running,
             end with 404 at the next step, and the other rows go on.
-        seq2seq: an encoder-decoder with relative positions (T5, mT5): each row's prompt runs through the encoder
-            once; the encoder states and the cross-attention cache are kept per row (right-padded), the decoder's
-            self-attention cache left-padded as for a causal model.
     """
 
     def __init__(
@@ -167,37 +168,28 @@ class Decoder:
         tokenizer: Any,
         device: torch.device,
         rows_context: Callable[[list[str]], Any],
+        state_class: type[DecodeState],
         max_rows: int = 32,
         max_prefill_tokens: int = 4096,
         max_positions: int | None = None,
-        seq2seq: bool = False,
         adapter_loaded: Callable[[str], bool] | None = None,
     ) -> None:
         self.model = model
         self.adapter_loaded = adapter_loaded
-        self.seq2seq = seq2seq
-        self.start_id = getattr(getattr(model, "config", None), "decoder_start_token_id", None)
+        self.state_class = state_class
         self.device = device
         self.rows_context = rows_context
         self.max_rows = max_rows
         self.max_prefill_tokens = max_prefill_tokens
         self.max_positions = max_positions
         self.detok = Detokenizer(tokenizer)
-        inner = _hf_model(model)
-        self.keep = {"logits_to_keep": 1} if _accepts(inner, "logits_to_keep") else {}
-        # transformers renamed the argument `past_key_values` to `cache` (5.x)
-        self.cache_arg = "cache" if _accepts(inner, "cache") else "past_key_values"
         self.eos = eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._lock = threading.Lock()
         self.waiting: deque[Row] = deque()
         self.running: list[Row] = []
-        self.cache: Any = None
-        self.mask: torch.Tensor | None = None  # (B, T) 1 for real tokens
-        self.positions: torch.Tensor | None = None  # (B,) position id of each row's next token
-        self.last: torch.Tensor | None = None  # (B,) each row's last token (the next step's input)
-        self.encoded: torch.Tensor | None = None  # seq2seq: (B, S, d) encoder states, right-padded
-        self.encoded_mask: torch.Tensor | None = None  # seq2seq: (B, S)
+        self.state: DecodeState | None = None  # the running rows' cache, in `running` order
+        self.last: list[int] = []  # each running row's last token (the next step's input)
         self.steps = 0  # decode steps run
         self.tokens_out = 0
         self.row_steps = 0  # sum over decode steps of the rows decoded
@@ -263,15 +255,11 @@ class Decoder:
                 budget -= cost
         return admitted
 
-    def _forward(self, adapters: list[str], **inputs: Any) -> Any:
-        with self.rows_context(adapters):
-            return self.model(**inputs, use_cache=True, **self.keep)
-
     def _prefill(self, rows: list[Row]) -> None:
-        """Run the new rows' prompts; join their caches to the running batch's. A prompt that fails alone fails
+        """Run the new rows' prompts; join their state to the running batch's. A prompt that fails alone fails
         only its row: on a batch failure each row is retried by itself."""
         try:
-            self._join(rows, self._run_prompts(rows))
+            self._join(rows, *self._run_prompts(rows))
         except Exception:
             if len(rows) == 1:
                 log.exception("prefill failed for one row")
@@ -279,82 +267,23 @@ class Decoder:
                 return
             for row in rows:  # find the culprit(s); the others run
                 try:
-                    self._join([row], self._run_prompts([row]))
+                    self._join([row], *self._run_prompts([row]))
                 except Exception as err:
                     log.warning("prefill failed for one row: %s: %s", type(err).__name__, err)
                     self._finish(row, None, RowError("the model failed on this input"))
 
-    def _run_prompts(self, rows: list[Row]) -> tuple:
-        if self.seq2seq:
-            return self._run_encoder(rows)
-        width = max(len(r.prompt) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt)
-            mask[i, width - len(r.prompt) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self._forward([r.adapter for r in rows], input_ids=ids, attention_mask=mask, position_ids=positions)
-        cache = _cache_of(out)
-        _check_cache(cache)
-        picks = next_tokens(out.logits[:, -1], rows)
-        return cache, mask, mask.sum(-1), picks, None, None
-
-    def _run_encoder(self, rows: list[Row]) -> tuple:
-        """seq2seq: the prompts through the encoder (right-padded), then the decoder's first step."""
-        from transformers.modeling_outputs import BaseModelOutput
-
-        width = max(len(r.prompt) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r.prompt)] = torch.tensor(r.prompt)
-            mask[i, : len(r.prompt)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        start = torch.full((len(rows), 1), self.start_id, dtype=torch.long, device=self.device)
+    def _run_prompts(self, rows: list[Row]) -> tuple[DecodeState, list[int | BaseException]]:
         with self.rows_context([r.adapter for r in rows]):
-            encoded = self.model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-            out = self.model(
-                encoder_outputs=BaseModelOutput(last_hidden_state=encoded),
-                attention_mask=mask,
-                decoder_input_ids=start,
-                decoder_attention_mask=torch.ones_like(start),
-                use_cache=True,
-                **self.keep,
-            )
-        cache = _cache_of(out)
-        _check_cache(cache)
-        picks = next_tokens(out.logits[:, -1], rows)
-        lengths = torch.ones(len(rows), dtype=torch.long, device=self.device)
-        return cache, torch.ones_like(start), lengths, picks, encoded, mask
+            state, logits = self.state_class.prefill(self.model, [r.prompt for r in rows], self.pad_id, self.device)
+        return state, next_tokens(logits, rows)
 
-    def _join(self, rows: list[Row], prefilled: tuple) -> None:
-        cache, mask, lengths, picks, encoded, encoded_mask = prefilled
-        last = torch.tensor([p if isinstance(p, int) else self.pad_id for p in picks], device=self.device)
-        if self.cache is None or not self.running:
-            self.cache, self.mask, self.positions, self.last = cache, mask, lengths, last
-            self.encoded, self.encoded_mask = encoded, encoded_mask
-            self.running = list(rows)
+    def _join(self, rows: list[Row], state: DecodeState, picks: list[int | BaseException]) -> None:
+        last = [p if isinstance(p, int) else self.pad_id for p in picks]
+        if self.state is None or not self.running:
+            self.state, self.last, self.running = state, last, list(rows)
         else:
-            width = max(self.mask.shape[1], mask.shape[1])
-            for mine, theirs in zip(_self_layers(self.cache), _self_layers(cache)):
-                mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
-                mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
-            self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask, width, dim=1)])
-            if self.seq2seq:  # encoder states and cross-attention keys: padded on the right, masked
-                assert self.encoded is not None and self.encoded_mask is not None
-                s = max(self.encoded.shape[1], encoded.shape[1])
-                for mine, theirs in zip(_cross_layers(self.cache), _cross_layers(cache)):
-                    mine.keys = torch.cat([_right_pad(mine.keys, s), _right_pad(theirs.keys, s)])
-                    mine.values = torch.cat([_right_pad(mine.values, s), _right_pad(theirs.values, s)])
-                self.encoded = torch.cat([_right_pad(self.encoded, s, dim=1), _right_pad(encoded, s, dim=1)])
-                self.encoded_mask = torch.cat(
-                    [_right_pad(self.encoded_mask, s, dim=1), _right_pad(encoded_mask, s, dim=1)]
-                )
-            self.positions = torch.cat([self.positions, lengths])
-            self.last = torch.cat([self.last, last])
-            self.running = self.running + list(rows)
+            self.state.extend(state)
+            self.last, self.running = self.last + last, self.running + list(rows)
         for row, pick in zip(rows, picks):
             self._take(row, pick)
 
@@ -368,38 +297,16 @@ class Decoder:
         }
 
     def _decode(self) -> None:
-        assert self.mask is not None and self.positions is not None and self.last is not None
+        assert self.state is not None
         self.steps += 1
         self.row_steps += len(self.running)
         self.max_rows_seen = max(self.max_rows_seen, len(self.running))
         self.max_adapters_seen = max(self.max_adapters_seen, len({r.adapter for r in self.running}))
-        mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        adapters = [r.adapter for r in self.running]
-        if self.seq2seq:
-            from transformers.modeling_outputs import BaseModelOutput
-
-            out = self._forward(
-                adapters,
-                encoder_outputs=BaseModelOutput(last_hidden_state=self.encoded),
-                attention_mask=self.encoded_mask,
-                decoder_input_ids=self.last[:, None],
-                decoder_attention_mask=mask,
-                **{self.cache_arg: self.cache},
-            )
-        else:
-            out = self._forward(
-                adapters,
-                input_ids=self.last[:, None],
-                attention_mask=mask,
-                position_ids=self.positions[:, None],
-                **{self.cache_arg: self.cache},
-            )
-        self.cache = _cache_of(out)
-        self.mask = mask
-        self.positions = self.positions + 1
+        with self.rows_context([r.adapter for r in self.running]):
+            logits = self.state.step(self.model, self.last)
         fresh = [r.finish_reason is None and r.error is None for r in self.running]
-        picks = next_tokens(out.logits[:, -1], self.running)
-        self.last = torch.tensor([p if isinstance(p, int) else self.pad_id for p in picks], device=self.device)
+        picks = next_tokens(logits, self.running)
+        self.last = [p if isinstance(p, int) else self.pad_id for p in picks]
         for row, pick, live in zip(self.running, picks, fresh):
             if live:
                 self._take(row, pick)
@@ -456,7 +363,7 @@ class Decoder:
             _call(row.on_done, row)
 
     def _retire(self) -> None:
-        """Drop rows that finished, failed or were cancelled; trim cache columns no remaining row attends to."""
+        """Drop rows that finished, failed or were cancelled (and the cache columns no remaining row needs)."""
         for row in self.running:
             if row.cancelled:
                 self._finish(row, "cancelled")
@@ -466,25 +373,9 @@ class Decoder:
         if not keep:
             self._reset()
             return
-        index = torch.tensor(keep, device=self.device)
-        assert self.mask is not None and self.positions is not None and self.last is not None
-        mask = self.mask.index_select(0, index)
-        start = int((mask.sum(0) > 0).nonzero()[0])  # leading columns that are padding for every kept row
-        for layer in _self_layers(self.cache):
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
-        self.mask = mask[:, start:]
-        if self.seq2seq:
-            assert self.encoded is not None and self.encoded_mask is not None
-            encoded_mask = self.encoded_mask.index_select(0, index)
-            end = int((encoded_mask.sum(0) > 0).nonzero()[-1]) + 1  # trailing encoder padding of every kept row
-            for layer in _cross_layers(self.cache):
-                layer.keys = layer.keys.index_select(0, index)[:, :, :end]
-                layer.values = layer.values.index_select(0, index)[:, :, :end]
-            self.encoded = self.encoded.index_select(0, index)[:, :end]
-            self.encoded_mask = encoded_mask[:, :end]
-        self.positions = self.positions.index_select(0, index)
-        self.last = self.last.index_select(0, index)
+        assert self.state is not None
+        self.state.filter(keep)
+        self.last = [self.last[i] for i in keep]
         self.running = [self.running[i] for i in keep]
 
     def fail_all(self, error: BaseException, waiting: bool = False) -> None:
@@ -500,62 +391,7 @@ class Decoder:
         self._reset()
 
     def _reset(self) -> None:
-        self.running, self.cache, self.mask, self.positions, self.last = [], None, None, None, None
-        self.encoded = self.encoded_mask = None
-
-
-def eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
-    """The token ids that end an answer: the generation config's EOS (one id or several), else the tokenizer's."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return set(eos if isinstance(eos, list) else [eos]) - {None}
-
-
-def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    extra = width - tensor.shape[dim]
-    if extra == 0:
-        return tensor
-    pad = [0, 0] * (tensor.dim() - 1 - dim) + [extra, 0]
-    return F.pad(tensor, pad)
-
-
-def _right_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    extra = width - tensor.shape[dim]
-    if extra == 0:
-        return tensor
-    pad = [0, 0] * (tensor.dim() - 1 - dim) + [0, extra]
-    return F.pad(tensor, pad)
-
-
-def _self_layers(cache: Any) -> list:
-    """The (decoder) self-attention cache layers of a causal or encoder-decoder cache."""
-    inner = getattr(cache, "self_attention_cache", cache)
-    return list(inner.layers)
-
-
-def _cross_layers(cache: Any) -> list:
-    return list(cache.cross_attention_cache.layers)
-
-
-def _cache_of(output: Any) -> Any:
-    return output.cache if "cache" in output else output.past_key_values
-
-
-def _check_cache(cache: Any) -> None:
-    from transformers.cache_utils import DynamicLayer
-
-    if hasattr(cache, "self_attention_cache"):  # encoder-decoder: both halves must be plain
-        layers = list(cache.self_attention_cache.layers) + list(cache.cross_attention_cache.layers)
-    else:
-        layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
-        kinds = sorted({type(layer).__name__ for layer in layers or []}) or [type(cache).__name__]
-        raise UnsupportedCache(f"continuous batching needs a plain dynamic key/value cache; this model uses {kinds}")
-
-
-class UnsupportedCache(RuntimeError):
-    """The model's cache cannot be joined and split by row (sliding windows, linear attention, ...)."""
+        self.running, self.state, self.last = [], None, []
 
 
 def _call(fn: Callable[..., None], *args: Any) -> None:
@@ -563,28 +399,3 @@ def _call(fn: Callable[..., None], *args: Any) -> None:
         fn(*args)
     except Exception:  # a callback's failure (e.g. a closed stream) must not stop the batch
         log.exception("row callback failed")
-
-
-# encoder-decoders whose decoder has relative positions only (left padding of its cache changes nothing)
-RELATIVE_SEQ2SEQ = ("t5", "mt5", "umt5")
-
-
-def supports_continuous(model: torch.nn.Module, device: torch.device, seq2seq: bool = False) -> str | None:
-    """None when `model` can decode in a `Decoder`, else the reason it cannot (checked with a 2-token prompt)."""
-    kind = getattr(getattr(model, "config", None), "model_type", None)
-    if seq2seq and kind not in RELATIVE_SEQ2SEQ:
-        return f"continuous batching of encoder-decoders is built for {list(RELATIVE_SEQ2SEQ)}; this is {kind!r}"
-    try:
-        with torch.inference_mode():
-            ids = torch.tensor([[1, 2]], device=device)
-            if seq2seq:
-                start = torch.full((1, 1), model.config.decoder_start_token_id, device=device)
-                out = model(input_ids=ids, decoder_input_ids=start, use_cache=True)
-            else:
-                out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-        _check_cache(_cache_of(out))
-    except UnsupportedCache as err:
-        return str(err)
-    except Exception as err:
-        return f"{type(err).__name__}: {err}"
-    return None

@@ -23,7 +23,7 @@ import yaml
 from ia3.recipe.config import ModelArgs
 from ia3.recipe.modeling import load_base_model, load_tokenizer
 from ia3.serve.config import ServeConfig
-from ia3.serve.decoding import Decoder, eos_ids, supports_continuous
+from ia3.serve.decoding import Decoder
 from ia3.serve.errors import ApiError
 from ia3.tasks import LabelLengthError, get_task
 from ia3.tuner import BASE_ADAPTER
@@ -108,30 +108,31 @@ class Engine:
         if self.label_names and task_class.generates:
             self.choices(tuple(self.label_names))  # a label too long for max_label_tokens fails at start
         self.decoder: Decoder | None = None
-        self.static_reason = self._continuous_reason(task_class)
+        self.static_reason = self._continuous_reason()
         if self.static_reason is None:
+            assert task_class.decode_state is not None
             self.decoder = Decoder(
                 self.base,
                 copy.deepcopy(tokenizer),
                 self.device,
                 self._rows,
+                task_class.decode_state,
                 max_rows=config.max_batch_size,
                 max_prefill_tokens=config.max_prefill_tokens,
                 max_positions=self.positions if task_class.answer_follows_prompt else None,
-                seq2seq=not task_class.answer_follows_prompt,
                 adapter_loaded=lambda name: (
                     name == BASE_ADAPTER or (self.peft is not None and name in self.peft.peft_config)
                 ),
             )
-        self.eos = eos_ids(self.base, tokenizer)
 
-    def _continuous_reason(self, task_class) -> str | None:
+    def _continuous_reason(self) -> str | None:
         """None when generation decodes continuously, else why it runs in static batches."""
         if self.config.batching != "continuous":
             return "--batching static"
-        if not task_class.generates:
-            return f"task {task_class.name} does not generate"
-        return supports_continuous(self.base, self.device, seq2seq=not task_class.answer_follows_prompt)
+        state = self.task.decode_state
+        if state is None:
+            return f"task {self.task.name} does not generate"
+        return state.unsupported(self.base, self.device)
 
     @property
     def positions(self) -> int | None:
@@ -209,22 +210,18 @@ class Engine:
         """Token ids of an OpenAI-style prompt: the text as it is (no recipe prompt around it; BOS or the
         tokenizer's special tokens as the task adds them), or token ids as given. Truncated or refused as
         `encode_one`."""
-        tok, limit = self.request_task.tokenizer, self.max_input_tokens
+        task, limit = self.request_task, self.max_input_tokens
         try:
             if isinstance(text, list):
-                vocab = len(tok)
+                vocab = len(task.tokenizer)
                 bad = next((t for t in text if not 0 <= t < vocab), None)
                 if bad is not None:
                     raise ApiError(
                         422, "invalid_input", f"{where}: token id {bad} is not in the vocabulary (0-{vocab - 1})"
                     )
                 full, head = list(text), 0
-            elif self.task.answer_follows_prompt:
-                add_bos = tok.bos_token_id is not None and getattr(tok, "add_bos_token", False)
-                bos = [tok.bos_token_id] if add_bos else []  # as the tokenizer starts a text (no chat template)
-                full, head = bos + tok(text, add_special_tokens=False)["input_ids"], len(bos)
             else:
-                full, head = tok(text)["input_ids"], 0
+                full, head = task.plain_prompt(text)
         except ApiError:
             raise
         except Exception as err:
@@ -242,10 +239,7 @@ class Engine:
                 f"{where} is {len(full)} tokens; this server takes at most {limit} (--max-input-tokens); shorten it "
                 f"(or run the server with --truncation left)",
             )
-        if self.task.answer_follows_prompt:  # keep BOS, drop the oldest text tokens
-            kept = full[:head] + full[len(full) - (limit - head) :]
-        else:  # the encoder's input: keep the end (with its EOS)
-            kept = full[len(full) - limit :]
+        kept = task.truncate(full, limit, head)  # a leading BOS stays; the oldest text goes
         return kept, len(full) - len(kept)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
@@ -277,8 +271,8 @@ class Engine:
     # -- running (worker thread) -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, ids: list[list[int]], adapters: list[str], params: GenerateParams, stop=None) -> list[Generated]:
-        """One static batch through transformers' `generate`; `stop()` (optional) -> True ends it early (every
-        request of the batch gave up)."""
+        """One static batch through the task's generation; `stop()` (optional) -> True ends it early (every request
+        of the batch gave up)."""
         from transformers import StoppingCriteriaList
 
         kwargs: dict = dict(num_beams=params.num_beams, do_sample=params.do_sample, num_return_sequences=1)
@@ -288,28 +282,10 @@ class Engine:
                 torch.manual_seed(params.seed)
         if stop is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_gave_up_criterion(stop)])
-        task = self.task
-        batch = {k: v.to(self.device) for k, v in task.generation_inputs(ids).items()}
         with self._rows(adapters):
-            out = self.base.generate(
-                **batch,
-                max_new_tokens=params.max_new_tokens,
-                pad_token_id=task.pad_id,
-                do_sample=params.do_sample,
-                **{k: v for k, v in kwargs.items() if k != "do_sample"},
-            )
-        new = task.new_tokens(out, batch["input_ids"].shape[1]).tolist()
-        results = []
-        start = getattr(self.base.config, "decoder_start_token_id", None)
-        for row in new:
-            if not task.answer_follows_prompt and row and row[0] == start:
-                row = row[1:]  # the decoder's start token is not part of the answer
-            ended = next((i for i, t in enumerate(row) if t in self.eos), None)  # later tokens are padding
-            tokens = row[:ended] if ended is not None else row
-            reason = "stop" if ended is not None else "length"
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            results.append(Generated(tokens, text, reason))
-        return results
+            generated = self.task.generate_tokens(self.base, ids, self.device, params.max_new_tokens, **kwargs)
+        decode = self.tokenizer.decode
+        return [Generated(g.tokens, decode(g.tokens, skip_special_tokens=True), g.finish_reason) for g in generated]
 
     @torch.inference_mode()
     def classify(self, ids: list[list[int]], adapters: list[str], labels: tuple[str, ...]) -> list[list[float]]:

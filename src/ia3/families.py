@@ -1,0 +1,323 @@
+"""Model families: how a decoder-only LM and an encoder-decoder LM are called, row by row.
+
+Everything here depends on the family's calling convention and on nothing else: how rows are padded (decoder-only
+rows on the left, with position ids that count real tokens only; encoder rows on the right), where the key/value cache
+comes back and under which argument it goes in (transformers 5 renamed `past_key_values` to `cache`), and how a
+running batch's cache grows by new rows and shrinks when rows leave. The tasks (`ia3.tasks`) use these helpers for
+training, rank classification and generation; the server's continuous decoder (`ia3.serve.decoding`) keeps one
+`DecodeState` of the task's family and never looks inside it, in the manner of text-generation-inference's
+`CausalLMBatch` / `Seq2SeqLMBatch`.
+
+A `DecodeState` holds the running rows' model state: the cache, the attention mask, and per family the position ids
+(decoder-only) or the encoder states (encoder-decoder). Its methods:
+
+* `prefill(model, prompts, ...)`: run new rows' prompts once; the state of those rows and their next-token logits;
+* `extend(other)`: join another state's rows after this one's (the caches padded to a common width);
+* `filter(keep)`: keep only the rows at `keep`, dropping cache columns that no kept row attends to;
+* `step(model, tokens)`: feed each row's last token, return the logits of the next.
+
+A greedy row's tokens do not depend on the other rows: padding is masked and positions count real tokens only.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import DynamicLayer
+from transformers.modeling_outputs import BaseModelOutput
+
+
+# -- padding -------------------------------------------------------------------------------------------------------
+def pad_rows(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """`(len(rows), longest)` long tensor of `rows`, padded with `value` on the right (or left)."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            if left:
+                out[i, width - len(row) :] = torch.tensor(row)
+            else:
+                out[i, : len(row)] = torch.tensor(row)
+    return out
+
+
+def attention_mask(rows: list[list[int]], left: bool = False) -> torch.Tensor:
+    """1 for the real tokens of `rows` as `pad_rows` lays them out, 0 for padding."""
+    return pad_rows([[1] * len(r) for r in rows], 0, left)
+
+
+def left_padded(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Decoder-only input: left-padded `rows` with position ids that count real tokens only (so padding changes
+    nothing), as `input_ids`, `attention_mask` and `position_ids`, each `(B, longest)`."""
+    mask = attention_mask(rows, left=True)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": pad_rows(rows, pad_id, left=True), "attention_mask": mask, "position_ids": positions}
+
+
+def _pad(tensor: torch.Tensor, width: int, dim: int, left: bool) -> torch.Tensor:
+    extra = width - tensor.shape[dim]
+    if extra == 0:
+        return tensor
+    pad = [0, 0] * (tensor.dim() - 1 - dim) + ([extra, 0] if left else [0, extra])
+    return F.pad(tensor, pad)
+
+
+# -- calling a transformers model ----------------------------------------------------------------------------------
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under process wrappers (DDP) and a `PeftModel` (whose forward takes `**kwargs` and so
+    hides the signature)."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    inner = getattr(model, "get_base_model", None)
+    return inner() if callable(inner) else model
+
+
+def forward_takes(model: nn.Module, argument: str) -> bool:
+    """Whether the forward of the transformers model in `model` takes `argument` (looked up once per model class:
+    this runs every decode step)."""
+    return _forward_takes(type(unwrap(model)), argument)
+
+
+@functools.cache
+def _forward_takes(model_class: type, argument: str) -> bool:
+    try:
+        return argument in inspect.signature(model_class.forward).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
+def keep_logits(model: nn.Module, positions: int) -> dict[str, int]:
+    """`logits_to_keep`: the LM head runs at the last `positions` positions only (where the model takes it)."""
+    return {"logits_to_keep": positions} if forward_takes(model, "logits_to_keep") else {}
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The forward argument that takes a key/value cache (`cache` in transformers 5, `past_key_values` before)."""
+    return "cache" if forward_takes(model, "cache") else "past_key_values"
+
+
+def cache_of(output: Any) -> Any:
+    """The key/value cache a forward returned."""
+    return output.cache if "cache" in output else output.past_key_values
+
+
+def eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    """The token ids that end an answer: the generation config's EOS (one id or several), else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+
+class UnsupportedCache(RuntimeError):
+    """The model's cache cannot be joined and split by row (sliding windows, linear attention, ...)."""
+
+
+def _self_layers(cache: Any) -> list:
+    """The (decoder) self-attention cache layers of a decoder-only or encoder-decoder cache."""
+    return list(getattr(cache, "self_attention_cache", cache).layers)
+
+
+def _check_cache(cache: Any) -> None:
+    if hasattr(cache, "self_attention_cache"):  # encoder-decoder: both halves must be plain
+        layers = list(cache.self_attention_cache.layers) + list(cache.cross_attention_cache.layers)
+    else:
+        layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        kinds = sorted({type(layer).__name__ for layer in layers or []}) or [type(cache).__name__]
+        raise UnsupportedCache(f"continuous batching needs a plain dynamic key/value cache; this model uses {kinds}")
+
+
+def _join_layers(mine: list, theirs: list, width: int, left: bool) -> None:
+    for a, b in zip(mine, theirs):
+        a.keys = torch.cat([_pad(a.keys, width, 2, left), _pad(b.keys, width, 2, left)])
+        a.values = torch.cat([_pad(a.values, width, 2, left), _pad(b.values, width, 2, left)])
+
+
+def _select_layers(layers: list, index: torch.Tensor, columns: slice) -> None:
+    for layer in layers:
+        layer.keys = layer.keys.index_select(0, index)[:, :, columns]
+        layer.values = layer.values.index_select(0, index)[:, :, columns]
+
+
+# -- running decode batches ----------------------------------------------------------------------------------------
+class DecodeState:
+    """The model state of the rows of a running decode batch (see the module docstring). Subclasses per family."""
+
+    def __init__(self, cache: Any, mask: torch.Tensor) -> None:
+        self.cache = cache
+        self.mask = mask  # (B, T) 1 for the real tokens of the (decoder) self-attention cache
+
+    @classmethod
+    def prefill(
+        cls, model: nn.Module, prompts: list[list[int]], pad_id: int, device: torch.device
+    ) -> tuple[DecodeState, torch.Tensor]:
+        """Run `prompts` once; their state and the `(B, V)` logits of each row's first new token."""
+        raise NotImplementedError
+
+    def extend(self, other: DecodeState) -> None:
+        """Append `other`'s rows after this state's rows."""
+        raise NotImplementedError
+
+    def filter(self, keep: list[int]) -> None:
+        """Keep only the rows at indices `keep` (non-empty, ascending)."""
+        raise NotImplementedError
+
+    def step(self, model: nn.Module, tokens: list[int]) -> torch.Tensor:
+        """Feed each row's last token; the `(B, V)` logits of the next token."""
+        raise NotImplementedError
+
+    @classmethod
+    def probe(cls, model: nn.Module, device: torch.device) -> None:
+        """Raise `UnsupportedCache` (or the model's own error) unless the model's cache can be batched by row."""
+        raise NotImplementedError
+
+    @classmethod
+    def unsupported(cls, model: nn.Module, device: torch.device) -> str | None:
+        """None when `model` can decode in such a state, else the reason it cannot (tried on a 2-token prompt)."""
+        try:
+            with torch.inference_mode():
+                cls.probe(model, device)
+        except UnsupportedCache as err:
+            return str(err)
+        except Exception as err:
+            return f"{type(err).__name__}: {err}"
+        return None
+
+    def _trim_start(self, index: torch.Tensor) -> int:
+        """Select the kept rows of the mask; the leading cache columns that are padding for all of them."""
+        self.mask = self.mask.index_select(0, index)
+        start = int((self.mask.sum(0) > 0).nonzero()[0])
+        self.mask = self.mask[:, start:]
+        return start
+
+
+class CausalDecodeState(DecodeState):
+    """Decoder-only LMs: the cache left-padded to a common length, with per-row position ids."""
+
+    def __init__(self, cache: Any, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        super().__init__(cache, mask)
+        self.positions = positions  # (B,) position id of each row's next token
+
+    @classmethod
+    def prefill(cls, model, prompts, pad_id, device):
+        inputs = {k: v.to(device) for k, v in left_padded(prompts, pad_id).items()}
+        out = model(**inputs, use_cache=True, **keep_logits(model, 1))
+        cache = cache_of(out)
+        _check_cache(cache)
+        mask = inputs["attention_mask"]
+        return cls(cache, mask, mask.sum(-1)), out.logits[:, -1]
+
+    def extend(self, other):
+        assert isinstance(other, CausalDecodeState)
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        _join_layers(_self_layers(self.cache), _self_layers(other.cache), width, left=True)
+        self.mask = torch.cat([_pad(self.mask, width, 1, True), _pad(other.mask, width, 1, True)])
+        self.positions = torch.cat([self.positions, other.positions])
+
+    def filter(self, keep):
+        index = torch.tensor(keep, device=self.mask.device)
+        start = self._trim_start(index)
+        _select_layers(_self_layers(self.cache), index, slice(start, None))
+        self.positions = self.positions.index_select(0, index)
+
+    def step(self, model, tokens):
+        mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        last = torch.tensor(tokens, device=mask.device)[:, None]
+        out = model(
+            input_ids=last,
+            attention_mask=mask,
+            position_ids=self.positions[:, None],
+            use_cache=True,
+            **keep_logits(model, 1),
+            **{cache_argument(model): self.cache},
+        )
+        self.cache, self.mask, self.positions = cache_of(out), mask, self.positions + 1
+        return out.logits[:, -1]
+
+    @classmethod
+    def probe(cls, model, device):
+        ids = torch.tensor([[1, 2]], device=device)
+        _check_cache(cache_of(model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)))
+
+
+# encoder-decoders whose decoder has relative positions only (left padding of its cache changes nothing)
+RELATIVE_SEQ2SEQ = ("t5", "mt5", "umt5")
+
+
+class Seq2SeqDecodeState(DecodeState):
+    """Encoder-decoders with relative positions (T5, mT5): each row's prompt runs through the encoder once; the
+    encoder states and the cross-attention cache are kept per row (right-padded, masked), the decoder's
+    self-attention cache left-padded as for a decoder-only model."""
+
+    def __init__(self, cache: Any, mask: torch.Tensor, encoded: torch.Tensor, encoded_mask: torch.Tensor) -> None:
+        super().__init__(cache, mask)
+        self.encoded = encoded  # (B, S, d) encoder states, right-padded
+        self.encoded_mask = encoded_mask  # (B, S)
+
+    @classmethod
+    def prefill(cls, model, prompts, pad_id, device):
+        ids, mask = pad_rows(prompts, pad_id).to(device), attention_mask(prompts).to(device)
+        start = torch.full((len(prompts), 1), unwrap(model).config.decoder_start_token_id, device=device)
+        encoded = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        out = model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=encoded),
+            attention_mask=mask,
+            decoder_input_ids=start,
+            decoder_attention_mask=torch.ones_like(start),
+            use_cache=True,
+            **keep_logits(model, 1),
+        )
+        cache = cache_of(out)
+        _check_cache(cache)
+        return cls(cache, torch.ones_like(start), encoded, mask), out.logits[:, -1]
+
+    def extend(self, other):
+        assert isinstance(other, Seq2SeqDecodeState)
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        _join_layers(_self_layers(self.cache), _self_layers(other.cache), width, left=True)
+        self.mask = torch.cat([_pad(self.mask, width, 1, True), _pad(other.mask, width, 1, True)])
+        s = max(self.encoded.shape[1], other.encoded.shape[1])  # encoder side: padded on the right, masked
+        _join_layers(self.cache.cross_attention_cache.layers, other.cache.cross_attention_cache.layers, s, left=False)
+        self.encoded = torch.cat([_pad(self.encoded, s, 1, False), _pad(other.encoded, s, 1, False)])
+        self.encoded_mask = torch.cat([_pad(self.encoded_mask, s, 1, False), _pad(other.encoded_mask, s, 1, False)])
+
+    def filter(self, keep):
+        index = torch.tensor(keep, device=self.mask.device)
+        start = self._trim_start(index)
+        _select_layers(_self_layers(self.cache), index, slice(start, None))
+        encoded_mask = self.encoded_mask.index_select(0, index)
+        end = int((encoded_mask.sum(0) > 0).nonzero()[-1]) + 1  # trailing encoder padding of every kept row
+        _select_layers(list(self.cache.cross_attention_cache.layers), index, slice(None, end))
+        self.encoded = self.encoded.index_select(0, index)[:, :end]
+        self.encoded_mask = encoded_mask[:, :end]
+
+    def step(self, model, tokens):
+        mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        out = model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=self.encoded),
+            attention_mask=self.encoded_mask,
+            decoder_input_ids=torch.tensor(tokens, device=mask.device)[:, None],
+            decoder_attention_mask=mask,
+            use_cache=True,
+            **keep_logits(model, 1),
+            **{cache_argument(model): self.cache},
+        )
+        self.cache, self.mask = cache_of(out), mask
+        return out.logits[:, -1]
+
+    @classmethod
+    def probe(cls, model, device):
+        kind = getattr(unwrap(model).config, "model_type", None)
+        if kind not in RELATIVE_SEQ2SEQ:
+            raise UnsupportedCache(
+                f"continuous batching of encoder-decoders is built for {list(RELATIVE_SEQ2SEQ)}; this is {kind!r}"
+            )
+        ids = torch.tensor([[1, 2]], device=device)
+        start = torch.full((1, 1), unwrap(model).config.decoder_start_token_id, device=device)
+        _check_cache(cache_of(model(input_ids=ids, decoder_input_ids=start, use_cache=True)))
