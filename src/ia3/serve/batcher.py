@@ -136,6 +136,10 @@ class Batcher:
         if self.decoder is not None:
             self.decoder.fail_all(ShuttingDown(), waiting=True)
 
+    def alive(self) -> bool:
+        """Whether the worker thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     def pause(self) -> None:
         """Take no new batch (nor control task) until `resume`; requests keep queueing, within `max_queue`."""
         with self._cond:

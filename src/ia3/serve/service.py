@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import itertools
 import logging
 import time
@@ -32,7 +33,8 @@ from ia3.serve.decoding import Row, RowError, Sampling
 from ia3.serve.engine import Engine, Generated, GenerateParams, labels_from_recipes
 from ia3.serve.errors import ApiError, ShuttingDown, adapter_not_found
 from ia3.serve.metrics import Metrics
-from ia3.serve.registry import AdapterInfo, Registry
+from ia3.serve.registry import AdapterInfo, Registry, check_name
+from ia3.tasks import Task
 from ia3.tuner import BASE_ADAPTER
 
 log = logging.getLogger("ia3.serve")
@@ -161,6 +163,60 @@ class Service:
         self.batcher.stop()
         self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
+    # -- what the routes read --------------------------------------------------------------------------------------
+    @property
+    def task(self) -> Task:
+        """The served model's task (bound to the server's tokenizer)."""
+        return self.engine.task
+
+    @property
+    def label_names(self) -> list[str] | None:
+        """The labels `/v1/classify` ranks by default."""
+        return self.engine.label_names
+
+    def alive(self) -> bool:
+        """Whether the worker thread runs."""
+        return self.batcher.alive()
+
+    def has_adapter(self, name: str) -> bool:
+        return self.registry.has(name)
+
+    def adapter_infos(self) -> list[dict]:
+        """The loaded adapters, as `/v1/adapters` lists them."""
+        return self.registry.infos()
+
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.engine.tokenizer, "chat_template", None))
+
+    def check_generates(self) -> None:
+        """422 unless the served model generates text."""
+        if not self.task.generates:
+            raise ApiError(
+                422, "unsupported", f"This server runs a classifier (task {self.task.name}); use /v1/classify"
+            )
+
+    # -- adapters (request side) -----------------------------------------------------------------------------------
+    async def load_adapter(self, name: str, source: str | None = None, revision: str | None = None) -> dict:
+        """Load adapter `name` from the adapters folder, or from Hub repo `source` (at `revision`); its info."""
+        check_name(name)
+        if self.registry.has(name):
+            raise ApiError(409, "adapter_exists", f"Adapter {name!r} is already loaded; DELETE it first")
+        if source is not None:
+            folder = await asyncio.to_thread(self.registry.hub_folder, source, revision)
+            origin = f"hub:{source}" + (f"@{revision}" if revision else "")
+        else:
+            if revision is not None:
+                raise ApiError(422, "invalid_request", "revision needs a Hub 'source'")
+            folder = await asyncio.to_thread(self.registry.local_folder, name)
+            origin = f"local:{name}"
+        adapter_config = await asyncio.to_thread(self.registry.read_config, folder, name)
+        return await self.on_worker(functools.partial(self._load_now, name, folder, origin, adapter_config))
+
+    async def delete_adapter(self, name: str) -> None:
+        """Unload adapter `name`; requests for it still queued get 404."""
+        check_name(name)
+        await self.on_worker(functools.partial(self._delete_now, name))
+
     # -- adapters (the worker thread, or before it starts) ---------------------------------------------------------
     def _load_now(self, name: str, folder: Path, source: str, adapter_config) -> dict:
         if self.registry.has(name):
@@ -255,6 +311,36 @@ class Service:
     async def tokenize(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(*args)` on the tokenizer thread."""
         return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, fn, *args)
+
+    async def encode_prompts(self, prompts: list[str | list[int]], field: str) -> list[Prompt]:
+        """Tokenise OpenAI-style prompts (texts as they are, or token ids) on the tokenizer thread."""
+        engine = self.engine
+
+        def work() -> list[Prompt]:
+            where = (lambda i: f"{field}[{i}]") if len(prompts) > 1 else (lambda i: field)
+            return [Prompt(*engine.encode_raw(x, where(i))) for i, x in enumerate(prompts)]
+
+        return await self.tokenize(work)
+
+    async def encode_chat(self, messages: list[dict[str, str]]) -> list[Prompt]:
+        """Tokenise chat `messages` rendered with the tokenizer's chat template, on the tokenizer thread."""
+        engine = self.engine
+
+        def work() -> list[Prompt]:
+            tok = engine.request_task.tokenizer
+            try:
+                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception as err:
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    f"messages: the chat template refuses them ({str(err)[:200]})",
+                    param="messages",
+                ) from None
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            return [Prompt(*engine.encode_raw(ids, "messages"))]
+
+        return await self.tokenize(work)
 
     async def encode_inputs(self, texts: list[str], field: str = "inputs", raw: bool = False) -> list[Prompt]:
         """Tokenise each input of one request (the recipe's prompt around it, unless `raw`)."""
