@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ia3.quantization import QUANTIZATIONS
 from ia3.recipe.config import Checks, field_types
-from ia3.tasks import TASKS
+from ia3.tasks import TASKS, Task
 
 BATCHING = ("continuous", "static")
 TRUNCATION = ("left", "refuse")
@@ -147,6 +147,11 @@ class ServeConfig:
         if c.ok("api_key"):
             c.require(bool(self.api_key), "--api-key must not be empty (leave it unset for no key)")
         c.done("Invalid serve config")
+
+    @property
+    def task_class(self) -> type[Task]:
+        """The task `task` names (checked when the config was made)."""
+        return TASKS[self.task]
 
     @property
     def request_budget(self) -> int:

@@ -25,7 +25,7 @@ from ia3.recipe.modeling import load_base_model, load_tokenizer
 from ia3.serve.config import ServeConfig
 from ia3.serve.decoding import Decoder
 from ia3.serve.errors import ApiError
-from ia3.tasks import LabelLengthError, get_task
+from ia3.tasks import LabelLengthError, Task
 from ia3.tuner import BASE_ADAPTER
 
 log = logging.getLogger("ia3.serve")
@@ -82,9 +82,8 @@ def labels_from_recipes(adapter_folders: list[Path]) -> list[str] | None:
 class Engine:
     """Tokenizer + base model (+ `PeftModel` once an adapter is loaded); runs whole batches."""
 
-    def __init__(self, config: ServeConfig, label_names: list[str] | None) -> None:
+    def __init__(self, config: ServeConfig, task_class: type[Task], label_names: list[str] | None) -> None:
         self.config = config
-        task_class = get_task(config.task)
         args = ModelArgs(
             name=config.model, task=config.task, gguf_file=config.gguf_file, quantization=config.quantization
         )

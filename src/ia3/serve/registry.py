@@ -17,7 +17,7 @@ from pathlib import Path
 from ia3.config import CONFIG_NAME, IA3Config
 from ia3.serialization import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
 from ia3.serve.errors import ApiError
-from ia3.tasks import get_task
+from ia3.tasks import Task
 from ia3.tuner import BASE_ADAPTER
 
 log = logging.getLogger("ia3.serve")
@@ -62,7 +62,7 @@ class AdapterInfo:
 class Registry:
     """Where adapters come from (`root`, the Hub) and which are loaded (updated by the model's worker thread)."""
 
-    def __init__(self, root: str | None, task: str, allow_hub: bool = True) -> None:
+    def __init__(self, root: str | None, task: type[Task], allow_hub: bool = True) -> None:
         self.root = Path(root).resolve() if root is not None else None
         if self.root is not None and not self.root.is_dir():
             raise ValueError(f"adapters folder {root} does not exist or is not a folder")
@@ -178,11 +178,11 @@ class Registry:
             config = IA3Config.from_pretrained(folder)
         except (ValueError, OSError) as err:
             raise ApiError(422, "invalid_adapter", f"Adapter {label!r}: {str(err)[:500]}") from None
-        want = get_task(self.task).peft_task_type
+        want = self.task.peft_task_type
         if config.task_type not in (None, want):
             raise ApiError(
                 422,
                 "adapter_incompatible",
-                f"Adapter {label!r} is for task {config.task_type}; this server serves {self.task} ({want})",
+                f"Adapter {label!r} is for task {config.task_type}; this server serves {self.task.name} ({want})",
             )
         return config

@@ -121,10 +121,11 @@ class Service:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.registry = Registry(config.adapters_dir, config.task, config.allow_hub)
+        task = config.task_class  # resolved once; passed on as the class
+        self.registry = Registry(config.adapters_dir, task, config.allow_hub)
         folders = self.registry.startup_folders()
         labels = config.label_names or labels_from_recipes([folder for _, folder in folders])
-        self.engine = Engine(config, labels)
+        self.engine = Engine(config, task, labels)
         self.metrics = Metrics()
         for name, folder in folders:
             try:
