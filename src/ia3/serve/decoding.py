@@ -1,12 +1,11 @@
 """Continuous batching: rows join and leave the running decode batch at token boundaries (decoder-only models, and
 encoder-decoders with relative positions: T5, mT5).
 
-`Decoder` keeps one key/value cache for every running row (left-padded to a common length, with an attention mask
-and per-row position ids). Each `step()`:
+`Decoder` schedules; the running rows' model state (their key/value cache, mask and positions) is one `DecodeState`
+of the model's family (`ia3.families`), which knows how to prefill, extend, filter and step it. Each `step()`:
 
 1. admits waiting rows while the batch has room (`max_rows`) and the step's prefill budget (`max_prefill_tokens`)
-   allows: their prompts run once (left-padded, each row with its own adapter) and their caches are joined to the
-   running batch's;
+   allows: their prompts run once (each row with its own adapter) and their state joins the running batch's;
 2. runs one decode step for every running row, each with its own adapter (`per_example`);
 3. picks each row's next token with its own settings (greedy, or sampling with its own temperature / top-p / top-k
    and its own seeded generator), decodes its text incrementally (UTF-8 safe: an incomplete multi-byte character is
