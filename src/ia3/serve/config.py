@@ -52,6 +52,10 @@ class ServeConfig:
             parameters; for comparison).
         max_batch_size: rows (inputs) per forward / generate call; with continuous batching, rows decoded
             together.
+        max_rows_per_request: continuous batching: rows of one request decoded together at most (its other rows
+            wait until its earlier ones finish), so one big request (many inputs x `n`) leaves room for others; the
+            waiting rows are admitted round-robin over clients (the API key with the peer address, or the peer
+            address). None: half of `max_batch_size` (at least 1).
         max_prefill_tokens: continuous batching: prompt tokens that join the running batch in one step at most (a
             longer prompt joins alone), which bounds how long a new long prompt delays the running rows.
         max_wait_ms: how long the oldest waiting request may wait for others to fill its batch.
@@ -77,7 +81,10 @@ class ServeConfig:
             limit for the headers of each later request on a kept-alive connection.
         body_timeout_s: a request's body must arrive within this after its headers (else 408).
         idle_timeout_s: a kept-alive connection with no new request for this long is closed.
-        max_connections: open connections at most; more are closed at once with 503.
+        max_connections: open connections at most; more are closed at once with 503. The listen backlog and the
+            file-descriptor limit are sized with it, so accepting never fails below it.
+        max_connections_per_client: open connections of one peer address at most (the API key is not known when a
+            connection opens); more are closed at once with 503, so one client cannot hold every connection.
         shutdown_timeout_s: on shutdown, requests still running after this are cut off.
         api_key: when set, `/v1/*` and `/metrics` need `Authorization: Bearer KEY` or `X-API-Key: KEY`.
         allow_hub: let `POST /v1/adapters/{name}` with `{"source": "<hub id>"}` download an adapter.
@@ -95,6 +102,7 @@ class ServeConfig:
     device: str | None = None
     batching: str = "continuous"
     max_batch_size: int = 32
+    max_rows_per_request: int | None = None
     max_prefill_tokens: int = 4096
     max_wait_ms: float = 10.0
     max_queue: int = 256
@@ -116,6 +124,7 @@ class ServeConfig:
     body_timeout_s: float = 30.0
     idle_timeout_s: float = 5.0
     max_connections: int = 512
+    max_connections_per_client: int = 64
     shutdown_timeout_s: float = 10.0
     api_key: str | None = None
     allow_hub: bool = True
@@ -152,6 +161,11 @@ class ServeConfig:
     def task_class(self) -> type[Task]:
         """The task `task` names (checked when the config was made)."""
         return TASKS[self.task]
+
+    @property
+    def request_rows(self) -> int:
+        """`max_rows_per_request`, or its default."""
+        return self.max_rows_per_request or max(1, self.max_batch_size // 2)
 
     @property
     def request_budget(self) -> int:

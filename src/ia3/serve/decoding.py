@@ -5,7 +5,10 @@ encoder-decoders with relative positions: T5, mT5).
 of the model's family (`ia3.families`), which knows how to prefill, extend, filter and step it. Each `step()`:
 
 1. admits waiting rows while the batch has room (`max_rows`) and the step's prefill budget (`max_prefill_tokens`)
-   allows: their prompts run once (each row with its own adapter) and their state joins the running batch's;
+   allows, round-robin over the clients with waiting rows (the least recently served client first) and at most
+   `max_rows_per_request` rows of one request at a time (its other rows wait until its earlier ones finish), so a
+   big request cannot take every row from the others: their prompts run once (each row with its own adapter) and
+   their state joins the running batch's;
 2. runs one decode step for every running row, each with its own adapter (`per_example`);
 3. picks each row's next token with its own settings (greedy, or sampling with its own temperature / top-p / top-k
    and its own seeded generator), decodes its text incrementally (UTF-8 safe: an incomplete multi-byte character is
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,11 +38,15 @@ from ia3.families import DecodeState, eos_ids
 from ia3.serve.errors import ApiError
 
 log = logging.getLogger("ia3.serve")
+# a temperature below this is greedy decoding (the limit of sampling as the temperature goes to 0); smaller ones
+# overflow the division of the logits (float32 underflows below ~1e-45; transformers' sampling below ~1e-4)
+GREEDY_TEMPERATURE = 1e-4
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """How a row picks its tokens. `temperature` 0 is greedy; `top_k` 0 keeps every token."""
+    """How a row picks its tokens. `temperature` below `GREEDY_TEMPERATURE` (0 included) is greedy; `top_k` 0 keeps
+    every token."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -48,7 +55,7 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 class RowError(Exception):
@@ -72,6 +79,8 @@ class Row:
     on_text: Callable[[Row, str], None] | None = None
     on_done: Callable[[Row], None] | None = None
     index: int = 0  # which choice of its request (the seed is offset by it)
+    client: str = ""  # who asked (fair admission is round-robin over clients)
+    request: int = 0  # which request of its client (the row cap applies per request)
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # decoded so far (a stop sequence and what follows it cut off)
     emitted: int = 0  # characters of `text` already handed to `on_text`
@@ -157,6 +166,8 @@ class Decoder:
         max_prefill_tokens: prompt tokens admitted in one step at most (one longer prompt is admitted alone), so a
             long prompt delays the running rows by one bounded prefill.
         max_positions: the model's position limit (a row stops with "length" there); None: no limit.
+        max_rows_per_request: rows of one request decoded together at most (None: `max_rows`); its other rows
+            wait for its earlier ones to finish.
         adapter_loaded: `adapter_loaded(name)` -> False once an adapter is unloaded: its rows, waiting or running,
             end with 404 at the next step, and the other rows go on.
     """
@@ -172,6 +183,7 @@ class Decoder:
         max_prefill_tokens: int = 4096,
         max_positions: int | None = None,
         adapter_loaded: Callable[[str], bool] | None = None,
+        max_rows_per_request: int | None = None,
     ) -> None:
         self.model = model
         self.adapter_loaded = adapter_loaded
@@ -181,6 +193,9 @@ class Decoder:
         self.max_rows = max_rows
         self.max_prefill_tokens = max_prefill_tokens
         self.max_positions = max_positions
+        self.max_rows_per_request = max_rows_per_request or max_rows
+        self.served: dict[str, int] = {}  # client -> when (admission count) it last had a row admitted
+        self.admissions = 0
         self.detok = Detokenizer(tokenizer)
         self.eos = eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -243,16 +258,43 @@ class Decoder:
             self._retire()
 
     def _admit(self) -> list[Row]:
+        """Waiting rows to admit now: round-robin over clients (least recently served first), each request under
+        its row cap, within the free rows and the prefill budget (one longer prompt is admitted alone)."""
         admitted: list[Row] = []
         budget = self.max_prefill_tokens
         with self._lock:
-            while self.waiting and len(self.running) + len(admitted) < self.max_rows:
-                cost = len(self.waiting[0].prompt)
-                if admitted and cost > budget:
+            queues = self._eligible()
+            order = sorted(queues, key=lambda c: self.served.get(c, -1))  # stable: first arrival breaks ties
+            rows = Counter((r.client, r.request) for r in self.running)
+            while order and len(self.running) + len(admitted) < self.max_rows:
+                client = order.pop(0)
+                queue = queues[client]
+                while queue and rows[client, queue[0].request] >= self.max_rows_per_request:
+                    queue.popleft()  # this request has its share; its next rows wait
+                if not queue:
+                    continue
+                row = queue[0]
+                if admitted and len(row.prompt) > budget:
                     break
-                admitted.append(self.waiting.popleft())
-                budget -= cost
+                admitted.append(queue.popleft())
+                budget -= len(row.prompt)
+                rows[client, row.request] += 1
+                self.admissions += 1
+                self.served[client] = self.admissions
+                order.append(client)
+            if admitted:
+                taken = set(map(id, admitted))
+                self.waiting = deque(r for r in self.waiting if id(r) not in taken)
+            live = {r.client for r in (*self.waiting, *self.running, *admitted)}
+            self.served = {c: t for c, t in self.served.items() if c in live}
         return admitted
+
+    def _eligible(self) -> dict[str, deque[Row]]:  # with the lock held
+        """The waiting rows by client, each client's in arrival order."""
+        queues: dict[str, deque[Row]] = {}
+        for row in self.waiting:
+            queues.setdefault(row.client, deque()).append(row)
+        return queues
 
     def _prefill(self, rows: list[Row]) -> None:
         """Run the new rows' prompts; join their state to the running batch's. A prompt that fails alone fails

@@ -49,8 +49,22 @@ async def require_key(
         )
 
 
+def client_id(request: Request) -> str:
+    """Who sent `request`, for fair admission: the peer address, with a digest of the API key it gave (if any), so
+    key holders behind one proxy and callers on one host with different keys take separate turns."""
+    host = request.client.host if request.client is not None else "unknown"
+    given = request.headers.get("x-api-key")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if given is None and scheme.lower() == "bearer" and token:
+        given = token.strip()
+    if not given:
+        return host
+    return hashlib.sha256(given.encode()).hexdigest()[:16] + "@" + host
+
+
 def watch(request: Request) -> Watch:
-    """A `Watch` that resolves when the request's client disconnects (the body has been read by then)."""
+    """The request's `Watch`: its client's id, and a wait that resolves when the client disconnects (the body has
+    been read by then)."""
 
     async def disconnected() -> None:
         while True:
@@ -59,7 +73,7 @@ def watch(request: Request) -> Watch:
                 mark_client_gone(request)
                 return
 
-    return Watch(disconnected)
+    return Watch(disconnected, client=client_id(request))
 
 
 def mark_client_gone(request: Request) -> None:

@@ -118,6 +118,7 @@ class Engine:
                 task_class.decode_state,
                 max_rows=config.max_batch_size,
                 max_prefill_tokens=config.max_prefill_tokens,
+                max_rows_per_request=config.request_rows,
                 max_positions=self.positions if task_class.answer_follows_prompt else None,
                 adapter_loaded=lambda name: (
                     name == BASE_ADAPTER or (self.peft is not None and name in self.peft.peft_config)

@@ -39,9 +39,7 @@ from ia3.tuner import BASE_ADAPTER
 
 log = logging.getLogger("ia3.serve")
 _seeded = itertools.count()
-# below this, sampling in transformers' `generate` (static batches) divides logits into inf/NaN; the limit of
-# sampling as the temperature goes to 0 is greedy decoding, which is what such a request gets there
-MIN_STATIC_TEMPERATURE = 1e-4
+_requests = itertools.count(1)
 
 
 class ClientGone(Exception):
@@ -110,10 +108,12 @@ class StreamEvent:
 
 @dataclass
 class Watch:
-    """How a waiting request learns that its client went away: `disconnected()` resolves when it does."""
+    """Who asked, and how a waiting request learns that its client went away: `disconnected()` resolves when it
+    does. `client` names the client for fair admission (requests of one client share its turns)."""
 
     disconnected: Callable[[], Any] | None = None
     deadline: float = field(default_factory=lambda: time.monotonic() + 3600.0)
+    client: str = ""
 
 
 class Service:
@@ -398,12 +398,14 @@ class Service:
         future = self.batcher.submit(job)
         return await self._wait(job, future, watch)
 
-    def _rows(self, request: GenerationRequest, on_text=None, on_done=None) -> list[Row]:
+    def _rows(self, request: GenerationRequest, client: str, on_text=None, on_done=None) -> list[Row]:
         rows = []
+        rid = next(_requests)
         for p, prompt in enumerate(request.prompts):
             for j in range(request.n):
                 k = p * request.n + j
                 row = Row(prompt.ids, request.adapter, request.max_new_tokens, request.sampling, request.stop, index=k)
+                row.client, row.request = client, rid
                 if on_text is not None:
                     row.on_text = lambda r, piece, k=k: on_text(k, piece)
                 if on_done is not None:
@@ -413,7 +415,7 @@ class Service:
 
     def _static_params(self, request: GenerationRequest) -> tuple[GenerateParams, Any]:
         s = request.sampling
-        if s.greedy or s.temperature < MIN_STATIC_TEMPERATURE:
+        if s.greedy:
             params = GenerateParams(request.max_new_tokens, request.num_beams)
         else:
             params = GenerateParams(
@@ -440,30 +442,34 @@ class Service:
         """Every completion of `request`, in prompt-major order."""
         self.check_budget(request)
         if self.engine.decoder is not None and request.num_beams == 1:
-            rows = self._rows(request)
-            job = Job("decode", None, rows, request.adapter)
-            future = self.batcher.submit_rows(job, rows)
-            done = await self._wait(job, future, watch)
-            for row in done:
-                if row.error is not None:
-                    raise self._row_error(row)
-            out = [
-                Completion(r.index // request.n, r.index % request.n, r.text, len(r.tokens), r.finish_reason)
-                for r in done
-            ]
-        else:
-            params, key = self._static_params(request)
-            ids = [p.ids for p in request.prompts for _ in range(request.n)]
-            results: list[Generated] = await self.submit("generate", key, ids, request.adapter, params, watch)
-            out = []
-            for k, g in enumerate(results):
-                text, stopped = self._cut(g.text, request.stop)
-                reason = "stop" if stopped else g.finish_reason
-                out.append(Completion(k // request.n, k % request.n, text, len(g.tokens), reason))
+            return await self._decode(request, watch)
+        params, key = self._static_params(request)
+        ids = [p.ids for p in request.prompts for _ in range(request.n)]
+        results: list[Generated] = await self.submit("generate", key, ids, request.adapter, params, watch)
+        out = []
+        for k, g in enumerate(results):
+            text, stopped = self._cut(g.text, request.stop)
+            reason = "stop" if stopped else g.finish_reason
+            out.append(Completion(k // request.n, k % request.n, text, len(g.tokens), reason))
         self.metrics.record_tokens(
             request.adapter, sum(len(p.ids) for p in request.prompts), sum(c.tokens for c in out)
         )
         return out
+
+    async def _decode(self, request: GenerationRequest, watch: Watch) -> list[Completion]:
+        rows = self._rows(request, watch.client)
+        job = Job("decode", None, rows, request.adapter)
+        future = self.batcher.submit_rows(job, rows)
+        try:
+            done = await self._wait(job, future, watch)
+        finally:  # answered or cut off (deadline, client gone, shutdown): the tokens generated count
+            self._record_tokens(request, rows)
+        for row in done:
+            if row.error is not None:
+                raise self._row_error(row)
+        return [
+            Completion(r.index // request.n, r.index % request.n, r.text, len(r.tokens), r.finish_reason) for r in done
+        ]
 
     async def stream(self, request: GenerationRequest, watch: Watch) -> AsyncIterator[StreamEvent]:
         """The completions of `request` as they are generated: text pieces, then one end event per choice."""
@@ -487,10 +493,10 @@ class Service:
             else:
                 put(StreamEvent(k, finish_reason=row.finish_reason or "cancelled", tokens=len(row.tokens)))
 
-        rows = self._rows(request, on_text=lambda k, piece: put(StreamEvent(k, piece)), on_done=done)
+        rows = self._rows(request, watch.client, on_text=lambda k, piece: put(StreamEvent(k, piece)), on_done=done)
         job = Job("decode", None, rows, request.adapter)
         self.batcher.submit_rows(job, rows)
-        remaining, produced = len(rows), 0
+        remaining = len(rows)
         deadline = min(watch.deadline, time.monotonic() + self.config.request_timeout_s)
         try:
             while remaining:
@@ -502,13 +508,16 @@ class Service:
                     raise event.error
                 if event.finish_reason is not None:
                     remaining -= 1
-                    produced += event.tokens
                 yield event
         finally:
             if remaining:
                 self.batcher.cancel(job)
-            prompt_tokens = sum(len(p.ids) for p in request.prompts)
-            self.metrics.record_tokens(request.adapter, prompt_tokens, produced)
+            self._record_tokens(request, rows)
+
+    def _record_tokens(self, request: GenerationRequest, rows: list[Row]) -> None:
+        """Count the tokens `rows` generated (all of them, also when the request was cut off)."""
+        prompt_tokens = sum(len(p.ids) for p in request.prompts)
+        self.metrics.record_tokens(request.adapter, prompt_tokens, sum(len(r.tokens) for r in rows))
 
     async def classify(self, texts: list[str], adapter: str, labels: tuple[str, ...], watch: Watch) -> list[dict]:
         prompts = await self.encode_inputs(texts)
