@@ -4,13 +4,60 @@ cap per request), per-client connection caps, a bounded log under file-descripto
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from ia3.families import DecodeState
-from ia3.serve.decoding import Decoder, Row, Sampling
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from live_server import LiveServer  # noqa: E402
+from serve_setup import TEXTS, Setup, one_torch_thread  # noqa: E402, F401
+
+from ia3.families import DecodeState  # noqa: E402
+from ia3.serve import ServeConfig  # noqa: E402
+from ia3.serve.decoding import Decoder, Row, Sampling  # noqa: E402
+from ia3.serve.http import OncePerInterval, listen_backlog  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+OTHER_HOST = "127.0.0.2"  # Linux routes all of 127/8 to loopback: a second client address on one machine
+
+
+@pytest.fixture(scope="module")
+def causal(tmp_path_factory):
+    return Setup(tmp_path_factory.mktemp("serve-fair"), "causal")
+
+
+def _config(causal: Setup, **overrides) -> ServeConfig:
+    settings = dict(
+        model=str(causal.model_dir), adapters_dir=str(causal.adapters), task="causal", max_wait_ms=5, max_new_tokens=24
+    )
+    settings.update(overrides)
+    return ServeConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def server(causal):
+    srv = LiveServer(_config(causal))
+    yield srv
+    srv.close()
+
+
+def _client(url: str, host: str) -> httpx.Client:
+    return httpx.Client(base_url=url, timeout=30, transport=httpx.HTTPTransport(local_address=host))
 
 
 # -- fair admission ----------------------------------------------------------------------------------------------
@@ -56,3 +103,237 @@ def test_admission_keeps_the_prefill_budget():
 def test_tiny_temperatures_are_greedy():
     assert Sampling(1e-50).greedy and Sampling(0.0).greedy and Sampling(9e-5).greedy
     assert not Sampling(1e-3).greedy
+
+
+def test_an_innocent_request_is_admitted_beside_a_big_one(causal):
+    """One client's request of 8 rows (the whole batch) and another client's small request arrive together: the
+    big one gets at most half the rows, the small one is admitted at once and answered long before the big one;
+    every answer equals the same request run alone (greedy)."""
+    srv = LiveServer(_config(causal, max_batch_size=8))
+    big_texts = [TEXTS[i % 4] + " x" * i for i in range(8)]
+    try:
+        srv.service.batcher.pause()  # both arrive before the first step
+        with _client(srv.url, OTHER_HOST) as other, ThreadPoolExecutor(2) as pool:
+            body = {"adapter": "a", "inputs": big_texts, "parameters": {"max_new_tokens": 24}}
+            big = pool.submit(srv.post, "/v1/generate", json=body)
+            decoder = srv.service.engine.decoder
+            while decoder.counts()[1] < 8:
+                time.sleep(0.001)
+            small_body = {"adapter": "b", "inputs": TEXTS[1], "parameters": {"max_new_tokens": 3}}
+            small = pool.submit(other.post, "/v1/generate", json=small_body)
+            while decoder.counts()[1] < 9:
+                time.sleep(0.001)
+            srv.service.batcher.resume()
+            answer = small.result()
+            assert answer.status_code == 200 and not big.done(), "the small request waited for the big one"
+            assert answer.json()["outputs"][0]["text"] == causal.generate("b", TEXTS[1], 3)
+            outputs = big.result().json()["outputs"]
+        assert [o["text"] for o in outputs] == [causal.generate("a", t, 24) for t in big_texts]
+        assert decoder.stats()["max_rows"] <= 5  # 4 rows of the big request at most, and the small one
+    finally:
+        srv.close()
+
+
+# -- connections -------------------------------------------------------------------------------------------------
+def test_one_address_cannot_hold_every_connection(causal):
+    srv = LiveServer(_config(causal, max_connections=10, max_connections_per_client=2))
+    host, port = srv.url.removeprefix("http://").split(":")
+    try:
+        held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(2)]
+        try:
+            time.sleep(0.1)
+            with socket.create_connection((host, int(port)), timeout=10) as extra:
+                answer = extra.recv(4096)
+                assert answer.startswith(b"HTTP/1.1 503") and b"from this address" in answer, answer
+            with _client(srv.url, OTHER_HOST) as other:  # another address is served meanwhile
+                r = other.post("/v1/generate", json={"adapter": "a", "inputs": "Sales"})
+                assert r.status_code == 200, r.text
+        finally:
+            for sock in held:
+                sock.close()
+        assert srv.app.state.protocol.refused_per_client == 1
+    finally:
+        srv.close()
+
+
+def test_backlog_cap_and_file_limit_fit_together():
+    assert listen_backlog(512, None) == (2048, 512)
+    assert listen_backlog(512, 20000) == (2048, 512)
+    backlog, cap = listen_backlog(512, 1024)
+    assert cap == 512 and 512 + backlog + 128 <= 1024
+    backlog, cap = listen_backlog(512, 256)  # the hard limit is too low: the cap comes down
+    assert backlog == 16 and cap + backlog + 128 <= 256
+
+
+def test_descriptor_exhaustion_is_logged_once_a_second():
+    limit = OncePerInterval(1.0)
+    err = OSError(24, "Too many open files")
+    records = [
+        logging.LogRecord("asyncio", logging.ERROR, "x", 1, "socket.accept() out of system resource", (), None)
+        for _ in range(50)
+    ]
+    for record in records[:25]:
+        record.exc_info = (OSError, err, None)
+    passed = [r for r in records if limit.filter(r)]
+    assert len(passed) == 1 and passed[0].exc_info is None and "Too many open files" in passed[0].getMessage()
+    assert limit.suppressed == 49
+    other = logging.LogRecord("asyncio", logging.ERROR, "x", 1, "something else", (), None)
+    assert limit.filter(other)
+    limit._last -= 1.0
+    assert limit.filter(records[0]) and "49 more like it" in records[0].getMessage()
+
+
+SERVER_SCRIPT = """
+import sys
+from ia3.serve import ServeConfig
+from ia3.serve.app import run
+config = ServeConfig(model=sys.argv[1], task="causal", max_connections=512, max_connections_per_client=1000)
+run(config, port=int(sys.argv[2]), log_level="info")
+"""
+
+
+@pytest.mark.slow
+def test_a_socket_flood_under_a_low_file_limit_keeps_the_log_small(causal, tmp_path):
+    """A server under `ulimit -n 256` (below what --max-connections 512 needs) flooded by 600 sockets for 3 s: a
+    line per second at most about running out of descriptors, and it answers afterwards."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = tmp_path / "server.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SERVER_SCRIPT, str(causal.model_dir), str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)),
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        stop = time.monotonic() + 3
+
+        def flood() -> None:
+            held: list[socket.socket] = []
+            while time.monotonic() < stop:
+                with contextlib.suppress(OSError):
+                    held.append(socket.create_connection(("127.0.0.1", port), timeout=1))
+                if len(held) >= 100:
+                    for s in held[:50]:
+                        s.close()
+                    held = held[50:]
+            for s in held:
+                s.close()
+
+        threads = [threading.Thread(target=flood) for _ in range(6)]
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seconds = time.monotonic() - started
+        time.sleep(1.5)
+        r = httpx.post(url + "/v1/generate", json={"adapter": "__base__", "inputs": "Sales"}, timeout=30)
+        assert r.status_code == 200, r.text
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+        refused = next(line for line in metrics.splitlines() if line.startswith("ia3_connections_refused_total"))
+        assert float(refused.split()[-1]) > 0, "the flood must pass the connection cap"
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    text = log_path.read_text(errors="replace")
+    assert "lowered to" in text  # the cap came down to what the descriptors allow
+    emfile = [line for line in text.splitlines() if "Too many open files" in line]
+    assert len(emfile) <= seconds + 3, emfile[:5]
+    assert len(text) < 200_000
+
+
+# -- smaller faults ----------------------------------------------------------------------------------------------
+def test_a_request_cut_by_the_shutdown_gets_the_json_503(causal, caplog):
+    srv = LiveServer(_config(causal, shutdown_timeout_s=1.0))
+    try:
+        srv.service.batcher.pause()  # the request never finishes on its own
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(srv.post, "/v1/generate", json={"adapter": "a", "inputs": "Sales"})
+            while srv.service.batcher.depth() == 0:
+                time.sleep(0.01)
+            with caplog.at_level("WARNING"):
+                srv.server.should_exit = True
+                r = pending.result()
+        assert r.status_code == 503 and r.json()["error"]["type"] == "shutting_down", r.text
+        assert not [rec for rec in caplog.records if rec.exc_info], "no traceback"
+    finally:
+        srv.close()
+
+
+def test_tiny_temperatures_decode_greedily(server, causal):
+    for temperature in (1e-50, 1e-46, 1e-5):
+        body = {"model": "a", "prompt": TEXTS[0], "max_tokens": 6, "temperature": temperature}
+        r = server.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        body = {"adapter": "a", "inputs": TEXTS[0], "parameters": {"max_new_tokens": 6, "do_sample": True}}
+        body["parameters"]["temperature"] = temperature
+        native = server.post("/v1/generate", json=body)
+        assert native.status_code == 200, native.text
+        assert native.json()["outputs"][0]["text"] == causal.generate("a", TEXTS[0], 6)
+        body["parameters"]["num_beams"] = 2  # the static path
+        assert server.post("/v1/generate", json=body).status_code == 200
+
+
+def test_tokens_of_a_timed_out_request_are_counted(causal):
+    srv = LiveServer(_config(causal, request_timeout_s=1.0, max_new_tokens=120))
+    decoder = srv.service.engine.decoder
+    step = decoder.step
+
+    def slow_step() -> None:
+        time.sleep(0.05)
+        step()
+
+    decoder.step = slow_step
+    try:
+        body = {"adapter": "c", "inputs": TEXTS[2], "parameters": {"max_new_tokens": 120}}
+        assert srv.post("/v1/generate", json=body).status_code == 504
+        time.sleep(0.2)
+        tokens = srv.service.metrics.completion_tokens["c"]
+        assert tokens > 0, "the tokens generated before the deadline must count"
+    finally:
+        srv.close()
+
+
+def test_adapter_symlinks_and_error_paths(server, causal, tmp_path):
+    root = causal.adapters
+    shutil.copytree(root / "a", root / "group" / "inner")
+    (root / "alias").symlink_to(root / "group" / "inner")  # inside the adapters folder: fine
+    r = server.post("/v1/adapters/alias")
+    assert r.status_code == 201, r.text
+    leak = root / "leak"
+    leak.mkdir()
+    shutil.copy(root / "a" / "adapter_config.json", leak)
+    (leak / "adapter_model.safetensors").symlink_to(causal.spare / "late" / "adapter_model.safetensors")
+    r = server.post("/v1/adapters/leak")
+    assert r.status_code == 403 and "leak/adapter_model.safetensors" in r.json()["error"]["message"], r.text
+    dangling = root / "dangling"
+    dangling.mkdir()
+    shutil.copy(root / "a" / "adapter_config.json", dangling)
+    (dangling / "adapter_model.safetensors").symlink_to(tmp_path / "missing.safetensors")
+    assert server.post("/v1/adapters/dangling").status_code == 403
+    broken = root / "broken"
+    broken.mkdir()
+    shutil.copy(root / "a" / "adapter_config.json", broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    r = server.post("/v1/adapters/broken")
+    assert r.status_code in (404, 422), r.text
+    assert str(root) not in r.text and str(root.resolve()) not in r.text, r.text
+    bad_config = root / "badconfig"
+    shutil.copytree(root / "a", bad_config)
+    (bad_config / "adapter_config.json").write_text("{not json")
+    r = server.post("/v1/adapters/badconfig")
+    assert r.status_code == 422 and str(root.resolve()) not in r.text, r.text

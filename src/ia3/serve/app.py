@@ -34,7 +34,7 @@ from starlette.routing import Match
 from ia3.serve.config import ServeConfig
 from ia3.serve.dependencies import CLIENT_GONE
 from ia3.serve.errors import ApiError
-from ia3.serve.http import BodyLimit, Guard, uvicorn_config
+from ia3.serve.http import BodyLimit, Guard, raise_file_limit, uvicorn_config
 from ia3.serve.metrics import Metrics
 from ia3.serve.routes import INFERENCE, admin, metrics, native, openai
 from ia3.serve.service import Service
@@ -157,23 +157,6 @@ def _version() -> str:
         return "0"
 
 
-def _raise_file_limit(wanted: int) -> None:
-    """Let the process open `wanted` connections (plus files): raise the soft descriptor limit toward the hard one."""
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        need = wanted + 128
-        if soft != resource.RLIM_INFINITY and soft < need:
-            target = need if hard == resource.RLIM_INFINITY else min(need, hard)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        if soft != resource.RLIM_INFINITY and soft < need:
-            log.warning("--max-connections %d is near the file limit (%d): lower it or raise ulimit -n", wanted, soft)
-    except (ImportError, ValueError, OSError):  # not on this platform
-        pass
-
-
 def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Load the model and adapters, then serve on `host:port` until interrupted (uvicorn)."""
     import uvicorn
@@ -185,7 +168,7 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_leve
         logging.getLogger("ia3.serve").setLevel(log_level.upper())
     if host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         log.warning("serving on %s without an API key: anyone who can reach this port can use it", host)
-    _raise_file_limit(config.max_connections)
+    raise_file_limit(config.max_connections)  # uvicorn_config sizes the listen backlog to the limit reached
     app = create_app(config)
     log.info(app.state.service.summary())
     uvicorn.Server(uvicorn_config(app, config, host, port, log_level)).run()

@@ -49,17 +49,18 @@ async def require_key(
         )
 
 
-def client_id(request: Request) -> str:
-    """Who sent `request`, for fair admission: the peer address, with a digest of the API key it gave (if any), so
-    key holders behind one proxy and callers on one host with different keys take separate turns."""
+def client_id(request: Request, svc: Service) -> str:
+    """Who sent `request`, for fair admission: its peer address, and on a server with an API key also a digest of
+    the key it gave (checked by then), so callers with different keys behind one proxy would take separate turns.
+    Without a server key the key headers are ignored: a client cannot make itself many clients."""
     host = request.client.host if request.client is not None else "unknown"
+    if svc.config.api_key is None:
+        return host
     given = request.headers.get("x-api-key")
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if given is None and scheme.lower() == "bearer" and token:
+    if given is None and scheme.lower() == "bearer":
         given = token.strip()
-    if not given:
-        return host
-    return hashlib.sha256(given.encode()).hexdigest()[:16] + "@" + host
+    return hashlib.sha256((given or "").encode()).hexdigest()[:16] + "@" + host
 
 
 def watch(request: Request) -> Watch:
@@ -73,7 +74,7 @@ def watch(request: Request) -> Watch:
                 mark_client_gone(request)
                 return
 
-    return Watch(disconnected, client=client_id(request))
+    return Watch(disconnected, client=client_id(request, get_service(request)))
 
 
 def mark_client_gone(request: Request) -> None:

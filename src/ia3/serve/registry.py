@@ -109,27 +109,50 @@ class Registry:
                 log.warning(
                     "skipping adapter folder %r: only a pickled %s (safetensors only)", child.name, PICKLE_WEIGHTS_NAME
                 )
-            elif not child.resolve().is_relative_to(self.root):
-                log.warning("skipping adapter folder %r: it leads outside the adapters folder", child.name)
+            elif self._outside(child):
+                log.warning("skipping adapter folder %r: %s leads outside the adapters folder", *self._outside(child))
             else:
                 found.append((child.name, child))
         return found
 
+    def _outside(self, folder: Path) -> tuple[str, str] | None:
+        """(name, what) when `folder` or one of the files the server reads there resolves (symlinks followed) to
+        outside the root; None when all stay inside (a folder symlinked to another folder inside is fine)."""
+        assert self.root is not None
+        name = folder.name
+        target = folder.resolve()
+        if target == self.root or not target.is_relative_to(self.root):
+            return name, "its folder"
+        for item in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (folder / item).resolve().is_relative_to(self.root):
+                return name, f"{name}/{item}"
+        return None
+
     def local_folder(self, name: str) -> Path:
-        """The checked folder of adapter `name` under the root (404 when absent, 403 when it leads outside)."""
+        """The checked folder of adapter `name` under the root (404 when absent, 403 when it or its files lead
+        outside)."""
         check_name(name)
         if self.root is None:
             raise ApiError(404, "adapter_not_found", "This server has no adapters folder; give a Hub id as 'source'")
-        folder = (self.root / name).resolve()
-        if folder.parent != self.root:
-            raise ApiError(403, "forbidden_path", f"Adapter folder {name!r} leads outside the adapters folder")
+        folder = self.root / name
+        outside = self._outside(folder) if folder.exists() or folder.is_symlink() else None
+        if outside is not None:
+            what = f"Adapter folder {name!r}" if outside[1] == "its folder" else outside[1]
+            raise ApiError(403, "forbidden_path", f"{what} leads outside the adapters folder")
         if not folder.is_dir():
             raise ApiError(404, "adapter_not_found", f"No adapter folder {name!r} in the adapters folder")
         self._check_files(folder, name)
-        for item in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (folder / item).resolve().is_relative_to(self.root):
-                raise ApiError(403, "forbidden_path", f"{name}/{item} leads outside the adapters folder")
         return folder
+
+    def public_message(self, err: BaseException, folder: Path, label: str) -> str:
+        """`err`'s message without the server's paths: the adapter's folder as `label`, the root as `adapters`."""
+        text = str(err)
+        places = {str(folder.resolve()): label, str(folder): label}
+        if self.root is not None:
+            places[str(self.root)] = "adapters"
+        for path, name in sorted(places.items(), key=lambda p: -len(p[0])):
+            text = text.replace(path, name)
+        return text
 
     def _check_files(self, folder: Path, label: str) -> None:
         if not (folder / WEIGHTS_NAME).is_file():
@@ -177,7 +200,8 @@ class Registry:
         try:
             config = IA3Config.from_pretrained(folder)
         except (ValueError, OSError) as err:
-            raise ApiError(422, "invalid_adapter", f"Adapter {label!r}: {str(err)[:500]}") from None
+            message = self.public_message(err, folder, label)
+            raise ApiError(422, "invalid_adapter", f"Adapter {label!r}: {message[:500]}") from None
         want = self.task.peft_task_type
         if config.task_type not in (None, want):
             raise ApiError(

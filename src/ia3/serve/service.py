@@ -225,9 +225,11 @@ class Service:
         try:
             self.engine.load_adapter(name, folder)
         except FileNotFoundError as err:
-            raise ApiError(404, "adapter_not_found", str(err)[:1000]) from None
+            message = self.registry.public_message(err, folder, name)
+            raise ApiError(404, "adapter_not_found", message[:1000]) from None
         except (ValueError, TypeError) as err:
-            raise ApiError(422, "adapter_incompatible", f"Adapter {name!r}: {str(err)[:1000]}") from None
+            message = self.registry.public_message(err, folder, name)
+            raise ApiError(422, "adapter_incompatible", f"Adapter {name!r}: {message[:1000]}") from None
         info = AdapterInfo(name, source, str(folder), adapter_config.task_type, adapter_config.base_model_name_or_path)
         self.registry.add(info)
         return info.public()

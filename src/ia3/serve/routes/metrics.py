@@ -44,7 +44,7 @@ async def metrics(request: Request, svc: ServiceDep, format: str = "prometheus")
     counters = {
         "decode_steps_total": ("continuous decode steps", decoder.steps if decoder else 0),
         "connections_refused_total": (
-            "connections closed at once: over --max-connections",
+            "connections closed at once: over --max-connections or --max-connections-per-client",
             getattr(protocol, "refused", 0),
         ),
         "header_timeouts_total": ("connections closed: headers too slow", getattr(protocol, "header_timeouts", 0)),
