@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,8 +189,6 @@ def load_pretrained(auto_class: Any, ref: BaseModelRef, **kwargs: Any) -> Any:
 
 
 def _load_gguf_quantized(auto_class: Any, ref: BaseModelRef, **kwargs: Any) -> Any:
-    import tempfile
-
     quantized = {k: kwargs.pop(k) for k in ("quantization_config", "device_map") if k in kwargs}
     dense = load_pretrained(auto_class, ref, **kwargs)
     with tempfile.TemporaryDirectory(prefix="ia3-gguf-dense-") as folder:

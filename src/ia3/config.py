@@ -11,6 +11,7 @@ from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
+from ia3.hub import resolve_file
 from ia3.serialization import atomic_write_text
 
 CONFIG_NAME = "adapter_config.json"
@@ -99,8 +100,6 @@ class PeftConfig:
         **kwargs: Any,
     ) -> IA3Config:
         """Read `adapter_config.json` from a folder or a Hub repo; `kwargs` override fields."""
-        from ia3.hub import resolve_file
-
         path = resolve_file(
             pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, revision=revision, token=token
         )

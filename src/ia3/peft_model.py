@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,15 +20,15 @@ from ia3.functional import (
     PREFIX,
     IncompatibleKeys,
     get_peft_model_state_dict,
+    resolve_weights_file,
     unwrapped_name,
 )
 from ia3.functional import WRAPPER_MODULES as WRAPPER_MODULES  # re-exported: scripts/gpu_check_loop.py
-from ia3.hub import resolve_file
 from ia3.layer import IA3Layer
 from ia3.model_card import write_model_card
-from ia3.serialization import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, load_tensors, save_tensors
+from ia3.serialization import WEIGHTS_NAME, load_tensors, save_tensors
 from ia3.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
-from ia3.tuner import IA3Model
+from ia3.tuner import IA3Model, set_module
 
 # safetensors metadata key of the label names of a classification adapter: a JSON object {"0": name, ...}, read by
 # `AutoPeftModelForSequenceClassification` to rebuild the base with the right head (PEFT ignores metadata)
@@ -467,14 +468,12 @@ class PeftModel(nn.Module):
         except BaseException:
             self.base_model.delete_adapter(adapter_name)
             # also undo the wrapping of layers that only this adapter targeted, so the model is as it was
-            from ia3.tuner import _set_module
-
             for name, layer in list(self.base_model.ia3_layers()):
                 if name not in wrapped_before and not len(layer.ia3_l):
-                    _set_module(self.base_model.model, name, layer.base_layer)
+                    set_module(self.base_model.model, name, layer.base_layer)
             for name, wrapper in list(self.base_model.wrappers()):
                 if name not in wrapped_before and not len(wrapper.modules_to_save):
-                    _set_module(self.base_model.model, name, wrapper.original_module)
+                    set_module(self.base_model.model, name, wrapper.original_module)
             raise
         if not is_trainable:
             self.eval()  # as PEFT does: dropout off after loading an adapter for inference
@@ -491,16 +490,7 @@ class PeftModel(nn.Module):
         torch_device: str | torch.device | None = None,
         low_cpu_mem_usage: bool = False,
     ) -> None:
-        path = resolve_file(
-            model_id, WEIGHTS_NAME, subfolder=subfolder, revision=revision, token=token, missing_ok=True
-        )
-        if path is None:
-            pickled = resolve_file(
-                model_id, PICKLE_WEIGHTS_NAME, subfolder=subfolder, revision=revision, token=token, missing_ok=True
-            )
-            if pickled is None:
-                raise FileNotFoundError(f"{model_id} has no {WEIGHTS_NAME} (nor {PICKLE_WEIGHTS_NAME})")
-            path = pickled
+        path = resolve_weights_file(model_id, subfolder=subfolder, revision=revision, token=token)
         tensors = load_tensors(path, allow_pickle=allow_pickle)
         if torch_device is not None:
             tensors = {k: v.to(torch_device) for k, v in tensors.items()}
@@ -615,8 +605,6 @@ def get_peft_model(
         raise ValueError("mixed=True builds PEFT's PeftMixedModel of several adapter types; ia3 has only (IA)^3")
     if revision is not None:
         if isinstance(peft_config, IA3Config) and peft_config.revision not in (None, revision):
-            import warnings
-
             warnings.warn(
                 f"peft_config.revision is {peft_config.revision!r}; revision={revision!r} is recorded instead",
                 UserWarning,

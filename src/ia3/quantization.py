@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -42,6 +43,7 @@ def quantization_of(module: nn.Module) -> str | None:
 
     Looks only at backends already imported: a model cannot hold their layers otherwise.
     """
+    # imported here, and only when already loaded: importing bitsandbytes or torchao is slow and prints notices
     if "bitsandbytes" in sys.modules:
         import bitsandbytes as bnb
 
@@ -150,8 +152,6 @@ def prepare_model_for_kbit_training(
             enable(gradient_checkpointing_kwargs=kwargs)
         else:
             if kwargs:
-                import warnings
-
                 warnings.warn(
                     f"{type(model).__name__}.gradient_checkpointing_enable takes no gradient_checkpointing_kwargs; "
                     f"ignoring {kwargs}",
@@ -219,6 +219,7 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype = torch.fl
     check_backend(quantization)
     if quantization == "none":
         return None
+    # lazy, like the backends below: only a quantised run needs transformers' quantisation configs
     import transformers
 
     if quantization == "int8":

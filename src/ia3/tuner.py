@@ -22,7 +22,8 @@ from ia3.targets import find_targets, matches, resolve_config
 TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule `name` (dotted, relative to `model`) with `module`."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -160,7 +161,7 @@ class IA3Model(nn.Module):
             module = self.model.get_submodule(target.name)
             if not isinstance(module, IA3Layer):
                 module = IA3Layer.from_module(module, target.is_feedforward)
-                _set_module(self.model, target.name, module)
+                set_module(self.model, target.name, module)
             dtype = self._vector_dtype(module, autocast)
             if low_cpu_mem_usage:
                 module.ia3_l[adapter_name] = nn.Parameter(
@@ -172,7 +173,7 @@ class IA3Model(nn.Module):
             wrapper = self.model.get_submodule(name)
             if not isinstance(wrapper, ModulesToSaveWrapper):
                 wrapper = ModulesToSaveWrapper(wrapper)
-                _set_module(self.model, name, wrapper)
+                set_module(self.model, name, wrapper)
             wrapper.add_adapter(adapter_name)
         self.peft_config[adapter_name] = resolved
         self._refresh()
@@ -391,10 +392,10 @@ class IA3Model(nn.Module):
         for name, layer in list(self.ia3_layers()):
             if not merge and layer.merged_adapters:
                 layer.unmerge()
-            _set_module(self.model, name, layer.base_layer)
+            set_module(self.model, name, layer.base_layer)
         for name, wrapper in list(self.wrappers()):
             keep = wrapper.module_for(wrapper.active_adapter) if merge else wrapper.original_module
-            _set_module(self.model, name, keep)
+            set_module(self.model, name, keep)
         return self.model
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
@@ -451,3 +452,9 @@ class IA3Model(nn.Module):
                             wrapper.modules_to_save[saved[0]].state_dict()
                         )
         self._refresh()
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """True for a `PeftModel` (a module whose `base_model` is an `IA3Model`), told by structure so that the modules
+    below `ia3.peft_model` need not import it (it imports them)."""
+    return isinstance(getattr(model, "base_model", None), IA3Model)
