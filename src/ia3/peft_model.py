@@ -548,6 +548,11 @@ class PeftModel(nn.Module):
 class PeftModelForSeq2SeqLM(PeftModel):
     """(IA)^3 on an encoder-decoder LM (T5, mT5/mT0, BART)."""
 
+    def generate(self, *, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
+        """`generate` of the wrapped model, inputs by keyword only (`input_ids=...`), as PEFT's seq2seq model takes
+        them (a positional tensor is a TypeError there too); `adapter_names` as in `PeftModel.generate`."""
+        return super().generate(adapter_names=adapter_names, **kwargs)
+
 
 class PeftModelForCausalLM(PeftModel):
     """(IA)^3 on a decoder-only LM (GPT-2, Llama, ...)."""

@@ -105,6 +105,12 @@ class IA3Model(nn.Module):
             extra = f" or {BASE_ADAPTER!r} for no adapter" if allow_base else ""
             raise ValueError(f"Unknown adapter name(s) {unknown}; this model has {list(self.peft_config)}{extra}")
 
+    def _check_exists(self, names: list[str]) -> None:
+        """PEFT's refusal of an adapter name it does not have (by delete and combine), with the names there are."""
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"Adapter {name} does not exist (this model has {list(self.peft_config)})")
+
     # -- adding ----------------------------------------------------------------------------------------------------
     def _vector_dtype(self, layer: IA3Layer, autocast: bool) -> torch.dtype:
         dtype = layer.base_layer.weight.dtype
@@ -211,6 +217,7 @@ class IA3Model(nn.Module):
             owners = [n for n in names if n in wrapper.modules_to_save]
             if len(owners) > 1:
                 raise ValueError(
+                    f"Attempted to set multiple ({owners}) adapters at once for modules_to_save. "
                     f"Adapters {owners} each train their own copy of {name} (modules_to_save); only one copy can run, "
                     "so they cannot be active together. Activate one of them, or use per-example adapters "
                     "(adapter_names=...) to give each row its own."
@@ -239,10 +246,13 @@ class IA3Model(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove `adapter_name` from every layer and wrapper; the other active adapters stay active (the first
         remaining adapter becomes active when it was the only one)."""
-        self._check_names([adapter_name])
+        self._check_exists([adapter_name])
         for name, layer in self.ia3_layers():
             if adapter_name in layer.merged_adapters:
-                raise ValueError(f"Adapter {adapter_name!r} is merged into {name}; unmerge_adapter() first")
+                raise ValueError(
+                    f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first. "
+                    f"(It is merged into {name}: unmerge_adapter() first.)"
+                )
         for _, layer in list(self.ia3_layers()):
             if adapter_name in layer.ia3_l:
                 layer.delete_adapter(adapter_name)
@@ -358,8 +368,13 @@ class IA3Model(nn.Module):
         already = sorted({n for _, layer in self.ia3_layers() for n in layer.merged_adapters})
         if already:
             todo = [n for n in names if n not in already]
-            then = f"now also merging {todo}" if todo else "nothing to do for the adapters asked for"
-            warnings.warn(f"Adapters {already} are already merged; {then}", UserWarning, stacklevel=3)
+            message = (  # PEFT's words
+                f"Already following adapters were merged {','.join(already)}. "
+                f"You are now additionally merging {','.join(todo)}."
+                if todo
+                else "All adapters are already merged, nothing to do."
+            )
+            warnings.warn(message, UserWarning, stacklevel=3)
         # each layer merges the adapters it has (an adapter need not touch every layer)
         layers = [(name, layer, [n for n in names if n in layer.ia3_l]) for name, layer in self.ia3_layers()]
         for _, layer, own in layers:  # a quantised layer refuses before any layer has changed
@@ -369,8 +384,9 @@ class IA3Model(nn.Module):
             broken = [name for name, layer, own in layers if not layer.check_merge(own)]
             if broken:
                 raise ValueError(
-                    f"Merging adapter(s) {names} would give non-finite weights in {broken[:5]}; nothing was merged. "
-                    "The adapter seems broken: check its vectors for NaN/inf or huge values."
+                    f"NaNs detected in the merged weights. The adapter {', '.join(names)} seems to be broken. "
+                    f"(Merging it would give non-finite weights in {broken[:5]}; nothing was merged. Check its vectors "
+                    "for NaN/inf or huge values.)"
                 )
         for _, layer, own in layers:
             layer.merge(own, keep_original=keep_original)
@@ -418,14 +434,22 @@ class IA3Model(nn.Module):
         weights = [float(w) for w in weights]
         if not adapters or len(adapters) != len(weights):
             raise ValueError(f"Need one weight per adapter; got {len(adapters)} adapters and {len(weights)} weights")
-        self._check_names(adapters)
+        self._check_exists(adapters)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists")
         configs = [self.peft_config[a] for a in adapters]
         target_sets = {name for name, layer in self.ia3_layers() if any(a in layer.ia3_l for a in adapters)}
         saved = [a for a in adapters if configs[adapters.index(a)].modules_to_save]
+        if any(sum(a in w.modules_to_save for a in adapters) > 1 for _, w in self.wrappers()):
+            raise ValueError(
+                "Cannot add weighted adapters targeting the same module with modules_to_save. "
+                f"(Adapters {saved} each train their own copy of a module; copies cannot be averaged.)"
+            )
         if len(saved) > 1:
-            raise ValueError(f"Adapters {saved} all train full modules (modules_to_save); these cannot be averaged")
+            raise ValueError(
+                f"Adapters {saved} train full modules (modules_to_save) of different modules; ia3 does not combine "
+                "them (the new adapter would get one adapter's copies and untrained ones of the others)"
+            )
         first = configs[0]
         merged_config = dataclasses.replace(
             first,
