@@ -217,7 +217,7 @@ class IA3Model(nn.Module):
             owners = [n for n in names if n in wrapper.modules_to_save]
             if len(owners) > 1:
                 raise ValueError(
-                    f"Attempted to set multiple ({owners}) adapters at once for modules_to_save. "
+                    f"Only one adapter can be set at a time for {wrapper}, got {len(owners)}. "  # PEFT's words
                     f"Adapters {owners} each train their own copy of {name} (modules_to_save); only one copy can run, "
                     "so they cannot be active together. Activate one of them, or use per-example adapters "
                     "(adapter_names=...) to give each row its own."
