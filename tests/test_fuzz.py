@@ -494,11 +494,15 @@ def test_fuzz_load_adapter_state_dict(adapter_model, data):
     except ValueError as err:
         assert bad, f"a fitting state dict was refused: {err}"
         message = str(err)
-        # keys are quoted (their repr), so that a short or empty key counts only where it is named itself
-        assert any(repr(k) in message for k in bad), f"the message names none of {bad[:3]}: {message}"
+
+        def named(key: str) -> bool:
+            # quoted (a list of keys) or opening a problem line: a short or empty key counts only where it is named
+            return repr(key) in message or f"\n  - {key} has " in message
+
+        assert any(named(k) for k in bad), f"the message names none of {bad[:3]}: {message}"
         for k in sorted(bad, key=lambda k: len(repr(k)), reverse=True):
-            message = message.replace(repr(k), "")
-        named_good = [k for k in set(tensors) & set(expected) if k not in bad and repr(k) in message]
+            message = message.replace(repr(k), "").replace(f"\n  - {k} has ", "")
+        named_good = [k for k in set(tensors) & set(expected) if k not in bad and named(k)]
         assert not named_good, f"the message blames fitting keys {named_good[:3]}: {err}"
         after = adapter_model.state_dict()
         assert after.keys() == before.keys()

@@ -515,9 +515,9 @@ class PeftModel(nn.Module):
         for key in sorted(set(tensors) & set(expected)):
             got, want = tuple(tensors[key].shape), tuple(expected[key].shape)
             if got != want:
-                problems.append(f"{key!r} has shape {got} but this model needs {want}")
+                problems.append(f"{key} has shape {got} but this model needs {want}")
             elif not tensors[key].dtype.is_floating_point:
-                problems.append(f"{key!r} has dtype {tensors[key].dtype}; expected floating point")
+                problems.append(f"{key} has dtype {tensors[key].dtype}; expected floating point")
         if problems:
             raise ValueError(
                 f"The adapter in {source} does not fit this {type(self.get_base_model()).__name__} (was it trained "

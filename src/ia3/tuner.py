@@ -109,7 +109,9 @@ class IA3Model(nn.Module):
         """PEFT's refusal of an adapter name it does not have (by delete and combine), with the names there are."""
         for name in names:
             if name not in self.peft_config:
-                raise ValueError(f"Adapter {name} does not exist (this model has {list(self.peft_config)})")
+                raise ValueError(
+                    f"Adapter {name} does not exist ({name!r} is none of this model's {list(self.peft_config)})"
+                )
 
     # -- adding ----------------------------------------------------------------------------------------------------
     def _vector_dtype(self, layer: IA3Layer, autocast: bool) -> torch.dtype:
