@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any
 
+import transformers
 from safetensors import safe_open
 
 from ia3.base_models import load_pretrained, resolve_base_model
@@ -101,8 +102,6 @@ class _AutoPeftModel:
         A classification adapter's base gets the labels of the saved head (`num_labels`, `id2label`; see
         `saved_labels`) unless `model_kwargs` names them.
         """
-        import transformers  # lazy: its auto classes load slowly and only loading a base model needs them
-
         config = IA3Config.from_pretrained(pretrained_model_name_or_path, revision=revision, token=token)
         task_type = config.task_type
         if cls.target_task is not None and task_type != cls.target_task:

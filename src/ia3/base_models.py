@@ -149,7 +149,7 @@ def check_gguf_file(path: Path) -> None:
             f"{path} is not a GGUF file (it does not start with 'GGUF'); re-download it or name "
             "the model's folder instead"
         )
-    try:
+    try:  # lazy: only GGUF bases need gguf, and an install without it still loads every other model
         from gguf import GGUFReader
     except ImportError:
         raise BaseModelError("Reading GGUF models needs the gguf package: pip install gguf") from None

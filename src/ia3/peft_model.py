@@ -347,7 +347,7 @@ class PeftModel(nn.Module):
     ) -> Any:
         """Upload the adapter files (`adapter_config.json`, `adapter_model.safetensors`, `README.md`) to the Hub
         repo `repo_id`, creating the repo if needed. Returns huggingface_hub's commit info."""
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi  # lazy: its API client loads slowly and only uploading needs it
 
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -23,6 +23,7 @@ import warnings
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 
 # The recipe's `model.quantization` values: name -> (the backend package it needs, what it is)
@@ -219,9 +220,6 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype = torch.fl
     check_backend(quantization)
     if quantization == "none":
         return None
-    # lazy, like the backends below: only a quantised run needs transformers' quantisation configs
-    import transformers
-
     if quantization == "int8":
         return transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     if quantization == "nf4":
@@ -231,6 +229,6 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype = torch.fl
             bnb_4bit_compute_dtype=compute_dtype,
             llm_int8_skip_modules=skip,
         )
-    from torchao.quantization import Int8WeightOnlyConfig
+    from torchao.quantization import Int8WeightOnlyConfig  # lazy: optional, and slow and noisy to import
 
     return transformers.TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=skip)
