@@ -202,3 +202,43 @@ def test_seq2seq_generate_takes_keywords_only():
     model = _model(ia3, "t5")
     out = model.generate(input_ids=M.batch("t5")["input_ids"], max_new_tokens=2)  # keywords work
     assert out.shape[0] == 3
+
+
+def test_set_unknown_adapter():
+    def case(lib):
+        model = _model(lib, "t5")
+        return lambda: model.set_adapter("nope")
+
+    _assert_same_error(*_per_lib(case))
+
+
+def test_add_adapter_under_a_taken_name():
+    def case(lib):
+        model = _model(lib, "t5")
+        return lambda: model.add_adapter("default", lib.IA3Config(task_type="SEQ_2_SEQ_LM"))
+
+    _assert_same_error(*_per_lib(case))
+
+
+def test_save_pretrained_refusals(tmp_path):
+    file = tmp_path / "a-file"
+    file.write_text("x")
+
+    def onto_a_file(lib):
+        model = _model(lib, "t5")
+        return lambda: model.save_pretrained(str(file))
+
+    def unknown_selected(lib):
+        model = _model(lib, "t5")
+        return lambda: model.save_pretrained(str(tmp_path / lib.__name__), selected_adapters=["nope"])
+
+    _assert_same_error(*_per_lib(onto_a_file))
+    _assert_same_error(*_per_lib(unknown_selected))
+
+
+def test_layer_status_of_a_model_without_adapters():
+    def case(lib):
+        plain = M.t5()
+        return lambda: lib.get_layer_status(plain)
+
+    _assert_same_error(*_per_lib(case))

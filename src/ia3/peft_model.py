@@ -146,6 +146,11 @@ class PeftModel(nn.Module):
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make these adapters active (several: their vectors multiply); only active adapters train."""
+        for name in [adapter_name] if isinstance(adapter_name, str) else list(adapter_name):
+            if name not in self.peft_config:  # PEFT's words, then the names there are
+                raise ValueError(
+                    f"Adapter {name} not found. ({name!r} is none of this model's {list(self.peft_config)})"
+                )
         self.base_model.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -315,9 +320,14 @@ class PeftModel(nn.Module):
         if not safe_serialization:
             raise ValueError("ia3 saves adapters as safetensors only (safe_serialization=False is not supported)")
         if Path(save_directory).is_file():
-            raise ValueError(f"save_directory {save_directory} is a file; pass a folder")
+            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        self.base_model._check_names(names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:  # PEFT's words, then the unknown names themselves
+            raise ValueError(
+                "You passed an invalid `selected_adapters` arguments, current supported adapter names are "
+                f"{list(self.peft_config)} - got {names}. (Unknown: {unknown}.)"
+            )
         if not is_main_process:
             return
         Path(save_directory).mkdir(parents=True, exist_ok=True)

@@ -114,7 +114,10 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
         if isinstance(module, (IA3Layer, ModulesToSaveWrapper))
     ]
     if not status:
-        raise ValueError(f"This {type(model).__name__} has no (IA)^3 layers; is it a PeftModel?")
+        raise ValueError(  # PEFT's words, then what the model is
+            "No adapter layers found in the model, please ensure that it's a PEFT model or that you have PEFT adapters "
+            f"injected in the model. (This {type(model).__name__} has no (IA)^3 layers.)"
+        )
     return status
 
 

@@ -147,7 +147,9 @@ class IA3Model(nn.Module):
                 f"Invalid adapter name {adapter_name!r}: it is the name of a torch container method; pick another"
             )
         if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or pick another name")
+            raise ValueError(  # PEFT's words, then ia3's advice
+                f"Adapter with name '{adapter_name}' already exists. Delete it first or pick another name."
+            )
         if not isinstance(config, IA3Config):
             raise TypeError(f"config must be an IA3Config; got {type(config).__name__}")
         resolved = resolve_config(config, self.model)
