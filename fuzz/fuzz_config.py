@@ -1,13 +1,15 @@
 """Coverage-guided fuzzing of `IA3Config.from_dict` (and `from_pretrained` on the same bytes as a file).
 
-Oracle: a config, or a ValueError/TypeError whose message names a key of the dict; a config round-trips through
-`to_dict` / JSON and holds only well-typed fields.
+Oracle: a config, or a ValueError/TypeError whose message names the culprit: a wrong `peft_type` with its value,
+else keys of the dict that are to blame (without them the dict loads, or is refused with another message); a config
+round-trips through `to_dict` / JSON and holds only well-typed fields. `from_pretrained` on the bytes as a file agrees
+with `from_dict` on the parsed JSON.
     python fuzz/fuzz_config.py -atheris_runs=20000
 """
 
-import contextlib
 import json
 import sys
+import warnings
 
 import atheris
 from common import FIELD_NAMES, json_value, write
@@ -16,13 +18,33 @@ with atheris.instrument_imports(include=["ia3"]):
     from ia3.config import IA3Config, TaskType
 
 
+def _load(data) -> IA3Config:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unknown keys are dropped with a warning, not refused
+        return IA3Config.from_dict(data)
+
+
+def check_refusal(data, message: str) -> None:
+    """A refusal names its culprit, so that a message naming nothing, or an innocent key, fails."""
+    if not isinstance(data, dict):
+        assert "JSON object" in message, message
+        return
+    if data.get("peft_type") != "IA3":
+        assert "peft_type" in message and repr(data.get("peft_type")) in message, message
+        return
+    named = [k for k in data if k != "peft_type" and (f"`{k}`" in message or f"{k}=" in message)]
+    assert named, f"{message!r} names no key of {list(data)}"
+    try:
+        _load({k: v for k, v in data.items() if k not in named})
+    except (ValueError, TypeError) as again:
+        assert str(again) != message, f"{message!r} blames {named}, but the dict without them is refused alike"
+
+
 def check(data) -> None:
     try:
-        config = IA3Config.from_dict(data)
+        config = _load(data)
     except (ValueError, TypeError) as err:
-        message = str(err)
-        if isinstance(data, dict):
-            assert "peft_type" in message or any(f"{k!r}" in message or f"`{k}`" in message for k in data), message
+        check_refusal(data, str(err))
         return
     assert isinstance(data, dict) and data["peft_type"] == "IA3"
     assert config.task_type is None or config.task_type in TaskType.__members__
@@ -47,8 +69,24 @@ def TestOneInput(data: bytes) -> None:
     if mode == 0:  # the bytes as a JSON file
         raw = fdp.ConsumeBytes(fdp.remaining_bytes())
         folder = write("adapter_config.json", raw).parent
-        with contextlib.suppress(ValueError, TypeError):
-            IA3Config.from_pretrained(folder)
+        try:
+            parsed = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            parsed = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loaded = IA3Config.from_pretrained(folder)
+        except (ValueError, TypeError) as err:
+            if parsed is None:
+                assert "is not valid JSON" in str(err), str(err)
+            elif isinstance(parsed, dict):
+                parsed.pop("runtime_config", None)  # dropped with a warning, as PEFT does
+                check_refusal(parsed, str(err))
+            return
+        assert isinstance(parsed, dict), parsed
+        parsed.pop("runtime_config", None)
+        assert loaded == _load(parsed)
         return
     config = {"peft_type": "IA3"} if mode > 1 else {}
     for _ in range(fdp.ConsumeIntInRange(0, 6)):

@@ -1,11 +1,15 @@
 """The command line and the configs behind it: flags and help derived from the dataclasses, values read by their
 annotations, every problem in one error, close matches for unknown names, clean errors. No model is loaded: the
-command functions are replaced by stubs that record what they were called with."""
+command functions are replaced by stubs that record what they were called with (but for one end-to-end `ia3 -q train`
+of a tiny model in a subprocess, which must print its result and nothing else)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
+import subprocess
 import sys
 import types
 from dataclasses import dataclass
@@ -549,3 +553,42 @@ def test_serve_prompt_settings_are_checked_by_the_task_in_serve_flags():
     with pytest.raises(ValueError, match=r"--chat-template applies to causal .* not to task 'seq2seq'"):
         ServeConfig(model="m", task="seq2seq", chat_template=True)
     assert ServeConfig(model="m", task="causal", prompt="{text}\nSentiment:", chat_template=True).chat_template
+
+
+def test_quiet_train_prints_only_the_result(tmp_path):
+    """`ia3 -q train` of an unquantised tiny model: one JSON result line on stdout and not a byte on stderr (no
+    bitsandbytes, torchao or torch notice, no progress bar), although those backends are installed here."""
+    from tiny_dirs import DEMO, make_model_dir
+
+    model = make_model_dir(tmp_path / "models", "cls")
+    data = tmp_path / "data.csv"
+    data.write_text("".join(DEMO.read_text(encoding="utf-8").splitlines(keepends=True)[:41]), encoding="utf-8")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"output_dir: {tmp_path / 'out'}\nmodel:\n  name: {model}\n  task: cls\n"
+        f"data:\n  dataset: {data}\n  subset: null\n  text_column: text\n  val_split: 0.25\n"
+        "train:\n  epochs: 1\n  batch_size: 16\n  plots: false\n  generation_eval: false\n  precision: fp32\n"
+    )
+    src = str(Path(cli.__file__).resolve().parent.parent)
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "ia3", "-q", "train", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr == ""
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1, done.stdout
+    result = json.loads(lines[0])
+    assert result["output_dir"] == str(tmp_path / "out") and 0 <= result["accuracy"] <= 1

@@ -493,7 +493,17 @@ def test_fuzz_load_adapter_state_dict(adapter_model, data):
         adapter_model.load_adapter_state_dict(tensors, "default", "fuzz")
     except ValueError as err:
         assert bad, f"a fitting state dict was refused: {err}"
-        assert any(k in str(err) or repr(k) in str(err) for k in bad), f"the message names none of {bad[:3]}: {err}"
+        message = str(err)
+
+        def named(key: str) -> bool:
+            # quoted (a list of keys) or opening a problem line: a short or empty key counts only where it is named
+            return repr(key) in message or f"\n  - {key} has " in message
+
+        assert any(named(k) for k in bad), f"the message names none of {bad[:3]}: {message}"
+        for k in sorted(bad, key=lambda k: len(repr(k)), reverse=True):
+            message = message.replace(repr(k), "").replace(f"\n  - {k} has ", "")
+        named_good = [k for k in set(tensors) & set(expected) if k not in bad and named(k)]
+        assert not named_good, f"the message blames fitting keys {named_good[:3]}: {err}"
         after = adapter_model.state_dict()
         assert after.keys() == before.keys()
         assert all(torch.equal(after[k], before[k]) for k in before), "a refused load changed the model"
@@ -601,7 +611,7 @@ def test_fuzz_load_examples(scratch, file, label_names):
     try:
         result = load_examples(str(path), text_column="text", label_column="label", label_names=label_names)
     except DataError as err:
-        assert str(err)
+        assert str(path) in str(err), f"the error does not name the file: {err}"
         return
     check_examples(result)
     if label_names is not None:
@@ -626,7 +636,8 @@ def test_huge_fields_and_deep_nesting_are_data_errors(tmp_path):
 
 def test_config_nan_and_inf_are_refused_cleanly():
     for value in (math.nan, math.inf):
-        with pytest.raises(ValueError):
+        # cleanly: the message names the field and the value, not a comparison error of NaN
+        with pytest.raises(ValueError, match=rf"`fan_in_fan_out` must be true or false; got {value!r}$"):
             IA3Config.from_dict({"peft_type": "IA3", "fan_in_fan_out": value})
 
 

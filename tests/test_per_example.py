@@ -121,13 +121,40 @@ def test_per_example_generate_equals_rows_alone(name, mode):
 
 @pytest.mark.parametrize("name", ["t5", "gpt2"])
 def test_per_example_sampling_runs(name):
-    model = _model(name)
+    """Sampling with several sequences per row: every sampled copy of row `i` runs with adapter `i` (its first-step
+    scores, which no sampling has touched yet, are those of row `i` generated alone with that adapter)."""
+    model = _model(name, scale=10.0 if name == "gpt2" else 1.0)
     inputs = _gen_inputs(name, rows=3)
+    adapters = ["a", "b", "__base__"]
     torch.manual_seed(0)
     with torch.no_grad():
-        out = model.generate(
-            **inputs, adapter_names=["a", "b", "__base__"], do_sample=True, num_return_sequences=3, top_k=0, **GEN_KW
+        sampled = model.generate(
+            **inputs,
+            adapter_names=adapters,
+            do_sample=True,
+            num_return_sequences=3,
+            top_k=0,
+            return_dict_in_generate=True,
+            output_scores=True,
+            **GEN_KW,
         )
+        kwargs = dict(GEN_KW, do_sample=False, return_dict_in_generate=True, output_scores=True)
+        alone = [
+            _alone(model, adapter, lambda i=i: model.generate(**_row(inputs, i), **kwargs)).scores[0]
+            for i, adapter in enumerate(adapters)
+        ]
+    first = sampled.scores[0]
+    finite = torch.isfinite(first).all(0)  # min_new_tokens masks EOS with -inf
+    for i, expected in enumerate(alone):
+        for copy in range(3):
+            got = first[3 * i + copy : 3 * i + copy + 1]
+            torch.testing.assert_close(got[:, finite], expected[:, finite], atol=1e-4, rtol=0, msg=adapters[i])
+    # and another adapter gives row 0 other scores, so a mix-up would show
+    with torch.no_grad():
+        for other in adapters[1:]:
+            wrong = _alone(model, other, lambda: model.generate(**_row(inputs, 0), **kwargs)).scores[0]
+            assert (wrong - alone[0])[:, finite].abs().max() > 1e-3, other
+    out = sampled.sequences
     assert out.shape[0] == 9
     if name == "gpt2":
         assert out.shape[1] == inputs["input_ids"].shape[1] + 5

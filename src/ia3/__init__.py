@@ -37,10 +37,10 @@ from ia3.peft_model import (
 from ia3.quantization import QuantizedMergeError, prepare_model_for_kbit_training
 from ia3.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from ia3.tuner import BASE_ADAPTER, IA3Model
-
-__version__ = "0.1.0"
+from ia3.version import __version__
 
 __all__ = [
+    "__version__",
     "BASE_ADAPTER",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",

@@ -6,6 +6,9 @@ import json
 import os
 from typing import Any
 
+import transformers
+from safetensors import safe_open
+
 from ia3.base_models import load_pretrained, resolve_base_model
 from ia3.config import IA3Config
 from ia3.hub import resolve_file
@@ -20,6 +23,7 @@ from ia3.peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
+from ia3.serialization import WEIGHTS_NAME
 from ia3.tasks import TASKS
 
 # transformers' auto class for each PEFT task type: the recipe's tasks know theirs; the other task types here
@@ -46,10 +50,6 @@ def saved_labels(
     From the `id2label` that ia3 writes into the weights file's metadata; for an adapter without it (saved by PEFT),
     `num_labels` from the shape of the saved head. `{}` when neither is there.
     """
-    from safetensors import safe_open
-
-    from ia3.serialization import WEIGHTS_NAME
-
     path = resolve_file(adapter, WEIGHTS_NAME, subfolder=subfolder, revision=revision, token=token, missing_ok=True)
     if path is None:
         return {}
@@ -102,8 +102,6 @@ class _AutoPeftModel:
         A classification adapter's base gets the labels of the saved head (`num_labels`, `id2label`; see
         `saved_labels`) unless `model_kwargs` names them.
         """
-        import transformers
-
         config = IA3Config.from_pretrained(pretrained_model_name_or_path, revision=revision, token=token)
         task_type = config.task_type
         if cls.target_task is not None and task_type != cls.target_task:

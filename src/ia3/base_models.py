@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,7 @@ def check_gguf_file(path: Path) -> None:
             f"{path} is not a GGUF file (it does not start with 'GGUF'); re-download it or name "
             "the model's folder instead"
         )
-    try:
+    try:  # lazy: only GGUF bases need gguf, and an install without it still loads every other model
         from gguf import GGUFReader
     except ImportError:
         raise BaseModelError("Reading GGUF models needs the gguf package: pip install gguf") from None
@@ -188,8 +189,6 @@ def load_pretrained(auto_class: Any, ref: BaseModelRef, **kwargs: Any) -> Any:
 
 
 def _load_gguf_quantized(auto_class: Any, ref: BaseModelRef, **kwargs: Any) -> Any:
-    import tempfile
-
     quantized = {k: kwargs.pop(k) for k in ("quantization_config", "device_map") if k in kwargs}
     dense = load_pretrained(auto_class, ref, **kwargs)
     with tempfile.TemporaryDirectory(prefix="ia3-gguf-dense-") as folder:

@@ -17,13 +17,21 @@ one `ia3 CMD: error: ...` line and exit status 2; IA3_DEBUG=1 shows their traceb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import difflib
 import json
 import logging
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+# The commands import the library (torch, transformers), the recipe and the server inside their functions, on
+# purpose: `ia3 --help` and argument errors answer without loading them, and `ia3 serve`'s modules need the optional
+# fastapi extra, so the other commands must not import them.
 
 if TYPE_CHECKING:
     from ia3.serve.config import ServeConfig
@@ -46,6 +54,9 @@ ALIASES = {
 }
 BUNDLED_CONFIGS = Path(__file__).resolve().parent / "demo"  # `--config NAME` for NAME.yaml here
 DEMO_CONFIG = BUNDLED_CONFIGS / "smollm2.yaml"  # the embedded default: SmolLM2 learns to generate the label
+# Loggers of optional backends that print notices when imported (bitsandbytes looks for a CPU kernel on the Hub,
+# torchao for its compiled libraries) although nothing is quantised; their errors still show.
+NOISY_LOGGERS = ("bitsandbytes", "kernels", "torchao", "torch.utils._pytree")
 # what a command may raise for bad input or a failing environment: a one-line error, exit 2 (other errors are bugs)
 EXPECTED_ERRORS = (ValueError, RuntimeError, OSError)
 
@@ -113,7 +124,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = args.config
     if config is None and not any(k.startswith(("model.", "data.")) for k in _overrides(args)):
         config = DEMO_CONFIG
-        print(f"no --config given: running the bundled demo ({DEMO_CONFIG.name})", file=sys.stderr)
+        if not args.quiet:  # -q: results and errors only
+            print(f"no --config given: running the bundled demo ({DEMO_CONFIG.name})", file=sys.stderr)
     cfg = build_config(bundled_config(config), _overrides(args))
     resume = True if args.resume == "latest" else args.resume or False
     metrics = train(cfg, resume=resume, progress=not args.quiet)
@@ -404,8 +416,6 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 
 def _unknown_flags(parser: argparse.ArgumentParser, extra: list[str]) -> str:
     """`unrecognized arguments: --train.lrr 1; did you mean --train.lr?` (the close matches of each unknown flag)."""
-    import difflib
-
     from ia3.recipe.config import close_matches
 
     options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
@@ -431,21 +441,40 @@ def main(argv: list[str] | None = None) -> int:
         sub = _subparser(parser, args.command)
         sub.error(_unknown_flags(sub, extra))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch  # noqa: F401 - first: importing torch resets the levels of torch's loggers, set below
     import transformers
 
     transformers.logging.set_verbosity_error()
-    for noisy in ("torchao", "torch.utils._pytree"):  # import-time notices of optional quantisation backends
+    for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if args.quiet:
         transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
         _quiet_gguf_bar(transformers)
     try:
-        return args.func(args)
+        with _only_errors(args.quiet):
+            return args.func(args)
     except EXPECTED_ERRORS as err:
         if os.environ.get("IA3_DEBUG"):
             raise
         print(f"ia3 {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _only_errors(quiet: bool) -> Iterator[None]:
+    """With `quiet`, no log record below ERROR and no Python warning while the command runs (`-q` shows results
+    and errors only); both are restored after, for callers that run `main` in their own process."""
+    if not quiet:
+        yield
+        return
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 if __name__ == "__main__":

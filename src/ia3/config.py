@@ -7,10 +7,11 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from enum import Enum, StrEnum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from ia3.hub import resolve_file
 from ia3.serialization import atomic_write_text
 
 CONFIG_NAME = "adapter_config.json"
@@ -33,7 +34,29 @@ class TaskType(StrEnum):
 
 
 class PeftType(StrEnum):
+    """PEFT's adapter types, of which ia3 has one; a `str` enum as PEFT's, so `PeftType.IA3 == "IA3"` and
+    `config.peft_type.value` both hold, and JSON shows the plain string."""
+
     IA3 = PEFT_TYPE
+
+
+class ConfigKeyError(TypeError, ValueError):
+    """An adapter config lacks a key every config must have (`peft_type`): a TypeError as PEFT raises it, and a
+    ValueError as ia3 raises every other refused config, so callers catching either see it."""
+
+
+# PEFT's words for dropped `runtime_config` keys and for keys a config class does not know (matched on purpose:
+# code written against PEFT checks them).
+RUNTIME_CONFIG_WARNING = (
+    "The configuration file contains a `runtime_config` key. This is ignored. Runtime configurations are only valid "
+    "at runtime."
+)
+UNEXPECTED_KEYS_WARNING = (
+    "Unexpected keyword arguments {keys} for class {cls}, these are ignored. This probably means that you're loading "
+    "a configuration file that was saved using a higher version of the library and additional parameters have been "
+    "introduced since. It is highly recommended to upgrade the PEFT version before continuing (e.g. by running `pip "
+    "install -U peft`)."
+)
 
 
 # Keys that PEFT writes for other methods or in other versions and that carry no meaning for (IA)^3;
@@ -63,6 +86,14 @@ def names_overlap(name: str, names: list[str]) -> bool:
     return any(n == name or n.endswith("." + name) or name.endswith("." + n) for n in names)
 
 
+def _check_has_peft_type(data: dict[str, Any], class_name: str) -> None:
+    if "peft_type" not in data:
+        raise ConfigKeyError(
+            f"The {class_name} config that is trying to be loaded is missing required keys: {{'peft_type'}}. "
+            f"(This adapter has peft_type=None; ia3 loads only (IA)^3 adapters, peft_type {PEFT_TYPE!r}.)"
+        )
+
+
 class PeftConfig:
     """PEFT's entry point for reading any adapter config: `PeftConfig.from_pretrained(folder)` returns the config of
     the adapter's `peft_type`. ia3 knows one type, so the answer is an `IA3Config` (the only subclass), or a
@@ -77,9 +108,13 @@ class PeftConfig:
         """
         path = Path(path_json_file)
         try:
-            return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+            data = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError, huge ints, deep nesting
             raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if isinstance(data, dict) and "runtime_config" in data:
+            warnings.warn(RUNTIME_CONFIG_WARNING, UserWarning, stacklevel=2)
+            del data["runtime_config"]
+        return data  # type: ignore[no-any-return]
 
     @classmethod
     def from_peft_type(cls, **kwargs: Any) -> IA3Config:
@@ -99,14 +134,13 @@ class PeftConfig:
         **kwargs: Any,
     ) -> IA3Config:
         """Read `adapter_config.json` from a folder or a Hub repo; `kwargs` override fields."""
-        from ia3.hub import resolve_file
-
         path = resolve_file(
             pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, revision=revision, token=token
         )
         data = cls.from_json_file(path)  # type: ignore[arg-type]
         if isinstance(data, dict):
             data.update(kwargs)
+            _check_has_peft_type(data, cls.__name__)
         return IA3Config.from_dict(data)
 
 
@@ -133,7 +167,7 @@ class IA3Config(PeftConfig):
     """
 
     task_type: TaskType | str | None = None
-    peft_type: str = PEFT_TYPE
+    peft_type: PeftType | str = PeftType.IA3
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     feedforward_modules: list[str] | str | None = None
@@ -146,9 +180,9 @@ class IA3Config(PeftConfig):
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        if isinstance(self.peft_type, Enum):
-            self.peft_type = self.peft_type.value
-        if self.peft_type != PEFT_TYPE:
+        if isinstance(self.peft_type, str) and self.peft_type == PEFT_TYPE:
+            self.peft_type = PeftType.IA3  # PEFT's str enum, also when given as the string
+        else:
             problems.append(f"`peft_type` must be {PEFT_TYPE!r} for an (IA)^3 adapter; got {self.peft_type!r}")
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
@@ -204,17 +238,18 @@ class IA3Config(PeftConfig):
         """
         if not isinstance(data, dict):
             raise ValueError(f"An adapter config must be a JSON object; got {type(data).__name__}")
+        _check_has_peft_type(data, cls.__name__)
         peft_type = data.get("peft_type")
         if peft_type != PEFT_TYPE:
             raise ValueError(
                 f"This adapter has peft_type={peft_type!r}; ia3 loads only (IA)^3 adapters (peft_type {PEFT_TYPE!r})"
             )
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known - _IGNORED_KEYS, key=repr)
+        unknown = sorted(set(data) - known - _IGNORED_KEYS, key=str)  # PEFT sorts the names
         if unknown:
             warnings.warn(
-                f"Unknown key(s) {unknown} in the adapter config are ignored; (IA)^3 configs accept {sorted(known)}. "
-                "The adapter was probably saved by a newer PEFT: upgrade ia3 if it behaves unexpectedly.",
+                UNEXPECTED_KEYS_WARNING.format(keys=unknown, cls=cls.__name__)
+                + f" (IA)^3 configs accept {sorted(known)}; upgrade ia3 too if the adapter behaves unexpectedly.",
                 UserWarning,
                 stacklevel=2,
             )

@@ -13,6 +13,7 @@ import dataclasses
 import os
 import re
 import warnings
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -23,7 +24,7 @@ from ia3.hub import resolve_file
 from ia3.layer import IA3Layer
 from ia3.modules_to_save import ModulesToSaveWrapper
 from ia3.serialization import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, load_tensors
-from ia3.tuner import IA3Model
+from ia3.tuner import IA3Model, is_peft_model
 
 PREFIX = "base_model.model."
 # Modules that torch's FSDP (version 1) and activation checkpointing insert between a module and its children; the
@@ -44,15 +45,9 @@ def unwrapped_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in WRAPPER_MODULES)
 
 
-def _is_peft_model(model: nn.Module) -> bool:
-    from ia3.peft_model import PeftModel
-
-    return isinstance(model, PeftModel)
-
-
 def _root(model: nn.Module) -> tuple[nn.Module, str]:
     """(the module whose children are the model's layers, the prefix of its names in `model.state_dict()`)."""
-    if _is_peft_model(model):
+    if is_peft_model(model):
         return model.base_model.model, PREFIX  # type: ignore[return-value]
     return model, ""
 
@@ -156,7 +151,7 @@ def set_peft_model_state_dict(
     """
     _check_adapter(model, adapter_name)
     keys = _adapter_keys(model, adapter_name)
-    if not _is_peft_model(model):
+    if not is_peft_model(model):
         peft_model_state_dict = {k.removeprefix(PREFIX): v for k, v in peft_model_state_dict.items()}
     mapped: dict[str, torch.Tensor] = {}
     mismatched: list[str] = []
@@ -178,7 +173,7 @@ def set_peft_model_state_dict(
                 device = module.base_layer.weight.device
                 if vector.device != device:
                     module.ia3_l[adapter_name] = nn.Parameter(vector.to(device), requires_grad=vector.requires_grad)
-        if _is_peft_model(model):
+        if is_peft_model(model):
             model.base_model._per_example.clear()  # type: ignore[union-attr]  # tables of the replaced vectors
     if mismatched:
         warnings.warn(
@@ -311,6 +306,26 @@ def _infer_device() -> str:
     return "cpu"
 
 
+def resolve_weights_file(
+    model_id: str | os.PathLike,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> Path:
+    """The adapter weights file of a folder or Hub repo: `adapter_model.safetensors`, else a pickled
+    `adapter_model.bin` (whether a pickle may be read is `load_tensors`' decision).
+
+    Raises:
+        FileNotFoundError: neither file is there.
+    """
+    for name in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
+        path = resolve_file(model_id, name, subfolder=subfolder, revision=revision, token=token, missing_ok=True)
+        if path is not None:
+            return path
+    raise FileNotFoundError(f"{model_id} has no {WEIGHTS_NAME} (nor {PICKLE_WEIGHTS_NAME})")
+
+
 def load_peft_weights(
     model_id: str | os.PathLike,
     device: str | torch.device | None = None,
@@ -338,13 +353,7 @@ def load_peft_weights(
         FileNotFoundError: no adapter weights there.
         ValueError: a corrupt file, a pickle not allowed, or a key `key_mapping` cannot place.
     """
-    path = resolve_file(model_id, WEIGHTS_NAME, subfolder=subfolder, revision=revision, token=token, missing_ok=True)
-    if path is None:
-        path = resolve_file(
-            model_id, PICKLE_WEIGHTS_NAME, subfolder=subfolder, revision=revision, token=token, missing_ok=True
-        )
-        if path is None:
-            raise FileNotFoundError(f"{model_id} has no {WEIGHTS_NAME} (nor {PICKLE_WEIGHTS_NAME})")
+    path = resolve_weights_file(model_id, subfolder=subfolder, revision=revision, token=token)
     tensors = load_tensors(path, allow_pickle=allow_pickle)
     device = device if device is not None else _infer_device()
     tensors = {k: v.to(device) for k, v in tensors.items()}

@@ -34,6 +34,7 @@ def resolve_file(
     if Path(name_or_path).exists():
         raise NotADirectoryError(f"{name_or_path} is a file; pass the folder that holds {filename}")
 
+    # lazy: huggingface_hub's download stack (httpx, its file locks) loads slowly and local folders never need it
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 

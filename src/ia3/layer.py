@@ -345,8 +345,9 @@ class IA3Layer(nn.Module):
         weight, bias = self._merged_tensors(names)
         if safe_merge and not _finite(weight, bias):
             raise ValueError(
-                f"Merging adapter(s) {names} gives non-finite weights in this {type(self.base_layer).__name__}; "
-                "the adapter seems broken (check its vectors for NaN/inf or huge values)"
+                f"NaNs detected in the merged weights. The adapter {', '.join(names)} seems to be broken. "
+                f"(Merging it gives non-finite weights in this {type(self.base_layer).__name__}; check its vectors "
+                "for NaN/inf or huge values.)"
             )
         if keep_original and self._originals is None:
             b = self.base_layer.bias

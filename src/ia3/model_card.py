@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from ia3.serialization import atomic_write_text
+from ia3.version import __version__
 
 CARD_NAME = "README.md"
 FRAMEWORK_HEADING = "### Framework versions"
@@ -70,9 +71,8 @@ def card_metadata(base: nn.Module, is_causal_lm: bool) -> dict[str, object]:
 
 def write_model_card(save_directory: str | os.PathLike, base: nn.Module, is_causal_lm: bool) -> None:
     """Create `README.md` in `save_directory`, or update the metadata of the one there (keeping its text)."""
+    # lazy: huggingface_hub's card module pulls in jinja2 and yaml, needed only when an adapter is saved
     from huggingface_hub import ModelCard, ModelCardData
-
-    from ia3 import __version__
 
     path = Path(save_directory) / CARD_NAME
     framework = f"- ia3 {__version__}"

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,15 +20,15 @@ from ia3.functional import (
     PREFIX,
     IncompatibleKeys,
     get_peft_model_state_dict,
+    resolve_weights_file,
     unwrapped_name,
 )
 from ia3.functional import WRAPPER_MODULES as WRAPPER_MODULES  # re-exported: scripts/gpu_check_loop.py
-from ia3.hub import resolve_file
 from ia3.layer import IA3Layer
 from ia3.model_card import write_model_card
-from ia3.serialization import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, load_tensors, save_tensors
+from ia3.serialization import WEIGHTS_NAME, load_tensors, save_tensors
 from ia3.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
-from ia3.tuner import IA3Model
+from ia3.tuner import IA3Model, set_module
 
 # safetensors metadata key of the label names of a classification adapter: a JSON object {"0": name, ...}, read by
 # `AutoPeftModelForSequenceClassification` to rebuild the base with the right head (PEFT ignores metadata)
@@ -145,6 +146,11 @@ class PeftModel(nn.Module):
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make these adapters active (several: their vectors multiply); only active adapters train."""
+        for name in [adapter_name] if isinstance(adapter_name, str) else list(adapter_name):
+            if name not in self.peft_config:  # PEFT's words, then the names there are
+                raise ValueError(
+                    f"Adapter {name} not found. ({name!r} is none of this model's {list(self.peft_config)})"
+                )
         self.base_model.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -314,9 +320,14 @@ class PeftModel(nn.Module):
         if not safe_serialization:
             raise ValueError("ia3 saves adapters as safetensors only (safe_serialization=False is not supported)")
         if Path(save_directory).is_file():
-            raise ValueError(f"save_directory {save_directory} is a file; pass a folder")
+            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        self.base_model._check_names(names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:  # PEFT's words, then the unknown names themselves
+            raise ValueError(
+                "You passed an invalid `selected_adapters` arguments, current supported adapter names are "
+                f"{list(self.peft_config)} - got {names}. (Unknown: {unknown}.)"
+            )
         if not is_main_process:
             return
         Path(save_directory).mkdir(parents=True, exist_ok=True)
@@ -346,7 +357,7 @@ class PeftModel(nn.Module):
     ) -> Any:
         """Upload the adapter files (`adapter_config.json`, `adapter_model.safetensors`, `README.md`) to the Hub
         repo `repo_id`, creating the repo if needed. Returns huggingface_hub's commit info."""
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi  # lazy: its API client loads slowly and only uploading needs it
 
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -467,14 +478,12 @@ class PeftModel(nn.Module):
         except BaseException:
             self.base_model.delete_adapter(adapter_name)
             # also undo the wrapping of layers that only this adapter targeted, so the model is as it was
-            from ia3.tuner import _set_module
-
             for name, layer in list(self.base_model.ia3_layers()):
                 if name not in wrapped_before and not len(layer.ia3_l):
-                    _set_module(self.base_model.model, name, layer.base_layer)
+                    set_module(self.base_model.model, name, layer.base_layer)
             for name, wrapper in list(self.base_model.wrappers()):
                 if name not in wrapped_before and not len(wrapper.modules_to_save):
-                    _set_module(self.base_model.model, name, wrapper.original_module)
+                    set_module(self.base_model.model, name, wrapper.original_module)
             raise
         if not is_trainable:
             self.eval()  # as PEFT does: dropout off after loading an adapter for inference
@@ -491,16 +500,7 @@ class PeftModel(nn.Module):
         torch_device: str | torch.device | None = None,
         low_cpu_mem_usage: bool = False,
     ) -> None:
-        path = resolve_file(
-            model_id, WEIGHTS_NAME, subfolder=subfolder, revision=revision, token=token, missing_ok=True
-        )
-        if path is None:
-            pickled = resolve_file(
-                model_id, PICKLE_WEIGHTS_NAME, subfolder=subfolder, revision=revision, token=token, missing_ok=True
-            )
-            if pickled is None:
-                raise FileNotFoundError(f"{model_id} has no {WEIGHTS_NAME} (nor {PICKLE_WEIGHTS_NAME})")
-            path = pickled
+        path = resolve_weights_file(model_id, subfolder=subfolder, revision=revision, token=token)
         tensors = load_tensors(path, allow_pickle=allow_pickle)
         if torch_device is not None:
             tensors = {k: v.to(torch_device) for k, v in tensors.items()}
@@ -557,6 +557,11 @@ class PeftModel(nn.Module):
 
 class PeftModelForSeq2SeqLM(PeftModel):
     """(IA)^3 on an encoder-decoder LM (T5, mT5/mT0, BART)."""
+
+    def generate(self, *, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
+        """`generate` of the wrapped model, inputs by keyword only (`input_ids=...`), as PEFT's seq2seq model takes
+        them (a positional tensor is a TypeError there too); `adapter_names` as in `PeftModel.generate`."""
+        return super().generate(adapter_names=adapter_names, **kwargs)
 
 
 class PeftModelForCausalLM(PeftModel):
@@ -615,8 +620,6 @@ def get_peft_model(
         raise ValueError("mixed=True builds PEFT's PeftMixedModel of several adapter types; ia3 has only (IA)^3")
     if revision is not None:
         if isinstance(peft_config, IA3Config) and peft_config.revision not in (None, revision):
-            import warnings
-
             warnings.warn(
                 f"peft_config.revision is {peft_config.revision!r}; revision={revision!r} is recorded instead",
                 UserWarning,

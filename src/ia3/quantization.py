@@ -19,9 +19,11 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import sys
+import warnings
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 
 # The recipe's `model.quantization` values: name -> (the backend package it needs, what it is)
@@ -42,6 +44,7 @@ def quantization_of(module: nn.Module) -> str | None:
 
     Looks only at backends already imported: a model cannot hold their layers otherwise.
     """
+    # imported here, and only when already loaded: importing bitsandbytes or torchao is slow and prints notices
     if "bitsandbytes" in sys.modules:
         import bitsandbytes as bnb
 
@@ -150,8 +153,6 @@ def prepare_model_for_kbit_training(
             enable(gradient_checkpointing_kwargs=kwargs)
         else:
             if kwargs:
-                import warnings
-
                 warnings.warn(
                     f"{type(model).__name__}.gradient_checkpointing_enable takes no gradient_checkpointing_kwargs; "
                     f"ignoring {kwargs}",
@@ -219,8 +220,6 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype = torch.fl
     check_backend(quantization)
     if quantization == "none":
         return None
-    import transformers
-
     if quantization == "int8":
         return transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     if quantization == "nf4":
@@ -230,6 +229,6 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype = torch.fl
             bnb_4bit_compute_dtype=compute_dtype,
             llm_int8_skip_modules=skip,
         )
-    from torchao.quantization import Int8WeightOnlyConfig
+    from torchao.quantization import Int8WeightOnlyConfig  # lazy: optional, and slow and noisy to import
 
     return transformers.TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=skip)

@@ -12,7 +12,9 @@ from typing import Literal
 from torch import nn
 
 from ia3.layer import IA3Layer
+from ia3.model_card import is_transformers_model
 from ia3.modules_to_save import ModulesToSaveWrapper
+from ia3.tuner import is_peft_model
 
 Irregular = Literal["irregular"]
 
@@ -103,17 +105,19 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     Raises:
         ValueError: `model` has no adapter layer.
     """
-    from ia3.peft_model import PeftModel
-
-    root = model.base_model if isinstance(model, PeftModel) else model
-    active = model.active_adapters if isinstance(model, PeftModel) else None
+    peft = is_peft_model(model)
+    root = model.base_model if peft else model
+    active = model.active_adapters if peft else None
     status = [
         _layer_status(name, module, active)
         for name, module in root.named_modules()
         if isinstance(module, (IA3Layer, ModulesToSaveWrapper))
     ]
     if not status:
-        raise ValueError(f"This {type(model).__name__} has no (IA)^3 layers; is it a PeftModel?")
+        raise ValueError(  # PEFT's words, then what the model is
+            "No adapter layers found in the model, please ensure that it's a PEFT model or that you have PEFT adapters "
+            f"injected in the model. (This {type(model).__name__} has no (IA)^3 layers.)"
+        )
     return status
 
 
@@ -123,11 +127,8 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
     Raises:
         ValueError: `model` has no adapter layer.
     """
-    from ia3.model_card import is_transformers_model
-    from ia3.peft_model import PeftModel
-
     layers = get_layer_status(model)
-    if isinstance(model, PeftModel):
+    if is_peft_model(model):
         base_type = type(model.get_base_model()).__name__
         adapter_type = type(model.base_model).__name__
         peft_types = {name: str(config.peft_type) for name, config in model.peft_config.items()}

@@ -14,6 +14,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ia3.config import ALL_LINEAR, IA3Config, names_overlap
+from ia3.layer import IA3Layer
 
 # model_type -> modules that get a vector (attention keys/values and the feed-forward layer, per the paper)
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -180,8 +181,6 @@ def find_targets(config: IA3Config, model: nn.Module) -> list[Target]:
     Raises:
         ValueError: a targeted module is of a type ia3 cannot wrap, or nothing matches.
     """
-    from ia3.layer import IA3Layer
-
     found: list[Target] = []
     unsupported: list[str] = []
     wrapped: list[str] = []  # names of existing IA3Layers: their inner `base_layer` is never a target itself

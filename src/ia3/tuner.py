@@ -22,7 +22,8 @@ from ia3.targets import find_targets, matches, resolve_config
 TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule `name` (dotted, relative to `model`) with `module`."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -104,6 +105,14 @@ class IA3Model(nn.Module):
             extra = f" or {BASE_ADAPTER!r} for no adapter" if allow_base else ""
             raise ValueError(f"Unknown adapter name(s) {unknown}; this model has {list(self.peft_config)}{extra}")
 
+    def _check_exists(self, names: list[str]) -> None:
+        """PEFT's refusal of an adapter name it does not have (by delete and combine), with the names there are."""
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(
+                    f"Adapter {name} does not exist ({name!r} is none of this model's {list(self.peft_config)})"
+                )
+
     # -- adding ----------------------------------------------------------------------------------------------------
     def _vector_dtype(self, layer: IA3Layer, autocast: bool) -> torch.dtype:
         dtype = layer.base_layer.weight.dtype
@@ -138,7 +147,9 @@ class IA3Model(nn.Module):
                 f"Invalid adapter name {adapter_name!r}: it is the name of a torch container method; pick another"
             )
         if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or pick another name")
+            raise ValueError(  # PEFT's words, then ia3's advice
+                f"Adapter with name '{adapter_name}' already exists. Delete it first or pick another name."
+            )
         if not isinstance(config, IA3Config):
             raise TypeError(f"config must be an IA3Config; got {type(config).__name__}")
         resolved = resolve_config(config, self.model)
@@ -160,7 +171,7 @@ class IA3Model(nn.Module):
             module = self.model.get_submodule(target.name)
             if not isinstance(module, IA3Layer):
                 module = IA3Layer.from_module(module, target.is_feedforward)
-                _set_module(self.model, target.name, module)
+                set_module(self.model, target.name, module)
             dtype = self._vector_dtype(module, autocast)
             if low_cpu_mem_usage:
                 module.ia3_l[adapter_name] = nn.Parameter(
@@ -172,7 +183,7 @@ class IA3Model(nn.Module):
             wrapper = self.model.get_submodule(name)
             if not isinstance(wrapper, ModulesToSaveWrapper):
                 wrapper = ModulesToSaveWrapper(wrapper)
-                _set_module(self.model, name, wrapper)
+                set_module(self.model, name, wrapper)
             wrapper.add_adapter(adapter_name)
         self.peft_config[adapter_name] = resolved
         self._refresh()
@@ -210,6 +221,7 @@ class IA3Model(nn.Module):
             owners = [n for n in names if n in wrapper.modules_to_save]
             if len(owners) > 1:
                 raise ValueError(
+                    f"Only one adapter can be set at a time for {wrapper}, got {len(owners)}. "  # PEFT's words
                     f"Adapters {owners} each train their own copy of {name} (modules_to_save); only one copy can run, "
                     "so they cannot be active together. Activate one of them, or use per-example adapters "
                     "(adapter_names=...) to give each row its own."
@@ -238,10 +250,13 @@ class IA3Model(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove `adapter_name` from every layer and wrapper; the other active adapters stay active (the first
         remaining adapter becomes active when it was the only one)."""
-        self._check_names([adapter_name])
+        self._check_exists([adapter_name])
         for name, layer in self.ia3_layers():
             if adapter_name in layer.merged_adapters:
-                raise ValueError(f"Adapter {adapter_name!r} is merged into {name}; unmerge_adapter() first")
+                raise ValueError(
+                    f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first. "
+                    f"(It is merged into {name}: unmerge_adapter() first.)"
+                )
         for _, layer in list(self.ia3_layers()):
             if adapter_name in layer.ia3_l:
                 layer.delete_adapter(adapter_name)
@@ -357,8 +372,13 @@ class IA3Model(nn.Module):
         already = sorted({n for _, layer in self.ia3_layers() for n in layer.merged_adapters})
         if already:
             todo = [n for n in names if n not in already]
-            then = f"now also merging {todo}" if todo else "nothing to do for the adapters asked for"
-            warnings.warn(f"Adapters {already} are already merged; {then}", UserWarning, stacklevel=3)
+            message = (  # PEFT's words
+                f"Already following adapters were merged {','.join(already)}. "
+                f"You are now additionally merging {','.join(todo)}."
+                if todo
+                else "All adapters are already merged, nothing to do."
+            )
+            warnings.warn(message, UserWarning, stacklevel=3)
         # each layer merges the adapters it has (an adapter need not touch every layer)
         layers = [(name, layer, [n for n in names if n in layer.ia3_l]) for name, layer in self.ia3_layers()]
         for _, layer, own in layers:  # a quantised layer refuses before any layer has changed
@@ -368,8 +388,9 @@ class IA3Model(nn.Module):
             broken = [name for name, layer, own in layers if not layer.check_merge(own)]
             if broken:
                 raise ValueError(
-                    f"Merging adapter(s) {names} would give non-finite weights in {broken[:5]}; nothing was merged. "
-                    "The adapter seems broken: check its vectors for NaN/inf or huge values."
+                    f"NaNs detected in the merged weights. The adapter {', '.join(names)} seems to be broken. "
+                    f"(Merging it would give non-finite weights in {broken[:5]}; nothing was merged. Check its vectors "
+                    "for NaN/inf or huge values.)"
                 )
         for _, layer, own in layers:
             layer.merge(own, keep_original=keep_original)
@@ -391,10 +412,10 @@ class IA3Model(nn.Module):
         for name, layer in list(self.ia3_layers()):
             if not merge and layer.merged_adapters:
                 layer.unmerge()
-            _set_module(self.model, name, layer.base_layer)
+            set_module(self.model, name, layer.base_layer)
         for name, wrapper in list(self.wrappers()):
             keep = wrapper.module_for(wrapper.active_adapter) if merge else wrapper.original_module
-            _set_module(self.model, name, keep)
+            set_module(self.model, name, keep)
         return self.model
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
@@ -417,14 +438,22 @@ class IA3Model(nn.Module):
         weights = [float(w) for w in weights]
         if not adapters or len(adapters) != len(weights):
             raise ValueError(f"Need one weight per adapter; got {len(adapters)} adapters and {len(weights)} weights")
-        self._check_names(adapters)
+        self._check_exists(adapters)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists")
         configs = [self.peft_config[a] for a in adapters]
         target_sets = {name for name, layer in self.ia3_layers() if any(a in layer.ia3_l for a in adapters)}
         saved = [a for a in adapters if configs[adapters.index(a)].modules_to_save]
+        if any(sum(a in w.modules_to_save for a in adapters) > 1 for _, w in self.wrappers()):
+            raise ValueError(
+                "Cannot add weighted adapters targeting the same module with modules_to_save. "
+                f"(Adapters {saved} each train their own copy of a module; copies cannot be averaged.)"
+            )
         if len(saved) > 1:
-            raise ValueError(f"Adapters {saved} all train full modules (modules_to_save); these cannot be averaged")
+            raise ValueError(
+                f"Adapters {saved} train full modules (modules_to_save) of different modules; ia3 does not combine "
+                "them (the new adapter would get one adapter's copies and untrained ones of the others)"
+            )
         first = configs[0]
         merged_config = dataclasses.replace(
             first,
@@ -451,3 +480,9 @@ class IA3Model(nn.Module):
                             wrapper.modules_to_save[saved[0]].state_dict()
                         )
         self._refresh()
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """True for a `PeftModel` (a module whose `base_model` is an `IA3Model`), told by structure so that the modules
+    below `ia3.peft_model` need not import it (it imports them)."""
+    return isinstance(getattr(model, "base_model", None), IA3Model)
