@@ -71,9 +71,14 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     atomic_write_text(root / LATEST, final.name + "\n")
+    prune_checkpoints(root)
+    return final
+
+
+def prune_checkpoints(root: Path) -> None:
+    """Delete all but the newest `KEEP` checkpoint folders under `root` (the checkpoints folder)."""
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def find_checkpoint(path: Path) -> Path | None:

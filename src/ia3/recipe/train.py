@@ -26,7 +26,13 @@ from ia3 import IA3Config, PeftModel, get_peft_model
 from ia3.base_models import portable_reference
 from ia3.loading import load_base_model, load_tokenizer
 from ia3.recipe import sharding
-from ia3.recipe.checkpoint import find_checkpoint, load_adapter_weights, load_trainer_state, save_checkpoint
+from ia3.recipe.checkpoint import (
+    find_checkpoint,
+    load_adapter_weights,
+    load_trainer_state,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from ia3.recipe.config import RecipeConfig, TrainArgs
 from ia3.recipe.data import Examples, load_examples, train_val_split
 from ia3.recipe.evaluate import evaluate
@@ -423,6 +429,9 @@ def _finish(run: _Run, data: _Data, state: _State, zero_shot: dict[str, Any] | N
     adapter_state = sharding.adapter_state(run.peft_model, run.sharded)  # every process: a collective when sharded
     if run.main:
         run.peft_model.save_pretrained(run.out, state_dict=adapter_state)
+        # a run killed between writing its last checkpoint and deleting the oldest, then resumed from that last
+        # one, writes no checkpoint that would delete it
+        prune_checkpoints(run.out / "checkpoints")
     shown = run.cfg.train.show_examples if run.progress and len(data.val) else 0
     if shown and (run.main or run.sharded):  # the forward passes of a sharded model need every process
         with sharding.whole_root(run.peft_model):
