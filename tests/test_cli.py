@@ -20,17 +20,15 @@ import pytest
 from ia3 import cli
 from ia3.recipe.config import (
     GROUPS,
-    ConfigError,
     DataArgs,
     ModelArgs,
     RecipeConfig,
     TrainArgs,
     build_config,
-    coerce,
-    field_docs,
     settings,
 )
 from ia3.serve.config import ServeConfig, flag_name
+from ia3.settings import ConfigError, coerce, field_docs
 from ia3.tasks import TASKS
 
 CONFIG_CLASSES = [*GROUPS.values(), RecipeConfig, ServeConfig]

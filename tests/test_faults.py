@@ -30,9 +30,8 @@ from safetensors.torch import load_file
 from tiny_dirs import DEMO, make_model_dir
 
 from ia3 import IA3Config, PeftModel, get_peft_model
+from ia3.loading import ModelSource, load_base_model
 from ia3.recipe.checkpoint import LATEST, find_checkpoint, load_checkpoint
-from ia3.recipe.config import ModelArgs
-from ia3.recipe.modeling import load_base_model
 from ia3.serialization import WEIGHTS_NAME, load_tensors
 from ia3.tasks import TASKS
 
@@ -155,7 +154,7 @@ def test_sigkill_during_training_then_resume_is_bit_identical(run_setup, tmp_pat
     started = time.monotonic()
 
     def probe():
-        base = load_base_model(ModelArgs(name=str(model_dir), task="cls"), "cls", LABELS)
+        base = load_base_model(ModelSource(str(model_dir)), TASKS["cls"], LABELS)
         peft_model = get_peft_model(base, IA3Config(task_type=TASKS["cls"].peft_task_type))
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=0.05)

@@ -313,18 +313,19 @@ def test_recipe_setting_is_checked():
 def test_missing_backend_is_named_before_loading(monkeypatch, tmp_path):
     import importlib.util
 
-    import ia3.recipe.modeling as modeling
+    import ia3.loading as loading
     from ia3.recipe.config import ModelArgs
+    from ia3.tasks import TASKS
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
     )
     loaded = []
-    monkeypatch.setattr(modeling, "load_pretrained", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr(loading, "load_pretrained", lambda *a, **k: loaded.append(1))
     args = ModelArgs(name=str(tmp_path), quantization="nf4")
     with pytest.raises(ValueError, match=r"model.quantization nf4 .* needs the bitsandbytes package.*pick one of"):
-        modeling.load_base_model(args, "seq2seq", ["a", "b"])
+        loading.load_base_model(args.source, TASKS["seq2seq"], ["a", "b"])
     assert not loaded
 
 
@@ -440,9 +441,9 @@ def test_serve_a_quantised_base_with_several_adapters(tmp_path, backend):
     from live_server import LiveServer
     from tiny_dirs import tokenizer
 
-    from ia3.recipe.config import ModelArgs
-    from ia3.recipe.modeling import load_base_model
+    from ia3.loading import ModelSource, load_base_model
     from ia3.serve import ServeConfig
+    from ia3.tasks import TASKS
 
     tok = tokenizer()
     model_dir = tmp_path / "model"
@@ -483,7 +484,7 @@ def test_serve_a_quantised_base_with_several_adapters(tmp_path, backend):
     finally:
         server.close()
     ref = ia3.PeftModel.from_pretrained(
-        load_base_model(ModelArgs(name=str(model_dir), task="seq2seq", quantization=backend), "seq2seq", []),
+        load_base_model(ModelSource(str(model_dir), quantization=backend), TASKS["seq2seq"], []),
         tmp_path / "adapters" / "a",
         adapter_name="a",
     )

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ia3.config import IA3Config
 from ia3.serialization import WEIGHTS_NAME, load_tensors
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
 
 
 def inspect_adapter(adapter_dir: str | Path) -> dict:
@@ -54,7 +58,9 @@ def merge_to_full_model(adapter_dir: str | Path, output_dir: str | Path, safe_me
     return out
 
 
-def push_adapter(adapter_dir: str | Path, repo_id: str, private: bool | None = None, token: str | None = None):
+def push_adapter(
+    adapter_dir: str | Path, repo_id: str, private: bool | None = None, token: str | None = None
+) -> CommitInfo:
     """Upload an adapter folder's `adapter_config.json`, `adapter_model.safetensors` and model card (`README.md`, when
     there is one) to the Hub repo `repo_id`; a run folder's other files (metrics, checkpoints, plots) stay here."""
     from huggingface_hub import HfApi

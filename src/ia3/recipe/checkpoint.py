@@ -11,10 +11,16 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ia3.serialization import atomic_write_text, load_tensors, save_tensors
+
+if TYPE_CHECKING:
+    from torch.optim.lr_scheduler import LRScheduler
+
+    from ia3 import PeftModel
 
 LATEST = "latest"
 KEEP = 2
@@ -31,9 +37,9 @@ def _optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
 def save_checkpoint(
     root: Path,
     step: int,
-    peft_model,
-    optimizer,
-    scheduler,
+    peft_model: PeftModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
     progress: dict,
     adapter_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict | None = None,
@@ -65,9 +71,14 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     atomic_write_text(root / LATEST, final.name + "\n")
+    prune_checkpoints(root)
+    return final
+
+
+def prune_checkpoints(root: Path) -> None:
+    """Delete all but the newest `KEEP` checkpoint folders under `root` (the checkpoints folder)."""
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def find_checkpoint(path: Path) -> Path | None:
@@ -83,20 +94,22 @@ def find_checkpoint(path: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(folder: Path, peft_model, optimizer, scheduler) -> dict:
+def load_checkpoint(
+    folder: Path, peft_model: PeftModel, optimizer: torch.optim.Optimizer, scheduler: LRScheduler
+) -> dict:
     """Restore adapter weights, optimizer, scheduler and RNG; returns the saved progress dict."""
     load_adapter_weights(folder, peft_model)
     return load_trainer_state(folder, optimizer, scheduler)
 
 
-def load_adapter_weights(folder: Path, peft_model) -> None:
+def load_adapter_weights(folder: Path, peft_model: PeftModel) -> None:
     """The checkpoint's adapter into `peft_model` (before any sharding: the tensors are whole)."""
     from ia3.serialization import WEIGHTS_NAME
 
     peft_model.load_adapter_state_dict(load_tensors(folder / "adapter" / WEIGHTS_NAME), "default", str(folder))
 
 
-def load_trainer_state(folder: Path, optimizer, scheduler) -> dict:
+def load_trainer_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: LRScheduler) -> dict:
     """Restore optimizer (cut into shards where its parameters are sharded), scheduler and RNG; returns the saved
     progress dict."""
     from ia3.recipe.sharding import shard_optimizer_state

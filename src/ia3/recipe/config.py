@@ -4,248 +4,64 @@ Each group (`ModelArgs`, `DataArgs`, `TrainArgs`) documents its fields in the `A
 (the CLI's help, `field_docs`) and checks them in `__post_init__`; `RecipeConfig` checks the rules that span groups.
 The annotations say how a flag's or a YAML file's value is read (`coerce`): `int`, `float`, `bool`, `str`, lists
 (comma-separated on the command line) and `X | None` (`none` / `null`). Every problem is collected, then one
-`ConfigError` (a `ValueError`) names them all, in flag form (`--train.lr must be a positive number; got -1`).
+`ConfigError` (a `ValueError`) names them all, in flag form (`--train.lr must be a positive number; got -1`). The
+toolkit for all this (`coerce`, `Checks`, `ConfigError`, ...) is the project's, in `ia3.settings`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
-import inspect
 import os
-import re
-import types
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
 
+from ia3.loading import ModelSource
 from ia3.quantization import QUANTIZATIONS
-from ia3.tasks import TASKS
+from ia3.settings import (
+    Checks,
+    ConfigError,
+    close_match_hints,
+    close_matches,
+    coerce,
+    describe,
+    did_you_mean,
+    field_docs,
+    field_types,
+    metavar,
+    read_settings_file,
+)
+from ia3.tasks import TASKS, Task
+
+# `ia3.cli` and `ia3.serve` still import the settings toolkit from here; it lives in `ia3.settings`.
+__all__ = [
+    "CHOICES",
+    "GROUPS",
+    "LOSSES",
+    "PRECISIONS",
+    "Checks",
+    "ConfigError",
+    "DataArgs",
+    "ModelArgs",
+    "RecipeConfig",
+    "Setting",
+    "TrainArgs",
+    "all_keys",
+    "build_config",
+    "close_matches",
+    "coerce",
+    "describe",
+    "field_docs",
+    "field_types",
+    "metavar",
+    "settings",
+]
 
 LOSSES = ("lm", "tfew")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-class ConfigError(ValueError):
-    """Invalid settings. `problems` lists each one; the message names them all."""
-
-    def __init__(self, problems: list[str], title: str = "Invalid recipe config") -> None:
-        self.problems, self.title = list(problems), title
-        body = f" {self.problems[0]}" if len(self.problems) == 1 else "".join(f"\n  - {p}" for p in self.problems)
-        super().__init__(f"{title}:{body}")
-
-    def __reduce__(self):  # picklable (multiprocessing) despite the custom __init__
-        return type(self), (self.problems, self.title)
-
-
-# -- fields: docs, types, coercion ---------------------------------------------------------------------------------
-@functools.cache
-def field_docs(cls: type) -> dict[str, str]:
-    """{field name: doc} from the `Attributes:` (or `Args:`) section of a dataclass's Google-style docstring.
-
-    An entry is `name: text` (`a / b: text` documents both), continued on the lines indented deeper than it.
-    """
-    docs: dict[str, str] = {}
-    section: int | None = None  # indentation of the section header
-    entry: int | None = None  # indentation of its entries
-    names: list[str] = []
-    for line in inspect.cleandoc(cls.__doc__ or "").splitlines():
-        text, depth = line.strip(), len(line) - len(line.lstrip())
-        if section is None:
-            if text in ("Attributes:", "Args:"):
-                section = depth
-            continue
-        if not text:
-            continue
-        if depth <= section:
-            break
-        match = re.fullmatch(r"(\w+(?:\s*/\s*\w+)*)\s*:\s*(.*)", text)
-        if match and (entry is None or depth <= entry):
-            entry = depth
-            names = [n.strip() for n in match.group(1).split("/")]
-            for n in names:
-                docs[n] = match.group(2)
-        else:
-            for n in names:
-                docs[n] = f"{docs[n]} {text}".strip()
-    return docs
-
-
-@functools.cache
-def field_types(cls: type) -> dict[str, Any]:
-    """{field name: resolved annotation} of a dataclass (`typing.get_type_hints`, so string annotations work)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _kinds(hint: Any) -> tuple[list[type], bool]:
-    """(the non-None types of an annotation, in order, with `list[str]` as `list`; whether None is allowed)."""
-    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    kinds = [typing.get_origin(a) or a for a in args if a is not type(None)]
-    unsupported = [k for k in kinds if k not in (bool, int, float, str, list)]
-    if unsupported:
-        raise TypeError(f"config fields support bool, int, float, str, list[str] and X | None; got {hint}")
-    return kinds, type(None) in args
-
-
-_WORDS = {
-    bool: "true or false",
-    int: "an integer",
-    float: "a number",
-    str: "a string",
-    list: "a list (comma-separated on the command line)",
-}
-_METAVARS = {bool: "{true,false}", int: "INT", float: "FLOAT", str: "STR", list: "A,B,..."}
-
-
-def describe(hint: Any) -> str:
-    """What values an annotation takes, in words: `an integer or none`."""
-    kinds, optional = _kinds(hint)
-    return " or ".join([_WORDS[k] for k in kinds] + (["none"] if optional else []))
-
-
-def metavar(hint: Any) -> str:
-    """The CLI's placeholder for a value of this annotation (`INT`, `{true,false}`, `A,B,...`)."""
-    return _METAVARS[_kinds(hint)[0][0]]
-
-
-_NAMES = re.compile(r"\s*[\w.]+(\s*,\s*[\w.]*)*\s*|.*,.*")  # `q`, `q, v`, `a,b,`: names; a comma: a list
-_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
-_FAIL = object()
-
-
-def _as(kind: type, value: Any) -> Any:
-    """`value` read as `kind`, or _FAIL."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # also YAML 1.1's `8e-3`, which it reads as a string
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-    elif kind is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):  # YAML's `revision: 2024`
-            return str(value)
-    elif kind is list:
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return list(value)
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-    return _FAIL
-
-
-def coerce(value: Any, hint: Any, name: str) -> Any:
-    """Read `value` (a flag's string or a YAML value) as the annotation `hint` says.
-
-    `none` / `null` (or None) is None for an `X | None` field only; a string is a comma-separated list for a list
-    field. For `list[str] | str` (names or a regex), a string stays a string only when it is not a list of plain
-    names: `q,v` and `q` are lists, `all-linear` and `.*[.]q` strings. Raises ValueError naming `name` (`--train.lr`).
-    """
-    kinds, optional = _kinds(hint)
-    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null")):
-        if optional:
-            return None
-        raise ValueError(f"{name} takes {describe(hint)}; got None")
-    if isinstance(value, str) and list in kinds and str in kinds:
-        kinds = [list] if _NAMES.fullmatch(value) else [k for k in kinds if k is not list]
-    for kind in kinds:
-        out = _as(kind, value)
-        if out is not _FAIL:
-            return out
-    raise ValueError(f"{name} takes {describe(hint)}; got {value!r}")
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    kinds, optional = _kinds(hint)
-    if value is None:
-        return optional
-    for kind in kinds:
-        if kind is bool and isinstance(value, bool):
-            return True
-        if kind is int and isinstance(value, int) and not isinstance(value, bool):
-            return True
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True
-        if kind is str and isinstance(value, str):
-            return True
-        if kind is list and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return True
-    return False
-
-
-class Checks:
-    """Collects the problems of one config object, each in flag form; a field of the wrong type is named once.
-
-    `flag(name)` gives a field's flag (`--train.lr`); the checks skip fields whose type is already wrong.
-    """
-
-    def __init__(self, obj: Any, flag: Callable[[str], str]) -> None:
-        self.obj, self.flag, self.problems, self.bad = obj, flag, [], set()
-        for name, hint in field_types(type(obj)).items():
-            value = getattr(obj, name)
-            if not _matches(value, hint):
-                self.problems.append(f"{flag(name)} takes {describe(hint)}; got {value!r}")
-                self.bad.add(name)
-
-    def value(self, name: str) -> Any:
-        return getattr(self.obj, name)
-
-    def ok(self, name: str) -> bool:
-        """The field has the right type and is set (not None): worth checking further."""
-        return name not in self.bad and getattr(self.obj, name) is not None
-
-    def require(self, condition: bool, message: str) -> None:
-        if not condition:
-            self.problems.append(message)
-
-    def integer(self, name: str, low: int) -> None:
-        if self.ok(name) and self.value(name) < low:
-            self.problems.append(f"{self.flag(name)} must be an integer >= {low}; got {self.value(name)!r}")
-
-    def choice(self, name: str, allowed: typing.Iterable[str]) -> None:
-        if self.ok(name) and self.value(name) not in allowed:
-            self.problems.append(f"{self.flag(name)} must be one of {list(allowed)}; got {self.value(name)!r}")
-
-    def text(self, name: str, what: str) -> None:
-        """A string field that must not be empty."""
-        if self.ok(name) and not self.value(name).strip():
-            self.problems.append(f"{self.flag(name)} must be {what}; got {self.value(name)!r}")
-
-    def gguf(self, name: str) -> None:
-        if self.ok(name) and not self.value(name).lower().endswith(".gguf"):
-            self.problems.append(f"{self.flag(name)} must name a .gguf file; got {self.value(name)!r}")
-
-    def names(self, name: str) -> None:
-        """A list of distinct, non-empty names (None allowed)."""
-        if self.ok(name):
-            names = list(self.value(name))
-            if not names or any(not n.strip() for n in names) or len(set(names)) != len(names):
-                self.problems.append(f"{self.flag(name)} must be distinct non-empty names; got {self.value(name)!r}")
-
-    def done(self, title: str) -> None:
-        if self.problems:
-            raise ConfigError(self.problems, title)
 
 
 # -- the groups ----------------------------------------------------------------------------------------------------
@@ -292,6 +108,22 @@ class ModelArgs:
         c.gguf("gguf_file")
         c.choice("quantization", QUANTIZATIONS)
         c.done("Invalid model settings")
+
+    @property
+    def task_class(self) -> type[Task]:
+        """The task `model.task` names (checked in `__post_init__`, so it always resolves)."""
+        return TASKS[self.task]
+
+    @property
+    def source(self) -> ModelSource:
+        """Where the base model and its tokenizer load from, for `ia3.loading`."""
+        return ModelSource(
+            name=self.name,
+            revision=self.revision,
+            gguf_file=self.gguf_file,
+            trust_remote_code=self.trust_remote_code,
+            quantization=self.quantization,
+        )
 
 
 @dataclass
@@ -449,16 +281,15 @@ class RecipeConfig:
         if problems:
             raise ConfigError(problems)
         m, d, t = self.model, self.data, self.train
-        if t.loss == "tfew" and not TASKS[m.task].generates:
+        task = m.task_class
+        if t.loss == "tfew" and not task.generates:
             generating = [name for name, task in TASKS.items() if task.generates]
             problems.append(
                 f"--train.loss tfew needs a label-generation task (--model.task {' or '.join(generating)}); "
                 f"got --model.task {m.task}"
             )
-        if m.task in TASKS:  # the task's own rules for the prompt settings (e.g. causal: `{text}` in the prompt)
-            problems += [
-                f"{p} (--model.task {m.task})" for p in TASKS[m.task].check_settings(d.prompt, d.chat_template)
-            ]
+        # the task's own rules for the prompt settings (e.g. causal: `{text}` in the prompt)
+        problems += [f"{p} (--model.task {m.task})" for p in task.check_settings(d.prompt, d.chat_template)]
         if problems:
             raise ConfigError(problems)
 
@@ -519,44 +350,6 @@ def _hint(key: str) -> Any:
     return field_types(GROUPS[group])[name]
 
 
-def close_matches(key: str, keys: list[str]) -> list[str]:
-    """The dotted keys `key` (e.g. `train.lrr`) was probably meant as: the same field in another group, else close
-    names in its group, else close keys anywhere."""
-    group, _, name = key.rpartition(".")
-    elsewhere = [k for k in keys if k.rpartition(".")[2] == name and k != key]
-    if elsewhere:
-        return elsewhere
-    siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == group]
-    close = [f"{group}.{c}" if group else c for c in difflib.get_close_matches(name, siblings, n=3, cutoff=0.6)]
-    return close or difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
-
-
-def _suggest(key: str, keys: list[str], prefix: str = "") -> str:
-    close = close_matches(key, keys)
-    return f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
-
-
-def _suggest_each(unknown: list[str], keys: list[str], prefix: str = "") -> str:
-    if len(unknown) == 1:
-        return _suggest(unknown[0], keys, prefix)
-    hints = [f"{prefix}{u} -> {prefix}{close[0]}" for u in unknown if (close := close_matches(u, keys))]
-    return f"; close matches: {', '.join(hints)}" if hints else ""
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError([f"config file {path} does not exist"]) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError([f"config file {path} cannot be read: {err}"]) from None
-    except yaml.YAMLError as err:
-        raise ConfigError([f"config file {path} is not valid YAML: {err}"]) from None
-    if not isinstance(data, dict):
-        raise ConfigError([f"config file {path} must hold a mapping of sections; got {type(data).__name__}"])
-    return data
-
-
 def build_config(
     file: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None, base: dict[str, Any] | None = None
 ) -> RecipeConfig:
@@ -574,7 +367,7 @@ def build_config(
     if base:
         layers.append(("saved config", base))
     if file is not None:
-        layers.append((str(file), _read_yaml(Path(file))))
+        layers.append((str(file), read_settings_file(file)))
 
     def put(key: str, value: Any, name: str) -> None:
         try:
@@ -599,20 +392,20 @@ def build_config(
                 if unknown:
                     accepted = [k.partition(".")[2] for k in keys if k.startswith(key + ".")]
                     problems.append(
-                        f"{source}: unknown key(s) {unknown}{_suggest_each(unknown, keys)} ({key} accepts {accepted})"
+                        f"{source}: unknown key(s) {unknown}{close_match_hints(unknown, keys)} ({key} accepts {accepted})"
                     )
             else:
                 homes = [k for k in keys if k.partition(".")[2] == key]
                 hint = f"; did you mean {homes[0]} (under `{homes[0].partition('.')[0]}:`)?" if homes else ""
                 problems.append(
-                    f"{source}: unknown key {key!r}{hint or _suggest(str(key), ['output_dir', *GROUPS])} "
+                    f"{source}: unknown key {key!r}{hint or did_you_mean(str(key), ['output_dir', *GROUPS])} "
                     f"(the config accepts output_dir and the sections {list(GROUPS)})"
                 )
     for key, value in (overrides or {}).items():
         if key in keys:
             put(key, value, f"--{key}")
         else:
-            problems.append(f"unknown setting --{key}{_suggest(key, keys, '--')}")
+            problems.append(f"unknown setting --{key}{did_you_mean(key, keys, '--')}")
 
     groups: dict[str, Any] = {}
     for group, klass in GROUPS.items():

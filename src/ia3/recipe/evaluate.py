@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ia3.recipe.features import Encoded, epoch_batches
@@ -18,7 +19,9 @@ def match_label(text: str, label_names: list[str]) -> int:
 
 
 @torch.no_grad()
-def score_batch(model, enc: Encoded, indices: list[int], device) -> tuple[list[int], list[list[float]], float, int]:
+def score_batch(
+    model: nn.Module, enc: Encoded, indices: list[int], device: torch.device | str | None
+) -> tuple[list[int], list[list[float]], float, int]:
     """Rank classification of one batch: (predicted ids, per-label scores, summed gold NLL, gold token count).
 
     Generative tasks: a label's score is its mean token log-probability (length-normalised); cls: the logits.
@@ -30,21 +33,23 @@ def score_batch(model, enc: Encoded, indices: list[int], device) -> tuple[list[i
 
 
 @torch.no_grad()
-def generate_labels(model, enc: Encoded, indices: list[int], label_length: int, device) -> list[str]:
+def generate_labels(
+    model: nn.Module, enc: Encoded, indices: list[int], label_length: int, device: torch.device | str | None
+) -> list[str]:
     """Greedy generation of up to `label_length` new tokens per input, decoded."""
     return enc.task.generate(model, enc.inputs(indices), device, max_new_tokens=label_length)
 
 
 @torch.no_grad()
 def evaluate(
-    model,
+    model: nn.Module,
     enc: Encoded,
     label_names: list[str],
     *,
     batch_size: int = 32,
     label_length: int = 3,
     generation: bool = True,
-    device=None,
+    device: torch.device | str | None = None,
     progress: bool = True,
 ) -> tuple[dict, list[dict]]:
     """Metrics of `model` on `enc` and each example's predictions.

@@ -6,16 +6,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from ia3 import IA3Config, PeftModel
+from ia3.loading import default_device, load_base_model, load_tokenizer
 from ia3.recipe.config import RecipeConfig, build_config
 from ia3.recipe.data import Examples, load_examples, train_val_split
 from ia3.recipe.evaluate import evaluate
 from ia3.recipe.features import encode, encode_choices, encode_texts
-from ia3.recipe.modeling import load_base_model, load_tokenizer, make_task
-from ia3.recipe.train import RECIPE_FILE
-from ia3.tasks import TASK_OF_PEFT_TYPE, Task, get_task
+from ia3.recipe.modeling import make_task
+from ia3.settings import RECIPE_FILE, read_settings_file
+from ia3.tasks import TASK_OF_PEFT_TYPE, Task
 
 
 def run_config(adapter_dir: str | Path, overrides: dict[str, Any] | None = None) -> RecipeConfig:
@@ -27,7 +27,7 @@ def run_config(adapter_dir: str | Path, overrides: dict[str, Any] | None = None)
     saved_path = folder / RECIPE_FILE
     base: dict[str, Any] = {}
     if saved_path.is_file():
-        base = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+        base = read_settings_file(saved_path)
     else:
         adapter = IA3Config.from_pretrained(folder)
         if adapter.task_type not in TASK_OF_PEFT_TYPE:
@@ -40,14 +40,14 @@ def run_config(adapter_dir: str | Path, overrides: dict[str, Any] | None = None)
 
 
 def load_run(
-    adapter_dir: str | Path, cfg: RecipeConfig, label_names: list[str], device: str | None = None
+    adapter_dir: str | Path, cfg: RecipeConfig, label_names: list[str], device: str | torch.device | None = None
 ) -> tuple[Task, PeftModel]:
-    """(task bound to the run's tokenizer, PeftModel in eval mode) for the run in `adapter_dir`."""
-    task = make_task(cfg.model, cfg.data, load_tokenizer(cfg.model, cfg.model.task))
-    base = load_base_model(cfg.model, cfg.model.task, label_names)
-    model = PeftModel.from_pretrained(base, adapter_dir)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return task, model.to(device).eval()
+    """(task bound to the run's tokenizer, PeftModel in eval mode on `device`, default `default_device()`) for the
+    run in `adapter_dir`."""
+    m = cfg.model
+    task = make_task(m, cfg.data, load_tokenizer(m.source, m.task_class))
+    model = PeftModel.from_pretrained(load_base_model(m.source, m.task_class, label_names), adapter_dir)
+    return task, model.to(device or default_device()).eval()
 
 
 def evaluate_run(
@@ -101,7 +101,7 @@ def predict(
     if mode not in ("rank", "generate"):
         raise ValueError(f"mode must be 'rank' or 'generate'; got {mode!r}")
     cfg = run_config(adapter_dir, overrides)
-    if mode == "generate" and not get_task(cfg.model.task).generates:
+    if mode == "generate" and not cfg.model.task_class.generates:
         raise ValueError("mode 'generate' needs a label-generation task; this run is a classifier (use rank)")
     label_names = cfg.data.label_names
     if not label_names:

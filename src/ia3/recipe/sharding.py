@@ -16,11 +16,18 @@ launch.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from ia3 import PeftModel
 
 
-def fsdp_launch(accelerator) -> str | None:
+def fsdp_launch(accelerator: Accelerator) -> str | None:
     """How this run shards: "accelerate" (accelerate's FSDP2), "cpu" (FSDP asked of CPU processes) or None.
 
     Raises ValueError for FSDP version 1 (its flat parameters hold no whole vector to save or resume from) and for
@@ -70,7 +77,7 @@ def _wrap_classes(model) -> set[str]:
     return classes
 
 
-def shard(peft_model) -> int:
+def shard(peft_model: PeftModel) -> int:
     """Shard the base model under `peft_model` across this process group, in place (FSDP2): each transformer block
     its own unit, the rest (embeddings, head, norms) the root's. Call before building the optimizer: sharding
     replaces the parameters. Returns the number of units."""
@@ -102,7 +109,7 @@ def _whole(tensor):
     return tensor
 
 
-def adapter_state(peft_model, sharded: bool) -> dict[str, torch.Tensor] | None:
+def adapter_state(peft_model: PeftModel, sharded: bool) -> dict[str, torch.Tensor] | None:
     """The trainable tensors made whole, under `peft_model.state_dict()`'s names, for `save_pretrained(state_dict=)`;
     None when nothing is sharded (the live parameters are whole). Every process calls it."""
     if not sharded:
@@ -139,7 +146,7 @@ def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict
     return {**state, "state": fitted}
 
 
-def describe(model, launch: str, world: int) -> dict:
+def describe(model: nn.Module, launch: str, world: int) -> dict:
     """What this process holds of the model: for `metrics.json` and the start-up line."""
     from torch.distributed.tensor import DTensor
 
@@ -166,11 +173,11 @@ class whole_root:
     Also settles which unit is the root before any forward has run (FSDP2 takes the first unit to run forward as
     the root, and a block called directly must not become one)."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.root = _root(model)
         self.reshards = True
 
-    def __enter__(self):
+    def __enter__(self) -> whole_root:
         if self.root is not None:
             state = self.root._get_fsdp_state()  # FSDP2 has no public call for this lazy initialisation
             state._lazy_init()
@@ -180,7 +187,7 @@ class whole_root:
             self.root.unshard()
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc: object) -> bool:
         if self.root is not None:
             self.root.set_reshard_after_forward(self.reshards, recurse=False)
             self.root.reshard()
