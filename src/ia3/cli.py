@@ -82,7 +82,8 @@ def _help(doc: str, default: object = None, show_default: bool = True) -> str:
 def _add_settings(parser: argparse.ArgumentParser) -> None:
     """One flag per recipe setting, derived from the config dataclasses: help from their docs, the value read by
     its annotation in `build_config` (so every bad value is reported at once)."""
-    from ia3.recipe.config import metavar, settings
+    from ia3.recipe.config import settings
+    from ia3.settings import metavar
 
     group = parser.add_argument_group(
         "settings (defaults < --config file < these flags; lists are comma-separated, `none` unsets an optional one)"
@@ -118,6 +119,8 @@ def bundled_config(config: Path | None) -> Path | None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     from ia3.recipe.config import build_config
     from ia3.recipe.train import train
 
@@ -129,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_config(bundled_config(config), _overrides(args))
     resume = True if args.resume == "latest" else args.resume or False
     metrics = train(cfg, resume=resume, progress=not args.quiet)
-    if metrics:
+    if PartialState().is_main_process:  # every process of a multi-process run returns the metrics; one prints
         summary = {
             k: metrics[k]
             for k in ("zero_shot", "accuracy", "macro_f1", "generation_accuracy", "eval_loss", "seconds_per_epoch")
@@ -232,8 +235,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     """The `ServeConfig` of parsed `ia3 serve` flags (each value read by its field's annotation; all problems at
     once); `--api-key` defaults to $IA3_API_KEY."""
-    from ia3.recipe.config import ConfigError, coerce, field_types
     from ia3.serve.config import ServeConfig, flag_name
+    from ia3.settings import ConfigError, coerce, field_types
 
     kwargs, problems = {}, []
     for name, hint in field_types(ServeConfig).items():
@@ -257,8 +260,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
 
 def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per `ServeConfig` field (`--max-batch-size`), help from its docstring, then the server's own."""
-    from ia3.recipe.config import field_docs, field_types, metavar
     from ia3.serve.config import ServeConfig, flag_name
+    from ia3.settings import field_docs, field_types, metavar
     from ia3.tasks import TASKS
 
     docs, hints = field_docs(ServeConfig), field_types(ServeConfig)
@@ -416,7 +419,7 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 
 def _unknown_flags(parser: argparse.ArgumentParser, extra: list[str]) -> str:
     """`unrecognized arguments: --train.lrr 1; did you mean --train.lr?` (the close matches of each unknown flag)."""
-    from ia3.recipe.config import close_matches
+    from ia3.settings import close_matches
 
     options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
     dotted = [o[2:] for o in options if "." in o]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -218,12 +219,25 @@ def _peft_model(cfg: RecipeConfig, task: Task, label_names: list[str], printing:
 
 def _optimizer(model: nn.Module, t: TrainArgs, train_examples: int) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW over the trainable parameters and its schedule: linear warmup, then linear decay to 0."""
-    from transformers import get_linear_schedule_with_warmup
-
     steps_per_epoch = math.ceil(math.ceil(train_examples / t.batch_size) / t.grad_accum)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    return optimizer, get_linear_schedule_with_warmup(optimizer, t.warmup_steps, steps_per_epoch * t.epochs)
+    return optimizer, linear_schedule(optimizer, t.warmup_steps, steps_per_epoch * t.epochs)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate grows linearly from 0 over `warmup` steps, then falls linearly to 0 at step `total`.
+
+    The same factors as transformers' `get_linear_schedule_with_warmup` (so runs and checkpoints match earlier
+    ones), written here because importing that function loads transformers' trainer, and with it every optional
+    integration installed (peft, bitsandbytes), whose import-time notices a plain run must not print."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_linear_factor, warmup=warmup, total=total))
+
+
+def _linear_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    return max(0.0, float(total - step) / float(max(1, total - warmup)))
 
 
 def _set_up(

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ia3.quantization import QUANTIZATIONS
-from ia3.recipe.config import Checks, field_types
+from ia3.settings import Checks, field_types
 from ia3.tasks import TASKS, Task
 
 BATCHING = ("continuous", "static")

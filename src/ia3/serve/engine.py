@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from ia3.recipe.config import ModelArgs
-from ia3.recipe.modeling import load_base_model, load_tokenizer
+from ia3.loading import ModelSource, default_device, load_base_model, load_tokenizer
 from ia3.serve.config import ServeConfig
 from ia3.serve.decoding import Decoder
 from ia3.serve.errors import ApiError
+from ia3.settings import RECIPE_FILE, ConfigError, read_settings_file
 from ia3.tasks import LabelLengthError, Task
 from ia3.tuner import BASE_ADAPTER
 
@@ -67,13 +66,13 @@ def _gave_up_criterion(stop):
 def labels_from_recipes(adapter_folders: list[Path]) -> list[str] | None:
     """`data.label_names` of the first adapter folder with a `recipe.yaml` (as `ia3 train` writes) that names them."""
     for folder in adapter_folders:
-        path = folder / "recipe.yaml"
+        path = folder / RECIPE_FILE
         if path.is_file():
             try:
-                data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            except (yaml.YAMLError, OSError, UnicodeDecodeError):
+                data = read_settings_file(path)
+            except ConfigError:  # not a run's settings: no labels from it
                 continue
-            names = (data.get("data") or {}).get("label_names") if isinstance(data, dict) else None
+            names = (data.get("data") or {}).get("label_names")
             if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
                 return names
     return None
@@ -84,17 +83,14 @@ class Engine:
 
     def __init__(self, config: ServeConfig, task_class: type[Task], label_names: list[str] | None) -> None:
         self.config = config
-        args = ModelArgs(
-            name=config.model, task=config.task, gguf_file=config.gguf_file, quantization=config.quantization
-        )
-        tokenizer = load_tokenizer(args, task_class)
+        source = ModelSource(config.model, gguf_file=config.gguf_file, quantization=config.quantization)
+        tokenizer = load_tokenizer(source, task_class)
         self.task = task_class(tokenizer, prompt=config.prompt, chat_template=config.chat_template)
-        model = load_base_model(args, task_class, label_names or [])
+        model = load_base_model(source, task_class, label_names or [])
         if not task_class.generates and not label_names:  # a classifier's labels are its head's classes
             label_names = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
         self.label_names = list(label_names) if label_names else None
-        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(device)
+        self.device = torch.device(config.device) if config.device else default_device()
         self.base = model.to(self.device).eval()  # the HF model; adapters wrap its layers in place
         self.peft = None  # ia3 PeftModel, created with the first adapter
         self.tokenizer = tokenizer
