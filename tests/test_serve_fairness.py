@@ -25,8 +25,9 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from live_server import LiveServer  # noqa: E402
-from serve_setup import TEXTS, Setup, one_torch_thread  # noqa: E402, F401
+from serve_setup import AUTO, TEXTS, Setup, one_torch_thread  # noqa: E402, F401
 
+from ia3 import BASE_ADAPTER  # noqa: E402
 from ia3.families import DecodeState  # noqa: E402
 from ia3.serve import ServeConfig  # noqa: E402
 from ia3.serve.decoding import Decoder, Row, Sampling  # noqa: E402
@@ -337,3 +338,60 @@ def test_adapter_symlinks_and_error_paths(server, causal, tmp_path):
     (bad_config / "adapter_config.json").write_text("{not json")
     r = server.post("/v1/adapters/badconfig")
     assert r.status_code == 422 and str(root.resolve()) not in r.text, r.text
+
+
+# -- chunked prefill ---------------------------------------------------------------------------------------------
+def test_a_long_prompt_is_prefilled_in_pieces_while_running_rows_decode(causal):
+    """A prompt longer than the step's prefill budget is prefilled a piece per step; every step also decodes the
+    running row, and both rows' greedy tokens equal each run alone."""
+    from ia3.families import CausalDecodeState
+
+    model = AUTO["causal"].from_pretrained(causal.model_dir).eval()
+    tok = causal.tokenizer
+    decoder = Decoder(
+        model, tok, torch.device("cpu"), lambda adapters: contextlib.nullcontext(), CausalDecodeState, 8, 4
+    )
+    short = Row(tok("Net sales fell", add_special_tokens=False)["input_ids"], BASE_ADAPTER, 16)
+    long_ids = tok(" ".join(TEXTS * 3), add_special_tokens=False)["input_ids"]
+    assert len(long_ids) > 12
+    long = Row(long_ids, BASE_ADAPTER, 4)
+    decoder.add([short])
+    with torch.inference_mode():
+        decoder.step()
+        decoder.add([long])
+        pieces = 0
+        while decoder.partial is not None or long in decoder.waiting:
+            before = len(short.tokens)
+            decoder.step()
+            pieces += 1
+            assert short.finish_reason is not None or len(short.tokens) == before + 1  # decoded every step
+        assert pieces == -(-len(long_ids) // 4)  # 4 prompt tokens a step
+        while decoder.busy():
+            decoder.step()
+    for row in (short, long):
+        alone = causal.generate(BASE_ADAPTER, tok.decode(row.prompt), max_new_tokens=row.max_new_tokens)
+        assert row.text == alone
+
+
+def test_chunked_prefill_over_http_equals_runs_alone(causal):
+    """Long prompts and short ones, mixed adapters, a prefill budget of 8 tokens a step: every answer equals the
+    same request run alone."""
+    srv = LiveServer(_config(causal, max_prefill_tokens=8))
+    try:
+        long_text = " ".join(TEXTS * 2)
+        jobs = [(["a", "b", BASE_ADAPTER][i % 3], [long_text, TEXTS[i % 4]][i % 2]) for i in range(6)]
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(
+                pool.map(
+                    lambda job: srv.post(
+                        "/v1/generate",
+                        json={"adapter": job[0], "inputs": job[1], "parameters": {"max_new_tokens": 5}},
+                    ),
+                    jobs,
+                )
+            )
+        for (adapter, text), r in zip(jobs, answers):
+            assert r.status_code == 200, r.text
+            assert r.json()["outputs"][0]["text"] == causal.generate(adapter, text, max_new_tokens=5)
+    finally:
+        srv.close()

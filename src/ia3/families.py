@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +149,9 @@ def _select_layers(layers: list, index: torch.Tensor, columns: slice) -> None:
 class DecodeState:
     """The model state of the rows of a running decode batch (see the module docstring). Subclasses per family."""
 
+    chunked: ClassVar[bool] = False
+    """True when a long prompt can be prefilled piece by piece (`prefill` of its start, then `feed`)."""
+
     def __init__(self, cache: Any, mask: torch.Tensor) -> None:
         self.cache = cache
         self.mask = mask  # (B, T) 1 for the real tokens of the (decoder) self-attention cache
@@ -171,6 +174,11 @@ class DecodeState:
     def step(self, model: nn.Module, tokens: list[int]) -> torch.Tensor:
         """Feed each row's last token; the `(B, V)` logits of the next token."""
         raise NotImplementedError
+
+    def feed(self, model: nn.Module, tokens: list[int]) -> torch.Tensor:
+        """One-row state: run more of its prompt after the tokens already cached; the `(1, V)` logits of the token
+        after them (chunked prefill; only where `chunked`)."""
+        raise NotImplementedError(f"{type(self).__name__} prefills a prompt whole")
 
     @classmethod
     def probe(cls, model: nn.Module, device: torch.device) -> None:
@@ -199,6 +207,8 @@ class DecodeState:
 
 class CausalDecodeState(DecodeState):
     """Decoder-only LMs: the cache left-padded to a common length, with per-row position ids."""
+
+    chunked = True
 
     def __init__(self, cache: Any, mask: torch.Tensor, positions: torch.Tensor) -> None:
         super().__init__(cache, mask)
@@ -238,6 +248,21 @@ class CausalDecodeState(DecodeState):
             **{cache_argument(model): self.cache},
         )
         self.cache, self.mask, self.positions = cache_of(out), mask, self.positions + 1
+        return out.logits[:, -1]
+
+    def feed(self, model, tokens):
+        assert self.mask.shape[0] == 1, "feed continues the prompt of a one-row state"
+        device = self.mask.device
+        mask = torch.cat([self.mask, self.mask.new_ones((1, len(tokens)))], dim=1)
+        out = model(
+            input_ids=torch.tensor([tokens], device=device),
+            attention_mask=mask,
+            position_ids=self.positions[:, None] + torch.arange(len(tokens), device=device),
+            use_cache=True,
+            **keep_logits(model, 1),
+            **{cache_argument(model): self.cache},
+        )
+        self.cache, self.mask, self.positions = cache_of(out), mask, self.positions + len(tokens)
         return out.logits[:, -1]
 
     @classmethod

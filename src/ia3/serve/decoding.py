@@ -149,6 +149,15 @@ def next_tokens(logits: torch.Tensor, rows: list[Row]) -> list[int | BaseExcepti
     return picks
 
 
+@dataclass(eq=False)
+class PartialPrefill:
+    """A row whose long prompt is prefilled piece by piece: its state so far and how many prompt tokens it holds."""
+
+    row: Row
+    state: DecodeState | None = None
+    done: int = 0
+
+
 class Decoder:
     """The running decode batch of a generating model, with its waiting rows (see the module docstring).
 
@@ -163,8 +172,10 @@ class Decoder:
         rows_context: `rows_context(adapters)` -> a context manager under which batch row `i` uses `adapters[i]`.
         state_class: the model family's decode state (the task's `decode_state`).
         max_rows: rows decoded together at most.
-        max_prefill_tokens: prompt tokens admitted in one step at most (one longer prompt is admitted alone), so a
-            long prompt delays the running rows by one bounded prefill.
+        max_prefill_tokens: prompt tokens prefilled in one step at most, so whatever arrives delays the running
+            rows by one bounded prefill per step: a longer prompt is prefilled in pieces of at most this many
+            tokens over several steps, each followed by a decode step of the running rows (families whose prompts
+            cannot be cut, the encoder-decoders, prefill such a prompt whole, alone).
         max_positions: the model's position limit (a row stops with "length" there); None: no limit.
         max_rows_per_request: rows of one request decoded together at most (None: `max_rows`); its other rows
             wait for its earlier ones to finish.
@@ -204,6 +215,7 @@ class Decoder:
         self.running: list[Row] = []
         self.state: DecodeState | None = None  # the running rows' cache, in `running` order
         self.last: list[int] = []  # each running row's last token (the next step's input)
+        self.partial: PartialPrefill | None = None  # a long prompt being prefilled piece by piece
         self.steps = 0  # decode steps run
         self.tokens_out = 0
         self.row_steps = 0  # sum over decode steps of the rows decoded
@@ -224,24 +236,53 @@ class Decoder:
 
     def busy(self) -> bool:
         with self._lock:
-            return bool(self.running or self.waiting)
+            return bool(self.running or self.waiting or self.partial)
 
     def counts(self) -> tuple[int, int]:
-        """(running rows, waiting rows)."""
+        """(running rows, waiting rows); a row whose prompt is being prefilled counts as running."""
         with self._lock:
-            return len(self.running), len(self.waiting)
+            return len(self.running) + (self.partial is not None), len(self.waiting)
 
     # -- worker thread -----------------------------------------------------------------------------------------
     def step(self) -> None:
-        """Admit what fits, run one decode step, retire finished rows."""
+        """Prefill within the step's budget (a piece of a long prompt, then newly admitted prompts), run one decode
+        step, retire finished rows."""
         self._drop_gone()
-        admitted = self._admit()
+        budget = self._continue_partial(self.max_prefill_tokens)
+        admitted = self._admit(budget)
         if admitted:
             self._prefill(admitted)
-        decoding = [r for r in self.running if r not in admitted]
-        if decoding:
+            budget -= sum(len(r.prompt) for r in admitted)
+        if self.partial is not None and self.partial.state is None:  # just started: its first piece now
+            self._continue_partial(budget)
+        if any(r not in admitted for r in self.running):
             self._decode()
         self._retire()
+
+    def _continue_partial(self, budget: int) -> int:
+        """Prefill the next piece (at most `budget` tokens) of the long prompt in progress; the budget left.
+        Once its whole prompt is in, the row joins the running batch with its first token."""
+        p = self.partial
+        if p is None or budget <= 0:
+            return budget
+        row = p.row
+        piece = row.prompt[p.done : p.done + budget]
+        try:
+            with self.rows_context([row.adapter]):
+                if p.state is None:
+                    p.state, logits = self.state_class.prefill(self.model, [piece], self.pad_id, self.device)
+                else:
+                    logits = p.state.feed(self.model, piece)
+        except Exception as err:  # this row's problem only
+            log.warning("prefill failed for one row: %s: %s", type(err).__name__, err)
+            self.partial = None
+            self._finish(row, None, RowError("the model failed on this input"))
+            return budget
+        p.done += len(piece)
+        if p.done == len(row.prompt):
+            self.partial = None
+            self._join([row], p.state, next_tokens(logits, [row]))
+        return budget - len(piece)
 
     def _drop_gone(self) -> None:
         loaded = self.adapter_loaded or (lambda name: True)
@@ -249,6 +290,9 @@ class Decoder:
             gone = [r for r in self.waiting if r.cancelled or not loaded(r.adapter)]
             for r in gone:
                 self.waiting.remove(r)
+            if self.partial is not None and (self.partial.row.cancelled or not loaded(self.partial.row.adapter)):
+                gone.append(self.partial.row)  # stops at the next piece
+                self.partial = None
         for r in [*gone, *self.running]:
             if r.cancelled:
                 self._finish(r, "cancelled")
@@ -257,16 +301,20 @@ class Decoder:
         if any(r.finish_reason or r.error for r in self.running):
             self._retire()
 
-    def _admit(self) -> list[Row]:
+    def _admit(self, budget: int | None = None) -> list[Row]:
         """Waiting rows to admit now: round-robin over clients (least recently served first), each request under
-        its row cap, within the free rows and the prefill budget (one longer prompt is admitted alone)."""
+        its row cap, within the free rows and the step's prefill `budget` (default: all of it). A prompt longer
+        than the budget left starts a piece-by-piece prefill (`partial`) when none is in progress, or, for a
+        family that prefills whole, is admitted alone in a step with the whole budget."""
         admitted: list[Row] = []
-        budget = self.max_prefill_tokens
+        full = budget is None or budget >= self.max_prefill_tokens
+        budget = self.max_prefill_tokens if budget is None else budget
         with self._lock:
             queues = self._eligible()
             order = sorted(queues, key=lambda c: self.served.get(c, -1))  # stable: first arrival breaks ties
-            rows = Counter((r.client, r.request) for r in self.running)
-            while order and len(self.running) + len(admitted) < self.max_rows:
+            taken = [*self.running, *([self.partial.row] if self.partial else [])]
+            rows = Counter((r.client, r.request) for r in taken)
+            while order and len(taken) + len(admitted) < self.max_rows:
                 client = order.pop(0)
                 queue = queues[client]
                 while queue and rows[client, queue[0].request] >= self.max_rows_per_request:
@@ -274,20 +322,30 @@ class Decoder:
                 if not queue:
                     continue
                 row = queue[0]
-                if admitted and len(row.prompt) > budget:
-                    break
+                if len(row.prompt) > budget:
+                    if self.state_class.chunked:
+                        if self.partial is None:
+                            self.partial = PartialPrefill(queue.popleft())
+                            self._note_admission(client, row, rows)
+                        break
+                    if admitted or not full:
+                        break
                 admitted.append(queue.popleft())
                 budget -= len(row.prompt)
-                rows[client, row.request] += 1
-                self.admissions += 1
-                self.served[client] = self.admissions
+                self._note_admission(client, row, rows)
                 order.append(client)
-            if admitted:
-                taken = set(map(id, admitted))
-                self.waiting = deque(r for r in self.waiting if id(r) not in taken)
-            live = {r.client for r in (*self.waiting, *self.running, *admitted)}
+            started = [self.partial.row] if self.partial is not None and self.partial.state is None else []
+            if admitted or started:
+                gone = set(map(id, [*admitted, *started]))
+                self.waiting = deque(r for r in self.waiting if id(r) not in gone)
+            live = {r.client for r in (*self.waiting, *taken, *admitted, *started)}
             self.served = {c: t for c, t in self.served.items() if c in live}
         return admitted
+
+    def _note_admission(self, client: str, row: Row, rows: Counter) -> None:  # with the lock held
+        rows[client, row.request] += 1
+        self.admissions += 1
+        self.served[client] = self.admissions
 
     def _eligible(self) -> dict[str, deque[Row]]:  # with the lock held
         """The waiting rows by client, each client's in arrival order."""
@@ -425,6 +483,9 @@ class Decoder:
         if waiting:
             with self._lock:
                 rows, self.waiting = list(self.waiting), deque()
+                if self.partial is not None:
+                    rows.append(self.partial.row)
+                    self.partial = None
             for row in rows:
                 self._finish(row, None, error)
         for row in self.running:
