@@ -395,3 +395,42 @@ def test_chunked_prefill_over_http_equals_runs_alone(causal):
             assert r.json()["outputs"][0]["text"] == causal.generate(adapter, text, max_new_tokens=5)
     finally:
         srv.close()
+
+
+# -- one cost model ----------------------------------------------------------------------------------------------
+def test_prompt_tokens_and_labels_count_in_the_request_budget(causal):
+    """Prompt tokens count (x n), so many long prompts with max_tokens 1 are refused up front; classification counts
+    inputs and their labels; a request within the budget is answered."""
+    srv = LiveServer(_config(causal, max_request_tokens=40))
+    try:
+        long_text = " ".join(TEXTS)
+        n_tokens = len(causal.tokenizer(long_text, add_special_tokens=False)["input_ids"])
+        assert 2 * (n_tokens + 1) > 40 >= n_tokens + 1
+        r = srv.post("/v1/completions", json={"model": "a", "prompt": [long_text] * 2, "max_tokens": 1})
+        assert r.status_code == 413 and "--max-request-tokens" in r.json()["error"]["message"], r.text
+        r = srv.post("/v1/completions", json={"model": "a", "prompt": long_text, "max_tokens": 1})
+        assert r.status_code == 200, r.text
+        r = srv.post("/v1/completions", json={"model": "a", "prompt": long_text, "max_tokens": 1, "n": 2})
+        assert r.status_code == 413, r.text
+        labels = [f"label number {i}" for i in range(12)]
+        body = {"adapter": "a", "inputs": ["Sales"] * 3, "parameters": {"labels": labels}}
+        r = srv.post("/v1/classify", json=body)
+        assert r.status_code == 413 and "labels" in r.json()["error"]["message"], r.text
+        body["parameters"]["labels"] = labels[:2]
+        assert srv.post("/v1/classify", json=body).status_code == 200
+    finally:
+        srv.close()
+
+
+def test_unset_budgets_come_from_the_measured_speed(server):
+    budgets = server.service.engine.budgets
+    speed = budgets.speed
+    assert speed is not None and speed.prefill_tps > 0 and speed.decode_tps > 0
+    cfg = server.service.config
+    rate = min(speed.prefill_tps, speed.decode_tps)
+    floor = server.service.engine.max_input_tokens + cfg.max_new_tokens
+    assert budgets.request_tokens == max(floor, int(rate * cfg.request_timeout_s * 0.5))
+    assert budgets.batch_tokens == budgets.request_tokens
+    assert 64 <= budgets.prefill_tokens <= 4096 and budgets.prefill_tokens % 16 == 0
+    assert server.service.engine.decoder.max_prefill_tokens == budgets.prefill_tokens
+    assert "measured" in server.service.summary()

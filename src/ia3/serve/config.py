@@ -56,8 +56,10 @@ class ServeConfig:
             wait until its earlier ones finish), so one big request (many inputs x `n`) leaves room for others; the
             waiting rows are admitted round-robin over clients (the API key with the peer address, or the peer
             address). None: half of `max_batch_size` (at least 1).
-        max_prefill_tokens: continuous batching: prompt tokens that join the running batch in one step at most (a
-            longer prompt joins alone), which bounds how long a new long prompt delays the running rows.
+        max_prefill_tokens: continuous batching: prompt tokens prefilled in one step at most, which bounds how long
+            new prompts delay the running rows: a longer prompt is prefilled in pieces over several steps, each
+            followed by a decode step (decoder-only models; an encoder-decoder's prompt runs whole, alone). None:
+            what the model prefills in about 0.25 s here (measured at start-up; 64 to 4096).
         max_wait_ms: how long the oldest waiting request may wait for others to fill its batch.
         max_queue: requests admitted and not finished; one more is answered 503.
         max_inputs: inputs per request (413 beyond).
@@ -66,10 +68,12 @@ class ServeConfig:
         truncation: an input longer than that: `left` drops its start (the end, next to the answer, stays; the
             response says how many tokens were dropped) or `refuse` (413).
         max_new_tokens: the cap on `parameters.max_new_tokens` (larger values are clamped to it).
-        max_request_tokens: compute budget of one request: inputs x choices x beams x new tokens (413 beyond).
-            None: `max_batch_size` x `max_new_tokens` (one request may fill the batch for the longest answer).
-        max_batch_tokens: compute budget of one static batch (rows x beams x new tokens); a request over it runs
-            over several batches. None: the same as `max_request_tokens`.
+        max_request_tokens: compute budget of one request, in token positions the model computes (413 beyond):
+            generation counts (prompt tokens + new tokens) x choices x beams for every prompt, classification
+            each input's tokens plus every label's tokens after it. None: what the loaded model computes in half
+            of `request_timeout_s` here (measured at start-up; at least one longest input plus `max_new_tokens`).
+        max_batch_tokens: compute budget of one static batch (beam search, classification), counted the same way;
+            a request over it runs over several batches, each between decode steps. None: `max_request_tokens`.
         max_stop: stop sequences per request.
         max_choices: completions per prompt (OpenAI `n`).
         max_beams: the cap on `parameters.num_beams` (422 beyond).
@@ -103,7 +107,7 @@ class ServeConfig:
     batching: str = "continuous"
     max_batch_size: int = 32
     max_rows_per_request: int | None = None
-    max_prefill_tokens: int = 4096
+    max_prefill_tokens: int | None = None
     max_wait_ms: float = 10.0
     max_queue: int = 256
     max_inputs: int = 64
@@ -166,13 +170,3 @@ class ServeConfig:
     def request_rows(self) -> int:
         """`max_rows_per_request`, or its default."""
         return self.max_rows_per_request or max(1, self.max_batch_size // 2)
-
-    @property
-    def request_budget(self) -> int:
-        """`max_request_tokens`, or its default."""
-        return self.max_request_tokens or self.max_batch_size * self.max_new_tokens
-
-    @property
-    def batch_budget(self) -> int:
-        """`max_batch_tokens`, or its default."""
-        return self.max_batch_tokens or self.request_budget

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ia3.loading import ModelSource, default_device, load_base_model, load_tokenizer
+from ia3.serve.budget import Budgets, Speed
 from ia3.serve.config import ServeConfig
 from ia3.serve.decoding import Decoder
 from ia3.serve.errors import ApiError
@@ -63,6 +65,16 @@ def _gave_up_criterion(stop):
     return GaveUp()
 
 
+def _best_time(fn, timed: bool = True) -> float:
+    """The faster of two runs of `fn` after a warm-up: its wall time, or (`timed=False`) the seconds it returns."""
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        result = fn()
+        runs.append(time.perf_counter() - start if timed else result)
+    return max(min(runs[1:]), 1e-9)
+
+
 def labels_from_recipes(adapter_folders: list[Path]) -> list[str] | None:
     """`data.label_names` of the first adapter folder with a `recipe.yaml` (as `ia3 train` writes) that names them."""
     for folder in adapter_folders:
@@ -104,6 +116,7 @@ class Engine:
             self.choices(tuple(self.label_names))  # a label too long for max_label_tokens fails at start
         self.decoder: Decoder | None = None
         self.static_reason = self._continuous_reason()
+        self.budgets = Budgets.of(config, self._measure_speed(), self.max_input_tokens)
         if self.static_reason is None:
             assert task_class.decode_state is not None
             self.decoder = Decoder(
@@ -113,13 +126,41 @@ class Engine:
                 self._rows,
                 task_class.decode_state,
                 max_rows=config.max_batch_size,
-                max_prefill_tokens=config.max_prefill_tokens,
+                max_prefill_tokens=self.budgets.prefill_tokens,
                 max_rows_per_request=config.request_rows,
                 max_positions=self.positions if task_class.answer_follows_prompt else None,
                 adapter_loaded=lambda name: (
                     name == BASE_ADAPTER or (self.peft is not None and name in self.peft.peft_config)
                 ),
             )
+
+    @torch.inference_mode()
+    def _measure_speed(self) -> Speed | None:
+        """How fast the base model prefills a prompt and decodes a request's rows here (best of two short runs
+        after a warm-up; about a second on a small model on a CPU). None if the measurement fails."""
+        length = max(1, min(128, self.max_input_tokens))
+        vocab = max(6, min(len(self.tokenizer), 1000))
+        ids = [5 + i % (vocab - 5) for i in range(length)]
+        try:
+            state_class = self.task.decode_state
+            if self.static_reason is None and state_class is not None:
+                pad = self.task.pad_id
+                prefill = _best_time(lambda: state_class.prefill(self.base, [ids], pad, self.device))
+                rows = self.config.request_rows
+
+                def decode() -> float:
+                    state, _ = state_class.prefill(self.base, [ids[:8]] * rows, pad, self.device)
+                    start = time.perf_counter()
+                    for _ in range(4):
+                        state.step(self.base, [ids[0]] * rows)
+                    return time.perf_counter() - start
+
+                return Speed(length / prefill, rows * 4 / _best_time(decode, timed=False), rows)
+            choices = [[ids[0]]] if self.task.generates else [[]]
+            return Speed(length / _best_time(lambda: self.task.score(self.base, [ids], choices, self.device)))
+        except Exception as err:  # a model the probe cannot drive: the budgets fall back to fixed defaults
+            log.warning("could not measure the model's speed (%s: %s); fixed default budgets", type(err).__name__, err)
+            return None
 
     def _continuous_reason(self) -> str | None:
         """None when generation decodes continuously, else why it runs in static batches."""

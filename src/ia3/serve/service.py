@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ia3.serve.batcher import Batch, Batcher, Job
+from ia3.serve.budget import classify_cost, generation_cost
 from ia3.serve.config import ServeConfig
 from ia3.serve.decoding import Row, RowError, Sampling
 from ia3.serve.engine import Engine, Generated, GenerateParams, labels_from_recipes
@@ -140,7 +141,7 @@ class Service:
             max_queue=config.max_queue,
             on_batch=self._on_batch,
             decoder=self.engine.decoder,
-            max_batch_cost=config.batch_budget,
+            max_batch_cost=self.engine.budgets.batch_tokens,
         )
         # one thread tokenises requests, one at a time: a fast tokenizer is not shared between threads
         self.tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ia3-serve-tokenizer")
@@ -155,7 +156,7 @@ class Service:
             f"{': ' + ', '.join(names[:8]) + (' ...' if len(names) > 8 else '') if names else ''}; "
             f"batching {batching}, {cfg.max_batch_size} rows; limits: {cfg.max_inputs} inputs x "
             f"{engine.max_input_tokens} tokens (truncation {cfg.truncation}), {cfg.max_new_tokens} new tokens, "
-            f"{cfg.request_budget} tokens of compute per request, queue {cfg.max_queue}, "
+            f"{engine.budgets.describe()}, queue {cfg.max_queue}, "
             f"{cfg.max_connections} connections; timeouts: request {cfg.request_timeout_s:g} s, headers "
             f"{cfg.header_timeout_s:g} s, body {cfg.body_timeout_s:g} s, idle {cfg.idle_timeout_s:g} s"
         )
@@ -356,14 +357,26 @@ class Service:
         return await self.tokenize(work)
 
     def check_budget(self, request: GenerationRequest) -> None:
-        cost = request.rows * request.num_beams * request.max_new_tokens
-        if cost > self.config.request_budget:
+        """413 when the request's work (`ia3.serve.budget`) is over the request budget."""
+        prompt = sum(len(p.ids) for p in request.prompts)
+        cost = generation_cost(
+            [len(p.ids) for p in request.prompts], request.max_new_tokens, request.n, request.num_beams
+        )
+        self._within_budget(
+            cost,
+            f"{len(request.prompts)} prompt(s) of {prompt} tokens in all, each with {request.n} choice(s) x "
+            f"{request.num_beams} beam(s) x (its tokens + {request.max_new_tokens} new tokens)",
+            "send fewer or shorter prompts, or ask for fewer tokens or choices",
+        )
+
+    def _within_budget(self, cost: int, what: str, advice: str) -> None:
+        budget = self.engine.budgets.request_tokens
+        if cost > budget:
             raise ApiError(
                 413,
                 "request_too_large",
-                f"This request asks for {request.rows} sequence(s) x {request.num_beams} beam(s) x "
-                f"{request.max_new_tokens} new tokens = {cost} tokens of work; this server allows "
-                f"{self.config.request_budget} per request (--max-request-tokens): send fewer inputs or tokens",
+                f"This request asks for {what} = {cost} tokens of work; this server allows {budget} per request "
+                f"(--max-request-tokens): {advice}",
             )
 
     async def _wait(self, job: Job, future: concurrent.futures.Future, watch: Watch) -> Any:
@@ -390,13 +403,15 @@ class Service:
             if not waiter.done():
                 waiter.cancel()
 
-    async def submit(self, kind: str, key: Any, rows: list[Any], adapter: str, params: Any, watch: Watch) -> list:
-        """A static job (classification, or generation when not decoding continuously): per-row results."""
+    async def submit(
+        self, kind: str, key: Any, rows: list[Any], adapter: str, params: Any, watch: Watch, row_cost: int
+    ) -> list:
+        """A static job (classification, or generation when not decoding continuously): per-row results. Its rows
+        run in batches of at most the batch budget (`row_cost`: the work of its costliest row)."""
         if not self.config.mix_adapters:
             key = (key, adapter)
         job = Job(kind, key, rows, adapter, params)
-        if isinstance(params, GenerateParams):
-            job.cost = params.num_beams * params.max_new_tokens
+        job.cost = row_cost
         future = self.batcher.submit(job)
         return await self._wait(job, future, watch)
 
@@ -447,7 +462,8 @@ class Service:
             return await self._decode(request, watch)
         params, key = self._static_params(request)
         ids = [p.ids for p in request.prompts for _ in range(request.n)]
-        results: list[Generated] = await self.submit("generate", key, ids, request.adapter, params, watch)
+        row_cost = generation_cost([max(map(len, ids))], params.max_new_tokens, beams=params.num_beams)
+        results: list[Generated] = await self.submit("generate", key, ids, request.adapter, params, watch, row_cost)
         out = []
         for k, g in enumerate(results):
             text, stopped = self._cut(g.text, request.stop)
@@ -523,10 +539,20 @@ class Service:
 
     async def classify(self, texts: list[str], adapter: str, labels: tuple[str, ...], watch: Watch) -> list[dict]:
         prompts = await self.encode_inputs(texts)
-        if self.engine.task.generates:
-            await self.tokenize(self.engine.choices, labels)  # unencodable or too long labels: 422, this request only
+        choices: list[list[int]] = []
+        if self.engine.task.generates:  # unencodable or too long labels: 422, this request only
+            choices = await self.tokenize(self.engine.choices, labels)
         ids = [p.ids for p in prompts]
-        return await self.submit("classify", ("classify", labels), ids, adapter, labels, watch)
+        lengths = [len(c) for c in choices]
+        self._within_budget(
+            classify_cost([len(i) for i in ids], lengths),
+            f"{len(ids)} input(s) of {sum(map(len, ids))} tokens in all"
+            + (f", each followed by {len(labels)} labels of {sum(lengths)} tokens in all" if choices else ""),
+            "send fewer or shorter inputs, or fewer labels",
+        )
+        return await self.submit(
+            "classify", ("classify", labels), ids, adapter, labels, watch, classify_cost([max(map(len, ids))], lengths)
+        )
 
     async def on_worker(self, fn) -> Any:
         future = self.batcher.call(fn)
