@@ -430,7 +430,7 @@ def test_unset_budgets_come_from_the_measured_speed(server):
     rate = min(speed.prefill_tps, speed.decode_tps)
     floor = server.service.engine.max_input_tokens + cfg.max_new_tokens
     assert budgets.request_tokens == max(floor, int(rate * cfg.request_timeout_s * 0.5))
-    assert budgets.batch_tokens == budgets.request_tokens
+    assert budgets.batch_tokens == budgets.prefill_tokens  # static work in slices no longer than a step's prefill
     assert 64 <= budgets.prefill_tokens <= 4096 and budgets.prefill_tokens % 16 == 0
     assert server.service.engine.decoder.max_prefill_tokens == budgets.prefill_tokens
     assert "measured" in server.service.summary()

@@ -8,8 +8,10 @@ The cost of a piece of work is the number of token positions the model computes 
   `sum(len(input) + sum(len(label tokens)))`.
 
 A request whose cost is over the request budget (`--max-request-tokens`) is refused up front with 413 naming the
-limit; a static batch holds at most the batch budget (`--max-batch-tokens`); a decode step prefills at most
-`--max-prefill-tokens` prompt tokens (a longer prompt in pieces over several steps).
+limit; a decode step prefills at most `--max-prefill-tokens` prompt tokens (a longer prompt in pieces over several
+steps); static work (classification, beam search) runs in batches of at most `--max-batch-tokens` (by default the
+same as a step's prefill), each between two decode steps, so it slows the running streams by one bounded slice at a
+time and stops at the next slice once its request is gone.
 
 Unset budgets are derived at start-up from the loaded model's measured speed (`Speed`: a short prefill and a few
 decode steps on the worker's device), so that a request the defaults admit finishes, alone, within half the request
@@ -68,7 +70,7 @@ class Budgets:
             derived_prefill = int(speed.prefill_tps * PREFILL_STEP_S) // 16 * 16
         request = config.max_request_tokens or max(floor, derived_request)
         prefill = config.max_prefill_tokens or min(4096, max(64, derived_prefill))
-        return cls(request, config.max_batch_tokens or request, prefill, speed)
+        return cls(request, config.max_batch_tokens or prefill, prefill, speed)
 
     def describe(self) -> str:
         """The budgets as the start-up summary shows them."""

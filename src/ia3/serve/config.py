@@ -73,7 +73,9 @@ class ServeConfig:
             each input's tokens plus every label's tokens after it. None: what the loaded model computes in half
             of `request_timeout_s` here (measured at start-up; at least one longest input plus `max_new_tokens`).
         max_batch_tokens: compute budget of one static batch (beam search, classification), counted the same way;
-            a request over it runs over several batches, each between decode steps. None: `max_request_tokens`.
+            a request over it runs over several batches, each between decode steps (a single costlier row runs
+            alone). None: the same as `max_prefill_tokens`, so a static batch stalls the running rows no longer
+            than a step's prefill.
         max_stop: stop sequences per request.
         max_choices: completions per prompt (OpenAI `n`).
         max_beams: the cap on `parameters.num_beams` (422 beyond).

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import functools
 import itertools
 import logging
@@ -175,6 +176,10 @@ class Service:
     def label_names(self) -> list[str] | None:
         """The labels `/v1/classify` ranks by default."""
         return self.engine.label_names
+
+    def budgets(self) -> dict:
+        """The compute budgets in force and the measured speed they came from (`ia3.serve.budget`)."""
+        return dataclasses.asdict(self.engine.budgets)
 
     def alive(self) -> bool:
         """Whether the worker thread runs."""

@@ -26,6 +26,7 @@ async def metrics(request: Request, svc: ServiceDep, format: str = "prometheus")
                 "adapters_loaded": len(svc.adapter_infos()),
                 "tokens_per_second": round(svc.metrics.tokens_per_second(), 3),
                 "decode": decoder.stats() if decoder is not None else None,
+                "budgets": svc.budgets(),
             }
         )
     if format != "prometheus":
