@@ -5,6 +5,7 @@ cap per request), per-client connection caps, a bounded log under file-descripto
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import resource
@@ -434,3 +435,60 @@ def test_unset_budgets_come_from_the_measured_speed(server):
     assert 64 <= budgets.prefill_tokens <= 4096 and budgets.prefill_tokens % 16 == 0
     assert server.service.engine.decoder.max_prefill_tokens == budgets.prefill_tokens
     assert "measured" in server.service.summary()
+
+
+@pytest.mark.parametrize("shape", ["prefill", "classify", "beams"])
+def test_innocent_streams_finish_beside_a_heavy_request(causal, shape):
+    """A heavy request the budgets admit (many long prompts; many inputs x labels; long inputs with beams) runs in
+    bounded pieces between decode steps: an innocent stream from another client, sent after it, is answered
+    correctly before the heavy request is done, and the heavy request is answered too."""
+    srv = LiveServer(_config(causal, max_prefill_tokens=16, max_batch_tokens=64, max_new_tokens=24))
+    long_text = " ".join(TEXTS * 3)
+    heavy = {
+        "prefill": ("/v1/completions", {"model": "a", "prompt": [long_text] * 24, "max_tokens": 1}),
+        "classify": (
+            "/v1/classify",
+            {"adapter": "a", "inputs": [long_text] * 48, "parameters": {"labels": [f"label {i}" for i in range(16)]}},
+        ),
+        "beams": (
+            "/v1/generate",
+            {"adapter": "a", "inputs": [long_text] * 24, "parameters": {"num_beams": 4, "max_new_tokens": 8}},
+        ),
+    }[shape]
+    finished: dict[str, float] = {}
+
+    def send_heavy():
+        r = srv.post(heavy[0], json=heavy[1])
+        finished["heavy"] = time.monotonic()
+        return r
+
+    def send_innocent():
+        with _client(srv.url, OTHER_HOST) as client:
+            r = client.post(
+                "/v1/completions",
+                json={"model": "b", "prompt": TEXTS[1], "max_tokens": 4, "temperature": 0, "stream": True},
+            )
+        finished["innocent"] = time.monotonic()
+        return r
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            heavy_future = pool.submit(send_heavy)
+            deadline = time.monotonic() + 30
+            while srv.service.batcher.depth() == 0:  # the heavy request is in before the innocent one
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
+            innocent = pool.submit(send_innocent).result()
+            heavy_response = heavy_future.result()
+        assert heavy_response.status_code == 200, heavy_response.text
+        assert innocent.status_code == 200, innocent.text
+        pieces = [
+            json.loads(line[6:])["choices"][0]["text"]
+            for line in innocent.text.splitlines()
+            if line.startswith("data: {")
+        ]
+        alone = srv.post("/v1/completions", json={"model": "b", "prompt": TEXTS[1], "max_tokens": 4, "temperature": 0})
+        assert "".join(pieces) == alone.json()["choices"][0]["text"]  # the same request alone
+        assert finished["innocent"] < finished["heavy"]
+    finally:
+        srv.close()
