@@ -21,6 +21,7 @@ import yaml
 
 from ia3.loading import ModelSource
 from ia3.quantization import QUANTIZATIONS
+from ia3.recipe.data import Examples, load_examples
 from ia3.settings import (
     Checks,
     ConfigError,
@@ -176,6 +177,17 @@ class DataArgs:
         c.integer("max_length", 2)
         c.integer("label_length", 1)
         c.done("Invalid data settings")
+
+    def load_examples(self) -> Examples:
+        """The labelled examples these settings name (`ia3.recipe.data.load_examples`)."""
+        return load_examples(
+            self.dataset,
+            subset=self.subset,
+            split=self.split,
+            text_column=self.text_column,
+            label_column=self.label_column,
+            label_names=self.label_names,
+        )
 
 
 @dataclass

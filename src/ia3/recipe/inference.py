@@ -10,7 +10,7 @@ import torch
 from ia3 import IA3Config, PeftModel
 from ia3.loading import default_device, load_base_model, load_tokenizer
 from ia3.recipe.config import RecipeConfig, build_config
-from ia3.recipe.data import Examples, load_examples, train_val_split
+from ia3.recipe.data import Examples, train_val_split
 from ia3.recipe.evaluate import evaluate
 from ia3.recipe.features import encode, encode_choices, encode_texts
 from ia3.recipe.modeling import make_task
@@ -59,14 +59,7 @@ def evaluate_run(
     """
     cfg = run_config(adapter_dir, overrides)
     d = cfg.data
-    examples = load_examples(
-        d.dataset,
-        subset=d.subset,
-        split=d.split,
-        text_column=d.text_column,
-        label_column=d.label_column,
-        label_names=d.label_names,
-    )
+    examples = d.load_examples()
     if split == "val":
         _, examples = train_val_split(examples, d.val_split, cfg.train.seed)
     elif split != "all":

@@ -35,7 +35,7 @@ from ia3.recipe.checkpoint import (
     save_checkpoint,
 )
 from ia3.recipe.config import RecipeConfig, TrainArgs
-from ia3.recipe.data import Examples, load_examples, train_val_split
+from ia3.recipe.data import Examples, train_val_split
 from ia3.recipe.evaluate import evaluate
 from ia3.recipe.features import Encoded, encode, epoch_batches, train_batch
 from ia3.recipe.losses import tfew_losses
@@ -179,14 +179,7 @@ def _launch_kind(accelerator: Accelerator) -> str | None:
 def _load_data(cfg: RecipeConfig) -> _Data:
     """The examples, split and capped per `cfg`, encoded for the run's task (which loads the tokenizer)."""
     d, m, t = cfg.data, cfg.model, cfg.train
-    examples = load_examples(
-        d.dataset,
-        subset=d.subset,
-        split=d.split,
-        text_column=d.text_column,
-        label_column=d.label_column,
-        label_names=d.label_names,
-    )
+    examples = d.load_examples()
     train_ex, val_ex = train_val_split(examples, d.val_split, t.seed)
     if t.max_train_samples:
         train_ex = train_ex.subset(list(range(min(t.max_train_samples, len(train_ex)))))
