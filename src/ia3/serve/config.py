@@ -71,7 +71,11 @@ class ServeConfig:
         max_batch_tokens: compute budget of one static batch (rows x beams x new tokens); a request over it runs
             over several batches. None: the same as `max_request_tokens`.
         max_stop: stop sequences per request.
-        max_choices: completions per prompt (OpenAI `n`).
+        max_choices: completions per prompt (OpenAI `n`, and `best_of`).
+        max_top_logprobs: the most alternatives per token an OpenAI request's `logprobs` / `top_logprobs` asks for.
+        max_logit_bias: entries of an OpenAI request's `logit_bias` at most.
+        max_schema_chars: characters of a structured-output constraint (a JSON schema, regex, grammar or the
+            choices) at most; compiled grammars are cached (the 64 most recent).
         max_beams: the cap on `parameters.num_beams` (422 beyond).
         max_labels: label strings per classify request.
         max_label_tokens: tokens per label of a classify request.
@@ -89,6 +93,8 @@ class ServeConfig:
         api_key: when set, `/v1/*` and `/metrics` need `Authorization: Bearer KEY` or `X-API-Key: KEY`.
         allow_hub: let `POST /v1/adapters/{name}` with `{"source": "<hub id>"}` download an adapter.
         mix_adapters: batch requests of different adapters together (False: one adapter per batch; for comparison).
+        save_tokenizer: write the served model's tokenizer to this folder at start (`save_pretrained`; for
+            lm-eval's `tokenizer=` and other clients that tokenise themselves, also when the base is a GGUF file).
     """
 
     model: str
@@ -115,6 +121,9 @@ class ServeConfig:
     max_batch_tokens: int | None = None
     max_stop: int = 4
     max_choices: int = 8
+    max_top_logprobs: int = 20
+    max_logit_bias: int = 300
+    max_schema_chars: int = 32768
     max_beams: int = 8
     max_labels: int = 64
     max_label_tokens: int = 32
@@ -129,6 +138,7 @@ class ServeConfig:
     api_key: str | None = None
     allow_hub: bool = True
     mix_adapters: bool = True
+    save_tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         c = Checks(self, flag_name)
