@@ -57,7 +57,7 @@ def _refuse_unsupported(body: OpenAIRequest) -> None:
 
 def _ignored(body: OpenAIRequest) -> list[str]:
     """vLLM's extra fields that were set and play no part here (named in the `ia3-ignored-fields` header)."""
-    return [f for f in IGNORED_EXTRAS if getattr(body, f, None) is not None]
+    return [f for f in IGNORED_EXTRAS if getattr(body, f, None) is not None and f != "return_tokens_as_token_ids"]
 
 
 def _adapter_of(svc: Service, model: str) -> str:
@@ -196,11 +196,15 @@ def _truncated(prompts: list[Prompt]) -> dict[str, Any]:
 
 
 # -- answer shapes -------------------------------------------------------------------------------------------------
-async def _completion_logprobs(svc: Service, entries: list[TokenLogprob], start: int) -> dict:
+async def _completion_logprobs(svc: Service, entries: list[TokenLogprob], start: int, as_ids: bool = False) -> dict:
     """OpenAI completions' `logprobs`: tokens, token_logprobs, top_logprobs (token -> logprob: the token's own and
-    the k most likely) and text_offset (characters from the start of the choice's text)."""
+    the k most likely) and text_offset (characters from the start of the choice's text). `as_ids` (vLLM's
+    `return_tokens_as_token_ids`): each token written `token_id:<id>`."""
     pieces, offsets = await svc.token_pieces([e.token for e in entries], start)
     tops = await svc.token_pieces([t for e in entries for t, _ in e.top], None)
+    if as_ids:
+        pieces = [f"token_id:{e.token}" for e in entries]
+        tops = ([f"token_id:{t}" for e in entries for t, _ in e.top], [])
     names, top_logprobs = iter(tops[0]), []
     for e, piece in zip(entries, pieces):
         best = {next(names): lp for _, lp in e.top}
@@ -267,7 +271,9 @@ def _sse(data: dict | str) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
-async def _choice(svc: Service, job: GenerationRequest, shape: Shape, o: Completion, echoed: str | None) -> dict:
+async def _choice(
+    svc: Service, job: GenerationRequest, shape: Shape, o: Completion, echoed: str | None, as_ids: bool
+) -> dict:
     """One whole choice; `echoed`: the prompt's text, put before the answer (echo)."""
     logprobs = None
     if job.logprobs is not None:
@@ -275,7 +281,7 @@ async def _choice(svc: Service, job: GenerationRequest, shape: Shape, o: Complet
         if shape.chat:
             logprobs = await _chat_logprobs(svc, entries)
         else:
-            logprobs = await _completion_logprobs(svc, entries, 0)
+            logprobs = await _completion_logprobs(svc, entries, 0, as_ids)
     text = o.text if echoed is None else echoed + o.text
     return shape.choice(o.prompt * job.n + o.index, text, o.finish_reason, logprobs, o.stop_reason)
 
@@ -298,7 +304,8 @@ async def _respond(
             outputs: list[Completion] = await svc.generate(job, watch(request))
         except ClientGone:
             return client_gone()
-        choices = [await _choice(svc, job, shape, o, echoed[o.prompt] if echoed else None) for o in outputs]
+        as_ids = bool(body.return_tokens_as_token_ids)
+        choices = [await _choice(svc, job, shape, o, echoed[o.prompt] if echoed else None, as_ids) for o in outputs]
         usage = _usage(job.prompts, sum(o.tokens for o in outputs))
         answer = {**head, "object": shape.object, "choices": choices, "usage": usage, **_truncated(job.prompts)}
         return JSONResponse(answer, headers=headers)
