@@ -62,7 +62,14 @@ class ByteSetup:
         tok.save_pretrained(self.model_dir)
         torch.manual_seed(0)
         cfg = tf.GPT2Config(
-            vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256, eos_token_id=1, pad_token_id=0
+            vocab_size=len(tok),
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=2,
+            eos_token_id=1,
+            pad_token_id=0,
         )
         tf.GPT2LMHeadModel(cfg).save_pretrained(self.model_dir)
         self.adapters = root / "byte-adapters"
@@ -344,3 +351,86 @@ def test_openai_routes_answer_400_and_name_ignored_fields(server):
     assert r.status_code == 200 and r.headers["ia3-ignored-fields"] == "use_beam_search"
     assert r.json()["choices"][0]["stop_reason"] is None
     assert post("/v1/generate", json={"adapter": "a", "inputs": "x", "parameters": {"top_k": "1"}}).status_code == 422
+
+
+# -- lm-evaluation-harness -------------------------------------------------------------------------------------------
+MC_TASK = """task: ia3_sentiment_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{sentence}}}}\\nSentiment:"
+doc_to_target: "{{{{gold}}}}"
+doc_to_choice: ["negative", "neutral", "positive"]
+metric_list:
+  - metric: acc
+"""
+GEN_TASK = """task: ia3_sentiment_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{sentence}}}}\\nSentiment:"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 6
+  do_sample: false
+  temperature: 0
+metric_list:
+  - metric: exact_match
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_scores_what_the_server_scores(server, byte, tmp_path, monkeypatch):
+    """lm-eval's `local-completions` (echo + logprobs for multiple choice, greedy generation for generate_until)
+    against the live server: its accuracies equal the ones computed from the server's own answers."""
+    lm_eval = pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the data are local files; nothing is downloaded
+    from lm_eval.tasks import TaskManager
+
+    http = server.client
+    docs = []
+    for i, (sentence, label) in enumerate(SENTENCES * 2):
+        context = byte.ids(sentence + "\nSentiment:")
+        scores = []
+        for choice in LABELS:
+            ids = context + byte.ids(" " + choice)
+            body = {"model": "a", "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0}
+            lp = http.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]["token_logprobs"]
+            scores.append(sum(lp[len(context) :]))
+        body = {"model": "a", "prompt": context, "max_tokens": 6, "temperature": 0, "stop": ["\n"]}
+        greedy = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        # half of the targets are the server's own answers, so the expected accuracy is not trivially 0
+        answer = greedy if i % 2 else " " + label
+        docs.append(
+            {"sentence": sentence, "gold": LABELS.index(label), "answer": answer, "best": scores, "greedy": greedy}
+        )
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "mc.yaml").write_text(MC_TASK.format(data=data))
+    (tmp_path / "gen.yaml").write_text(GEN_TASK.format(data=data))
+    results = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={
+            "base_url": server.url + "/v1/completions",
+            "model": "a",
+            "tokenizer_backend": "huggingface",
+            "tokenizer": str(byte.model_dir),
+            "num_concurrent": 4,
+            "max_retries": 1,
+        },
+        tasks=["ia3_sentiment_mc", "ia3_sentiment_gen"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=False,
+    )["results"]
+    mc = sum(max(range(3), key=d["best"].__getitem__) == d["gold"] for d in docs) / len(docs)
+    assert results["ia3_sentiment_mc"]["acc,none"] == pytest.approx(mc)
+    gen = sum(d["greedy"] == d["answer"] for d in docs) / len(docs)
+    assert 0.5 <= gen < 1 and mc > 0
+    assert results["ia3_sentiment_gen"]["exact_match,none"] == pytest.approx(gen)
