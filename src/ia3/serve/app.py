@@ -6,6 +6,7 @@
     POST /v1/adapters/{name} load `adapters_dir/name`, or {"source": "<hub id>", "revision": ...}
     DELETE /v1/adapters/{name}
     GET  /v1/models, POST /v1/completions, POST /v1/chat/completions   OpenAI-compatible (`model` = adapter name)
+    POST /tokenize, POST /detokenize, GET /tokenizer_info               vLLM's tokenizer endpoints
     GET  /health, GET /metrics (Prometheus text; ?format=json), GET /openapi.json, GET /docs
 
 The endpoints live in `ia3.serve.routes` (one router per API), their bodies in `ia3.serve.schemas`; this module

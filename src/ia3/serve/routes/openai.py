@@ -5,10 +5,14 @@
 `/v1/generate` and `/v1/classify`); chat renders the messages with the tokenizer's chat template. `stream: true`
 answers with Server-Sent Events, one chunk per decoded piece of text (UTF-8 safe), then `data: [DONE]`.
 
-Supported: `max_tokens` (chat: also `max_completion_tokens`), `temperature` (0: greedy), `top_p`, `top_k` (an
-extension, as in vLLM), `n`, `stop`, `seed`, `stream`, `stream_options.include_usage`, `user` (ignored). OpenAI
-fields this server cannot honour (`logprobs`, `echo`, `suffix`, penalties, `logit_bias`, `best_of` > 1, tools,
-response formats) are refused with 422 naming the field, unless they have their neutral value.
+Supported, per row inside continuous batching: `max_tokens` (chat: also `max_completion_tokens`; completions: 0
+with `echo`), `temperature` (0: greedy), `top_p`, `n`, `stop`, `seed`, `stream`, `stream_options.include_usage`,
+`logprobs` (completions: k; chat: `logprobs` + `top_logprobs`), `echo`, `presence_penalty`, `frequency_penalty`,
+`logit_bias`, `best_of`, `response_format` (json_object / json_schema), and vLLM's `top_k`, `min_p`,
+`repetition_penalty`, `min_tokens`, `ignore_eos`, `guided_*`, `structured_outputs`, `return_tokens_as_token_ids`;
+`user` and vLLM's other extras are ignored (named in the `ia3-ignored-fields` header). `suffix` and tools are
+refused. Invalid requests answer 400, as OpenAI's API and vLLM do (the app maps this router's 422s to 400). vLLM's
+`/tokenize`, `/detokenize` and `/tokenizer_info` live here too.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations
