@@ -157,7 +157,7 @@ def test_merge_of_a_gguf_based_run_writes_an_ordinary_safetensors_model(smollm2_
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_serve_smollm2_with_the_trained_adapter_over_http(smollm2_run, tmp_path):
+def test_serve_smollm2_with_the_trained_adapter_over_http(smollm2_run, smollm2, tmp_path):
     """`ia3 serve` on the real model: the run's adapter and the base in one batch, each row's answer equal to
     `ia3 predict` (rank) and to generating that row alone."""
     import shutil
@@ -245,6 +245,15 @@ def test_serve_smollm2_with_the_trained_adapter_over_http(smollm2_run, tmp_path)
                 )
             )
         assert together == alone
+        # echo + logprobs (what lm-eval's log-likelihood tasks ask) equal a plain forward of the base
+        tokenizer, model = smollm2
+        ids = tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
+        echo = client.completions.create(model="__base__", prompt=ids, max_tokens=0, echo=True, logprobs=1)
+        with torch.no_grad():
+            want = model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        got = echo.choices[0].logprobs.token_logprobs
+        assert got[0] is None and len(got) == len(ids)
+        assert got[1:] == pytest.approx([float(want[t - 1, ids[t]]) for t in range(1, len(ids))], abs=1e-4)
     finally:
         server.close()
 

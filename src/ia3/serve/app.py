@@ -6,6 +6,7 @@
     POST /v1/adapters/{name} load `adapters_dir/name`, or {"source": "<hub id>", "revision": ...}
     DELETE /v1/adapters/{name}
     GET  /v1/models, POST /v1/completions, POST /v1/chat/completions   OpenAI-compatible (`model` = adapter name)
+    POST /tokenize, POST /detokenize, GET /tokenizer_info               vLLM's tokenizer endpoints
     GET  /health, GET /metrics (Prometheus text; ?format=json), GET /openapi.json, GET /docs
 
 The endpoints live in `ia3.serve.routes` (one router per API), their bodies in `ia3.serve.schemas`; this module
@@ -93,15 +94,24 @@ def _validation_message(err: RequestValidationError) -> tuple[int, str, str]:
     return 422, "invalid_request", "; ".join(parts)
 
 
+# the OpenAI-compatible routes answer an invalid request 400, as OpenAI's API and vLLM do (the native API: 422)
+OPENAI_PATHS = frozenset(r.path for r in openai.router.routes if isinstance(r, APIRoute))
+
+
+def _status(request: Request, status: int) -> int:
+    route = request.scope.get("route")
+    return 400 if status == 422 and isinstance(route, APIRoute) and route.path in OPENAI_PATHS else status
+
+
 async def _api_error(request: Request, err: Exception) -> JSONResponse:
     assert isinstance(err, ApiError)
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    return JSONResponse(err.body(), status_code=_status(request, err.status), headers=err.headers)
 
 
 async def _invalid(request: Request, err: Exception) -> JSONResponse:
     assert isinstance(err, RequestValidationError)
     status, kind, message = _validation_message(err)
-    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status)
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=_status(request, status))
 
 
 async def _http(request: Request, err: Exception) -> JSONResponse:
@@ -170,5 +180,7 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_leve
         log.warning("serving on %s without an API key: anyone who can reach this port can use it", host)
     raise_file_limit(config.max_connections)  # uvicorn_config sizes the listen backlog to the limit reached
     app = create_app(config)
+    if config.save_tokenizer:
+        log.info("tokenizer written to %s", app.state.service.save_tokenizer(config.save_tokenizer))
     log.info(app.state.service.summary())
     uvicorn.Server(uvicorn_config(app, config, host, port, log_level)).run()

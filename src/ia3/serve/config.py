@@ -77,7 +77,11 @@ class ServeConfig:
             alone). None: the same as `max_prefill_tokens`, so a static batch stalls the running rows no longer
             than a step's prefill.
         max_stop: stop sequences per request.
-        max_choices: completions per prompt (OpenAI `n`).
+        max_choices: completions per prompt (OpenAI `n`, and `best_of`).
+        max_top_logprobs: the most alternatives per token an OpenAI request's `logprobs` / `top_logprobs` asks for.
+        max_logit_bias: entries of an OpenAI request's `logit_bias` at most.
+        max_schema_chars: characters of a structured-output constraint (a JSON schema, regex, grammar or the
+            choices) at most; compiled grammars are cached (the 64 most recent).
         max_beams: the cap on `parameters.num_beams` (422 beyond).
         max_labels: label strings per classify request.
         max_label_tokens: tokens per label of a classify request.
@@ -95,6 +99,8 @@ class ServeConfig:
         api_key: when set, `/v1/*` and `/metrics` need `Authorization: Bearer KEY` or `X-API-Key: KEY`.
         allow_hub: let `POST /v1/adapters/{name}` with `{"source": "<hub id>"}` download an adapter.
         mix_adapters: batch requests of different adapters together (False: one adapter per batch; for comparison).
+        save_tokenizer: write the served model's tokenizer to this folder at start (`save_pretrained`; for
+            lm-eval's `tokenizer=` and other clients that tokenise themselves, also when the base is a GGUF file).
     """
 
     model: str
@@ -121,6 +127,9 @@ class ServeConfig:
     max_batch_tokens: int | None = None
     max_stop: int = 4
     max_choices: int = 8
+    max_top_logprobs: int = 20
+    max_logit_bias: int = 300
+    max_schema_chars: int = 32768
     max_beams: int = 8
     max_labels: int = 64
     max_label_tokens: int = 32
@@ -135,6 +144,7 @@ class ServeConfig:
     api_key: str | None = None
     allow_hub: bool = True
     mix_adapters: bool = True
+    save_tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         c = Checks(self, flag_name)

@@ -34,28 +34,75 @@ from typing import Any
 
 import torch
 
-from ia3.families import DecodeState, eos_ids
+from ia3.families import DecodeState, eos_ids, left_padded
 from ia3.serve.errors import ApiError
 
 log = logging.getLogger("ia3.serve")
 # a temperature below this is greedy decoding (the limit of sampling as the temperature goes to 0); smaller ones
 # overflow the division of the logits (float32 underflows below ~1e-45; transformers' sampling below ~1e-4)
 GREEDY_TEMPERATURE = 1e-4
+ECHO_TOKENS = 2048  # prompt tokens per forward that scores echoed prompts (their every position's logits are kept)
 
 
 @dataclass(frozen=True)
 class Sampling:
     """How a row picks its tokens. `temperature` below `GREEDY_TEMPERATURE` (0 included) is greedy; `top_k` 0 keeps
-    every token."""
+    every token; `min_p` 0 keeps every token.
+
+    The row's logits are shaped first (`shape`), in this order: `logit_bias` added (token id -> bias),
+    `repetition_penalty` (vLLM's and transformers' rule: a token seen in the prompt or the output has its logit
+    divided by the penalty when positive, multiplied when negative), `frequency_penalty` x (times the token was
+    generated) and `presence_penalty` x (generated at all) subtracted (OpenAI's rule, over the output only), EOS
+    forbidden while fewer than `min_tokens` tokens were generated, then the row's structured-output mask. Logprobs
+    are read from the shaped logits, before the temperature, top-k, top-p and min-p.
+    """
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def shapes(self) -> bool:
+        """Whether the logits change before the pick (penalties, bias, min_tokens)."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.min_tokens
+        )
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability and the `top` most likely tokens at its position (id, logprob), best first."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class Guide:
+    """A row's structured-output constraint (`ia3.serve.guided` makes them): `mask(scores)` -> the scores with the
+    tokens the constraint forbids at -inf; `accept(token)` -> False when the constraint refuses the token."""
+
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def accept(self, token: int) -> bool:
+        raise NotImplementedError
 
 
 class RowError(Exception):
@@ -88,6 +135,14 @@ class Row:
     error: BaseException | None = None
     cancelled: bool = False
     generator: torch.Generator | None = None
+    logprobs: int | None = None  # None: no logprobs; k: each token's logprob and its k most likely alternatives
+    echo: bool = False  # score the prompt too (`prompt_logprobs`, the first token's None)
+    guide: Guide | None = None  # structured output
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token taken (EOS included)
+    prompt_logprobs: list[TokenLogprob] | None = None
+    pending: TokenLogprob | None = None  # the logprob of the token picked, until it is taken
+    stop_reason: str | None = None  # the stop sequence that ended the row
+    eos: frozenset[int] = frozenset()  # the model's end tokens (set when the row is added to a decoder)
 
     def cancel(self) -> None:
         """Stop generating this row at the next token boundary (any thread)."""
@@ -120,33 +175,87 @@ def _holdback(text: str, stops: Sequence[str]) -> int:
 
 
 def next_tokens(logits: torch.Tensor, rows: list[Row]) -> list[int | BaseException]:
-    """One token per row from its last-position `logits` (B, V): greedy rows in one argmax, sampling rows each with
-    their own settings and generator. A row whose settings give no valid distribution gets a `RowError`."""
+    """One token per row from its last-position `logits` (B, V): plain greedy rows in one argmax, the others each
+    with their own shaping (`Sampling`), constraint, settings and generator. A row that asks for logprobs gets the
+    pick's (`Row.pending`). A row whose settings give no valid distribution gets a `RowError`."""
     logits = logits.float()
     picks: list[int | BaseException] = logits.argmax(-1).tolist()
     for i, row in enumerate(rows):
         s = row.sampling
-        if s.greedy:
+        plain = not s.shapes and row.guide is None
+        if plain and s.greedy and row.logprobs is None:
             continue
         try:
-            scores = logits[i]
-            # shift before dividing: the best token stays at 0, so even a tiny temperature cannot overflow to NaN
-            scores = (scores - scores.max()) / s.temperature
-            if 0 < s.top_k < scores.numel():
-                kth = torch.topk(scores, s.top_k).values[-1]
-                scores = scores.masked_fill(scores < kth, float("-inf"))
-            if s.top_p < 1.0:
-                ordered, order = torch.sort(scores, descending=True)
-                probs = ordered.softmax(-1)
-                drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest prefix whose mass reaches top_p
-                scores = scores.scatter(0, order[drop], float("-inf"))
-            probs = scores.softmax(-1)
-            if not torch.isfinite(probs).all() or probs.sum() <= 0:
-                raise RowError("the sampling settings give no valid distribution over tokens")
-            picks[i] = int(torch.multinomial(probs, 1, generator=row.generator))
+            scores = logits[i] if plain else shape(logits[i], row)
+            pick = int(scores.argmax()) if s.greedy else _sample(scores, s, row.generator)
+            if row.logprobs is not None:
+                row.pending = logprob_of(scores.log_softmax(-1), pick, row.logprobs)
+            picks[i] = pick
         except Exception as err:  # this row's problem only
             picks[i] = err if isinstance(err, RowError) else RowError(f"sampling failed: {type(err).__name__}: {err}")
     return picks
+
+
+def shape(scores: torch.Tensor, row: Row) -> torch.Tensor:
+    """The row's logits (V,) after its bias, penalties, `min_tokens` (no token of `row.eos`) and constraint (see
+    `Sampling`)."""
+    s, vocab = row.sampling, scores.numel()
+    scores = scores.clone()
+    if s.logit_bias:
+        ids = torch.tensor([t for t, _ in s.logit_bias if t < vocab], dtype=torch.long)
+        scores.index_add_(0, ids, torch.tensor([b for t, b in s.logit_bias if t < vocab], dtype=scores.dtype))
+    if s.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted({t for t in (*row.prompt, *row.tokens) if t < vocab}), dtype=torch.long)
+        values = scores[seen]
+        scores[seen] = torch.where(values > 0, values / s.repetition_penalty, values * s.repetition_penalty)
+    if (s.frequency_penalty or s.presence_penalty) and row.tokens:
+        counts = torch.bincount(torch.tensor(row.tokens), minlength=vocab)[:vocab].to(scores.dtype)
+        scores -= counts * s.frequency_penalty + (counts > 0).to(scores.dtype) * s.presence_penalty
+    if len(row.tokens) < s.min_tokens and not s.ignore_eos:
+        banned = [t for t in row.eos if t < vocab]
+        if banned:
+            scores[banned] = float("-inf")
+    if row.guide is not None:
+        scores = row.guide.mask(scores)
+    return scores
+
+
+def _sample(scores: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
+    # shift before dividing: the best token stays at 0, so even a tiny temperature cannot overflow to NaN
+    scores = (scores - scores.max()) / s.temperature
+    if 0 < s.top_k < scores.numel():
+        kth = torch.topk(scores, s.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if s.top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=True)
+        probs = ordered.softmax(-1)
+        drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest prefix whose mass reaches top_p
+        scores = scores.scatter(0, order[drop], float("-inf"))
+    if s.min_p > 0.0:
+        probs = scores.softmax(-1)
+        scores = scores.masked_fill(probs < s.min_p * probs.max(), float("-inf"))
+    probs = scores.softmax(-1)
+    if not torch.isfinite(probs).all() or probs.sum() <= 0:
+        raise RowError("the sampling settings give no valid distribution over tokens")
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def logprob_of(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s entry in a position's log-probabilities (V,), with the `top` most likely tokens."""
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        values, ids = torch.topk(logprobs, min(top, logprobs.numel()))
+        best = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logprobs[token]), best)
+
+
+def prompt_logprobs(logprobs: torch.Tensor, prompt: list[int], top: int) -> list[TokenLogprob]:
+    """Each prompt token's entry, from the log-probabilities (len(prompt), V) of the positions that read the prompt
+    (position t predicts token t + 1); the first token has no logprob (None)."""
+    entries = [TokenLogprob(prompt[0], None)]
+    for t in range(1, len(prompt)):
+        entries.append(logprob_of(logprobs[t - 1], prompt[t], top))
+    return entries
 
 
 @dataclass(eq=False)
@@ -225,6 +334,7 @@ class Decoder:
     # -- any thread --------------------------------------------------------------------------------------------
     def add(self, rows: list[Row]) -> None:
         for row in rows:
+            row.eos = frozenset(self.eos)
             if row.generator is None and not row.sampling.greedy:
                 row.generator = torch.Generator(device="cpu")
                 if row.sampling.seed is not None:
@@ -414,10 +524,21 @@ class Decoder:
         """Append the row's new token; emit its stable text; finish it on EOS, a stop sequence or a limit."""
         if row.finish_reason is not None or row.error is not None:
             return
+        if row.echo and row.prompt_logprobs is None:
+            self._echo()
         if isinstance(pick, BaseException):
             self._finish(row, None, pick)
             return
-        if pick in self.eos:
+        if row.max_new_tokens == 0:  # echo only: the prompt's logprobs are the answer
+            self._finish(row, "length")
+            return
+        if row.guide is not None and not row.guide.accept(pick):
+            self._finish(row, None, RowError(f"token {pick} breaks the row's structured-output grammar"))
+            return
+        if row.pending is not None:
+            row.token_logprobs.append(row.pending)
+            row.pending = None
+        if pick in self.eos and not row.sampling.ignore_eos:
             self._flush(row)
             self._finish(row, "stop")
             return
@@ -428,7 +549,7 @@ class Decoder:
         for stop in row.stop:
             at = text.find(stop, max(0, row.emitted - len(stop)))
             if at >= 0:
-                text, reason = text[:at], "stop"
+                text, reason, row.stop_reason = text[:at], "stop", stop
         row.text = text
         if reason is None and len(row.tokens) >= row.max_new_tokens:
             reason = "length"
@@ -441,6 +562,24 @@ class Decoder:
             self._emit(row, len(row.text) if reason else len(row.text) - _holdback(row.text, row.stop))
         if reason:
             self._finish(row, reason)
+
+    def _echo(self) -> None:
+        """Score the prompts of the running rows that echo and have no prompt logprobs yet (those just admitted):
+        one forward with every position's logits, each row with its own adapter, in groups of at most
+        `ECHO_TOKENS` prompt tokens. Only echo rows pay for it."""
+        todo = [r for r in self.running if r.echo and r.prompt_logprobs is None]
+        while todo:
+            group, size = [], 0
+            while todo and (not group or size + len(todo[0].prompt) <= ECHO_TOKENS):
+                size += len(todo[0].prompt)
+                group.append(todo.pop(0))
+            inputs = {k: v.to(self.device) for k, v in left_padded([r.prompt for r in group], self.pad_id).items()}
+            with torch.inference_mode(), self.rows_context([r.adapter for r in group]):
+                logits = self.model(**inputs, use_cache=False).logits
+            width = logits.shape[1]
+            for i, row in enumerate(group):
+                own = logits[i, width - len(row.prompt) :].float().log_softmax(-1)
+                row.prompt_logprobs = prompt_logprobs(own, row.prompt, row.logprobs or 0)
 
     def _emit(self, row: Row, upto: int) -> None:
         if upto > row.emitted:

@@ -172,6 +172,14 @@ class Engine:
         return state.unsupported(self.base, self.device)
 
     @property
+    def vocab_size(self) -> int:
+        """The model's logits width (token ids run below it)."""
+        head = self.base.get_output_embeddings() if hasattr(self.base, "get_output_embeddings") else None
+        if head is not None and getattr(head, "weight", None) is not None:
+            return max(int(head.weight.shape[0]), len(self.tokenizer))
+        return max(int(getattr(self.base.config, "vocab_size", 0) or 0), len(self.tokenizer))
+
+    @property
     def positions(self) -> int | None:
         cfg = self.base.config
         value = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)

@@ -109,36 +109,100 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 # -- the OpenAI-compatible API -------------------------------------------------------------------------------------
 class OpenAIBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # unknown fields are refused; strings are not read as numbers or booleans (as OpenAI's and vLLM's servers)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(OpenAIBody):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's extension; usage comes once, at the end
+
+
+class StructuredOutputs(OpenAIBody):
+    """vLLM's newer form of the guided-decoding fields: exactly one of them."""
+
+    json_: str | dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+# vLLM's extra request fields that play no part here: accepted, ignored, named in the `ia3-ignored-fields` header
+IGNORED_EXTRAS = (
+    "use_beam_search",
+    "length_penalty",
+    "early_stopping",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "add_special_tokens",
+    "priority",
+    "request_id",
+    "guided_decoding_backend",
+    "guided_whitespace_pattern",
+    "cache_salt",
+    "return_tokens_as_token_ids",
+    "chat_template",
+    "chat_template_kwargs",
+    "add_generation_prompt",
+    "continue_final_message",
+    "documents",
+    "parallel_tool_calls",
+    "store",
+    "metadata",
+    "service_tier",
+    "reasoning_effort",
+    "vllm_xargs",
+)
 
 
 class OpenAIRequest(OpenAIBody):
     model: str = Field(..., description="a loaded adapter's name, or the base model (its id, or '__base__')")
     temperature: float = Field(1.0, ge=0, le=2, description="0: greedy decoding")
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="extension: keep the k most likely tokens (0: all)")
+    top_k: int = Field(0, ge=-1, description="vLLM's extension: keep the k most likely tokens (0 or -1: all)")
+    min_p: float = Field(0.0, ge=0, le=1, description="vLLM's extension: drop tokens below min_p x the best's")
     n: int = Field(1, ge=1, description="completions per prompt")
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # OpenAI fields accepted only at their neutral value
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=10, description="vLLM's extension (1: none)")
+    logit_bias: dict[str, float] | None = Field(None, description="token id (a string) -> bias in [-100, 100]")
+    min_tokens: int = Field(0, ge=0, description="vLLM's extension: no EOS before this many tokens")
+    ignore_eos: bool = Field(False, description="vLLM's extension: generate past EOS")
+    response_format: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | str | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    add_special_tokens: bool | None = None
+    priority: int | None = None
+    request_id: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    cache_salt: str | None = None
+    return_tokens_as_token_ids: bool | None = None
+    vllm_xargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(OpenAIRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(DEFAULT_COMPLETION_TOKENS, ge=1)
+    max_tokens: int | None = Field(DEFAULT_COMPLETION_TOKENS, ge=0, description="0: only with echo")
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: int | None = Field(None, ge=0, description="k: each token's logprob and the k most likely tokens")
+    best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
 
 
@@ -158,7 +222,31 @@ class ChatRequest(OpenAIRequest):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0)
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    documents: list[Any] | None = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+
+
+class TokenizeRequest(OpenAIBody):
+    """vLLM's `POST /tokenize`: a text (or chat `messages`), and whether special tokens (BOS) are added."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(OpenAIBody):
+    model: str | None = None
+    tokens: list[int]

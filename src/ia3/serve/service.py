@@ -31,9 +31,10 @@ from typing import Any
 from ia3.serve.batcher import Batch, Batcher, Job
 from ia3.serve.budget import classify_cost, generation_cost
 from ia3.serve.config import ServeConfig
-from ia3.serve.decoding import Row, RowError, Sampling
+from ia3.serve.decoding import Guide, Row, RowError, Sampling, TokenLogprob
 from ia3.serve.engine import Engine, Generated, GenerateParams, labels_from_recipes
 from ia3.serve.errors import ApiError, ShuttingDown, adapter_not_found
+from ia3.serve.guided import Grammars, GuideSpec
 from ia3.serve.metrics import Metrics
 from ia3.serve.registry import AdapterInfo, Registry, check_name
 from ia3.tasks import Task
@@ -80,10 +81,31 @@ class GenerationRequest:
     sampling: Sampling = Sampling()
     top_k_static: int = 50  # transformers' default top-k of the static path (native API)
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # each token's logprob and its k most likely alternatives (None: none)
+    echo: bool = False  # the prompt's logprobs too
+    best_of: int = 0  # > n: generate best_of per prompt, answer the n with the highest cumulative logprob
+    guide: Callable[[], Guide] | None = None  # a fresh structured-output constraint per row
+
+    @property
+    def width(self) -> int:
+        """Rows generated per prompt."""
+        return max(self.n, self.best_of)
 
     @property
     def rows(self) -> int:
-        return len(self.prompts) * self.n
+        return len(self.prompts) * self.width
+
+    @property
+    def plain(self) -> bool:
+        """Whether only the continuous decoder's per-row features are left out (the static path can run it)."""
+        s = self.sampling
+        return (
+            self.logprobs is None
+            and not self.echo
+            and self.best_of <= self.n
+            and self.guide is None
+            and not (s.shapes or s.ignore_eos or s.min_p)
+        )
 
 
 @dataclass
@@ -95,6 +117,13 @@ class Completion:
     text: str
     tokens: int
     finish_reason: str
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
+    stop_reason: str | None = None
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(e.logprob or 0.0 for e in self.token_logprobs)
 
 
 @dataclass
@@ -106,6 +135,8 @@ class StreamEvent:
     finish_reason: str | None = None
     tokens: int = 0
     error: ApiError | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens since the choice's last event
+    stop_reason: str | None = None
 
 
 @dataclass
@@ -146,6 +177,7 @@ class Service:
         )
         # one thread tokenises requests, one at a time: a fast tokenizer is not shared between threads
         self.tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ia3-serve-tokenizer")
+        self.grammars: Grammars | None = None  # structured output's compiler, made at the first constrained request
 
     def summary(self) -> str:
         """The startup line: model, device, adapters, batching and limits."""
@@ -351,6 +383,74 @@ class Service:
 
         return await self.tokenize(work)
 
+    async def token_pieces(self, ids: list[int], start: int | None = 0) -> tuple[list[str], list[int]]:
+        """Each token's text and where it starts (characters from `start`) in the text of `ids`, as OpenAI's
+        logprobs give them (on the tokenizer thread); `start` None: no offsets."""
+        tok = self.engine.request_task.tokenizer
+
+        def work() -> tuple[list[str], list[int]]:
+            pieces = [tok.decode([t]) for t in ids]
+            if start is None:
+                return pieces, []
+            offsets = [start + len(tok.decode(ids[:i], skip_special_tokens=True)) for i in range(len(ids))]
+            return pieces, offsets
+
+        return await self.tokenize(work)
+
+    async def tokenize_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """`text`'s token ids (vLLM's `/tokenize`), on the tokenizer thread."""
+        check_text(text, "prompt")
+        tok = self.engine.request_task.tokenizer
+        return await self.tokenize(lambda: tok(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    async def detokenize(self, ids: list[int]) -> str:
+        """The text of token ids (vLLM's `/detokenize`), on the tokenizer thread."""
+        tok = self.engine.request_task.tokenizer
+        bad = next((t for t in ids if not 0 <= t < len(tok)), None)
+        if bad is not None:
+            raise ApiError(400, "invalid_request_error", f"token id {bad} is not in the vocabulary", param="tokens")
+        return await self.tokenize(lambda: tok.decode(ids))
+
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to this (the model's logits; at least the tokenizer's vocabulary)."""
+        return self.engine.vocab_size
+
+    async def guide(self, spec: GuideSpec) -> Callable[[], Guide]:
+        """A maker of per-row constraints for `spec`, compiled (or taken from the cache) off the event loop;
+        400 naming the problem when it does not compile."""
+        if self.engine.decoder is None:
+            raise ApiError(400, "invalid_request_error", "structured output needs continuous batching")
+        if self.grammars is None:
+            engine, cfg = self.engine, self.config
+            eos = sorted(engine.decoder.eos)
+            self.grammars = await asyncio.to_thread(
+                Grammars, engine.tokenizer, engine.vocab_size, eos, cfg.max_schema_chars
+            )
+        return await asyncio.to_thread(self.grammars.compile, spec)
+
+    def tokenizer_info(self) -> dict:
+        """The served tokenizer's special tokens, chat template and limits (vLLM's `/tokenizer_info`)."""
+        tok = self.engine.tokenizer
+        return {
+            "tokenizer_class": type(tok).__name__,
+            "eos_token": tok.eos_token,
+            "bos_token": tok.bos_token,
+            "pad_token": tok.pad_token,
+            "unk_token": tok.unk_token,
+            "chat_template": getattr(tok, "chat_template", None),
+            "add_bos_token": getattr(tok, "add_bos_token", None),
+            "vocab_size": len(tok),
+            "model_max_length": self.engine.max_input_tokens,
+        }
+
+    def save_tokenizer(self, folder: str | Path) -> Path:
+        """Write the served model's tokenizer as a folder (`save_pretrained`): what lm-eval's `tokenizer=` and
+        transformers' `AutoTokenizer` read, also for a GGUF base, which has no folder."""
+        path = Path(folder)
+        path.mkdir(parents=True, exist_ok=True)
+        self.engine.tokenizer.save_pretrained(path)
+        return path
+
     async def encode_inputs(self, texts: list[str], field: str = "inputs", raw: bool = False) -> list[Prompt]:
         """Tokenise each input of one request (the recipe's prompt around it, unless `raw`)."""
         engine = self.engine
@@ -423,17 +523,42 @@ class Service:
     def _rows(self, request: GenerationRequest, client: str, on_text=None, on_done=None) -> list[Row]:
         rows = []
         rid = next(_requests)
+        ranked = request.best_of > request.n  # ranking needs each token's logprob
         for p, prompt in enumerate(request.prompts):
-            for j in range(request.n):
-                k = p * request.n + j
+            for j in range(request.width):
+                k = p * request.width + j
                 row = Row(prompt.ids, request.adapter, request.max_new_tokens, request.sampling, request.stop, index=k)
                 row.client, row.request = client, rid
+                row.logprobs = 0 if ranked and request.logprobs is None else request.logprobs
+                row.echo = request.echo
+                row.guide = request.guide() if request.guide is not None else None
                 if on_text is not None:
-                    row.on_text = lambda r, piece, k=k: on_text(k, piece)
+                    row.on_text = lambda r, piece, k=k: on_text(k, piece, r)
                 if on_done is not None:
                     row.on_done = lambda r, k=k: on_done(k, r)
                 rows.append(row)
         return rows
+
+    @staticmethod
+    def _completions(request: GenerationRequest, rows: list[Row]) -> list[Completion]:
+        """The answers of finished rows, prompt-major; with `best_of`, each prompt's n of highest cumulative
+        logprob (best first)."""
+        out = []
+        width = request.width
+        for r in rows:
+            logprobs = r.token_logprobs if request.logprobs is not None else []
+            c = Completion(r.index // width, r.index % width, r.text, len(r.tokens), r.finish_reason or "stop")
+            c.token_logprobs, c.prompt_logprobs, c.stop_reason = logprobs, r.prompt_logprobs, r.stop_reason
+            out.append((sum(e.logprob or 0.0 for e in r.token_logprobs), c))
+        if request.best_of <= request.n:
+            return [c for _, c in out]
+        best = []
+        for p in range(len(request.prompts)):
+            mine = sorted((pair for pair in out if pair[1].prompt == p), key=lambda pair: -pair[0])[: request.n]
+            for j, (_, c) in enumerate(mine):
+                c.index = j
+                best.append(c)
+        return best
 
     def _static_params(self, request: GenerationRequest) -> tuple[GenerateParams, Any]:
         s = request.sampling
@@ -451,6 +576,17 @@ class Service:
         at = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
         return (text[:at], True) if at >= 0 else (text, False)
 
+    def check_plain(self, request: GenerationRequest) -> None:
+        """400 when `request` needs the continuous decoder's per-row features and this server has none."""
+        if not request.plain and (self.engine.decoder is None or request.num_beams != 1):
+            reason = self.engine.static_reason or "beam search"
+            raise ApiError(
+                400,
+                "invalid_request_error",
+                f"logprobs, echo, best_of, penalties, logit_bias, min_tokens, ignore_eos, min_p and structured "
+                f"output need continuous batching; this server generates in static batches ({reason})",
+            )
+
     def _row_error(self, row: Row) -> ApiError:
         err = row.error
         if isinstance(err, ApiError):
@@ -465,6 +601,7 @@ class Service:
         self.check_budget(request)
         if self.engine.decoder is not None and request.num_beams == 1:
             return await self._decode(request, watch)
+        self.check_plain(request)
         params, key = self._static_params(request)
         ids = [p.ids for p in request.prompts for _ in range(request.n)]
         row_cost = generation_cost([max(map(len, ids))], params.max_new_tokens, beams=params.num_beams)
@@ -490,14 +627,13 @@ class Service:
         for row in done:
             if row.error is not None:
                 raise self._row_error(row)
-        return [
-            Completion(r.index // request.n, r.index % request.n, r.text, len(r.tokens), r.finish_reason) for r in done
-        ]
+        return self._completions(request, done)
 
     async def stream(self, request: GenerationRequest, watch: Watch) -> AsyncIterator[StreamEvent]:
         """The completions of `request` as they are generated: text pieces, then one end event per choice."""
         self.check_budget(request)
         if self.engine.decoder is None or request.num_beams != 1:  # static: each answer arrives whole
+            self.check_plain(request)
             for c in await self.generate(request, watch):
                 k = c.prompt * request.n + c.index
                 if c.text:
@@ -510,13 +646,24 @@ class Service:
         def put(event: StreamEvent) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
+        sent: dict[int, int] = {}  # choice -> its token logprobs already streamed
+
+        def fresh(k: int, row: Row) -> list[TokenLogprob]:
+            new = row.token_logprobs[sent.get(k, 0) :]
+            sent[k] = len(row.token_logprobs)
+            return list(new)
+
+        def text(k: int, piece: str, row: Row) -> None:
+            put(StreamEvent(k, piece, logprobs=fresh(k, row)))
+
         def done(k: int, row: Row) -> None:
             if row.error is not None:
                 put(StreamEvent(k, error=self._row_error(row)))
             else:
-                put(StreamEvent(k, finish_reason=row.finish_reason or "cancelled", tokens=len(row.tokens)))
+                reason = row.finish_reason or "cancelled"
+                put(StreamEvent(k, "", reason, len(row.tokens), logprobs=fresh(k, row), stop_reason=row.stop_reason))
 
-        rows = self._rows(request, watch.client, on_text=lambda k, piece: put(StreamEvent(k, piece)), on_done=done)
+        rows = self._rows(request, watch.client, on_text=text, on_done=done)
         job = Job("decode", None, rows, request.adapter)
         self.batcher.submit_rows(job, rows)
         remaining = len(rows)
