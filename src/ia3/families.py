@@ -175,6 +175,14 @@ class DecodeState:
         """Feed each row's last token; the `(B, V)` logits of the next token."""
         raise NotImplementedError
 
+    @classmethod
+    def prompt_logits(
+        cls, model: nn.Module, prompts: list[list[int]], pad_id: int, device: torch.device
+    ) -> list[torch.Tensor]:
+        """Each prompt's `(len(prompt), V)` logits at the positions that read it (position t predicts token t + 1),
+        for prompt log-probabilities (OpenAI's `echo`)."""
+        raise NotImplementedError(f"{cls.__name__} has no logits over its prompt")
+
     def feed(self, model: nn.Module, tokens: list[int]) -> torch.Tensor:
         """One-row state: run more of its prompt after the tokens already cached; the `(1, V)` logits of the token
         after them (chunked prefill; only where `chunked`)."""
@@ -249,6 +257,13 @@ class CausalDecodeState(DecodeState):
         )
         self.cache, self.mask, self.positions = cache_of(out), mask, self.positions + 1
         return out.logits[:, -1]
+
+    @classmethod
+    def prompt_logits(cls, model, prompts, pad_id, device):
+        inputs = {k: v.to(device) for k, v in left_padded(prompts, pad_id).items()}
+        logits = model(**inputs, use_cache=False).logits
+        width = logits.shape[1]
+        return [logits[i, width - len(p) :] for i, p in enumerate(prompts)]
 
     def feed(self, model, tokens):
         assert self.mask.shape[0] == 1, "feed continues the prompt of a one-row state"

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ia3.families import DecodeState, eos_ids, left_padded
+from ia3.families import DecodeState, eos_ids
 from ia3.serve.errors import ApiError
 
 log = logging.getLogger("ia3.serve")
@@ -573,13 +573,10 @@ class Decoder:
             while todo and (not group or size + len(todo[0].prompt) <= ECHO_TOKENS):
                 size += len(todo[0].prompt)
                 group.append(todo.pop(0))
-            inputs = {k: v.to(self.device) for k, v in left_padded([r.prompt for r in group], self.pad_id).items()}
             with torch.inference_mode(), self.rows_context([r.adapter for r in group]):
-                logits = self.model(**inputs, use_cache=False).logits
-            width = logits.shape[1]
-            for i, row in enumerate(group):
-                own = logits[i, width - len(row.prompt) :].float().log_softmax(-1)
-                row.prompt_logprobs = prompt_logprobs(own, row.prompt, row.logprobs or 0)
+                logits = self.state_class.prompt_logits(self.model, [r.prompt for r in group], self.pad_id, self.device)
+            for row, own in zip(group, logits):
+                row.prompt_logprobs = prompt_logprobs(own.float().log_softmax(-1), row.prompt, row.logprobs or 0)
 
     def _emit(self, row: Row, upto: int) -> None:
         if upto > row.emitted:
