@@ -231,6 +231,11 @@ class Decoder:
         with self._lock:
             return len(self.running), len(self.waiting)
 
+    def adapter_rows(self) -> dict[str, int]:
+        """Running rows by adapter."""
+        with self._lock:
+            return dict(Counter(r.adapter for r in self.running))
+
     # -- worker thread -----------------------------------------------------------------------------------------
     def step(self) -> None:
         """Admit what fits, run one decode step, retire finished rows."""
