@@ -228,6 +228,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.ray:
+        try:
+            from ia3.serve.ray import run as run_ray
+        except ImportError as err:
+            raise ValueError(f"ia3 serve --ray needs Ray Serve ({err}): pip install 'ia3[ray]'") from None
+        run_ray(serve_config(args), args.replicas, args.host, args.port, args.max_adapters_per_replica)
+        return 0
     run(serve_config(args), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -301,6 +308,17 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="torch CPU threads for the model (default: torch's); 1 is often "
         "fastest on a small, busy machine, where spinning OpenMP threads compete with the HTTP workers",
+    )
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve replicas of the engine on Ray Serve (ia3[ray]; joins the cluster in $RAY_ADDRESS, else starts one)",
+    )
+    parser.add_argument("--replicas", type=int, default=1, help="--ray: engine replicas (default: 1)")
+    parser.add_argument(
+        "--max-adapters-per-replica",
+        type=int,
+        help="--ray: adapters each replica keeps (Ray's multiplexing cap; default --max-loaded-adapters, else 64)",
     )
 
 

@@ -1,19 +1,19 @@
 """Per-example adapters: each batch row runs through its own adapter (or none) in one forward pass.
 
 Every `IA3Layer` gets a `(batch, F)` table of per-row vectors (`IA3Layer.set_row_scales`); every
-`ModulesToSaveWrapper` gets the row's adapter names and runs each adapter's copy on its rows. The tables for a mix of
-adapters are built with a few tensor ops for the whole model and cached, so `generate` and a server that sees the
-same mix again pay for them once.
+`ModulesToSaveWrapper` gets the row's adapter names and runs each adapter's copy on its rows. Each adapter's vectors
+are copied once into a row of a table for the whole model (per device and dtype) the first time a batch uses it; a
+batch gathers its adapters' rows with one `index_select`. So a step's cost depends on the batch's rows, not on how many
+adapters the model holds, and a server whose batch mix changes at every step builds nothing per step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from ia3.layer import IA3Layer
 from ia3.modules_to_save import ModulesToSaveWrapper
@@ -34,30 +34,59 @@ def check_adapter_names(adapter_names: object) -> list[str]:
 
 @dataclass
 class _Group:
-    """Layers whose vectors share a device and dtype, and so one table of per-adapter vectors."""
+    """Layers whose vectors share a device and dtype, and so one table of per-adapter vectors.
+
+    `table` row `slots[name]` holds adapter `name`'s vectors of these layers, concatenated (ones where it has none);
+    a row is written the first time a batch uses the adapter and again only when one of its vectors changed
+    (`stamps`: the vectors' identities and version counters). A step gathers the rows of its batch's adapters only,
+    so its cost does not depend on how many adapters the model holds or on which mix the batch has.
+    """
 
     device: torch.device
     dtype: torch.dtype
     layers: list[IA3Layer]
-    vectors: list[nn.Parameter]  # the mix's vectors in these layers, whose versions tell when the table is stale
-    versions: list[int] | None = None
-    table: torch.Tensor | None = None  # (adapters in the mix, sum of the layers' F), built outside autograd
+    width: int
+    slots: dict[str, int] = field(default_factory=dict)
+    stamps: dict[str, tuple] = field(default_factory=dict)
+    table: torch.Tensor | None = None  # (capacity, width), outside autograd
+
+    def slot(self, name: str) -> int:
+        """`name`'s row of the table, (re)written when missing or stale."""
+        vectors = [layer.ia3_l[name] for layer in self.layers if name in layer.ia3_l]
+        stamp = tuple((id(v), v._version) for v in vectors)
+        row = self.slots.get(name)
+        if row is not None and self.stamps[name] == stamp:
+            return row
+        if row is None:
+            row = len(self.slots)
+            if self.table is None or row >= self.table.shape[0]:
+                grown = torch.ones(max(8, 2 * row), self.width, device=self.device, dtype=self.dtype)
+                if self.table is not None:
+                    grown[:row] = self.table[:row]
+                self.table = grown
+            self.slots[name] = row
+        assert self.table is not None
+        with torch.no_grad():
+            self.table[row] = _row_table(self.layers, [name], self.dtype)[0]
+        self.stamps[name] = stamp
+        return row
 
 
 class PerExampleAdapters:
-    """Routes batch rows to adapters for an `IA3Model`, keeping the vector tables of recent adapter mixes.
+    """Routes batch rows to adapters for an `IA3Model`, keeping one table of per-adapter vectors per device and
+    dtype, filled as adapters are first used.
 
     Args:
-        max_mixes: how many mixes' tables to keep (a server sees many mixes: the newest few stay).
+        max_adapters: rows a table keeps at most; beyond, it starts again empty.
     """
 
-    def __init__(self, max_mixes: int = 8) -> None:
-        self.max_mixes = max_mixes
-        self._plans: dict[tuple[str, ...], list[_Group]] = {}
+    def __init__(self, max_adapters: int = 4096) -> None:
+        self.max_adapters = max_adapters
+        self._groups: list[_Group] | None = None
 
     def clear(self) -> None:
         """Forget every table; call when adapters are added, removed or switched."""
-        self._plans = {}
+        self._groups = None
 
     @contextmanager
     def rows(
@@ -95,32 +124,30 @@ class PerExampleAdapters:
             for wrapper in wrappers:
                 wrapper.set_row_adapters(None)
 
-    def _plan(self, layers: list[IA3Layer], unique: list[str]) -> list[_Group]:
-        """The cached groups of the mix `unique`, (re)built when missing or when vectors moved device."""
-        plan = self._plans.get(tuple(unique))
-        if plan is not None and not any(g.vectors and g.vectors[0].device != g.device for g in plan):
-            return plan
+    def _plan(self, layers: list[IA3Layer]) -> list[_Group]:
+        """The groups of the model's layers, (re)built when missing, too full, or when vectors moved device."""
+        groups = self._groups
+        fresh = groups is not None and all(_device(g.layers[0]) == g.device for g in groups)
+        if groups is not None and fresh and all(len(g.slots) < self.max_adapters for g in groups):
+            return groups
         by_key: dict[tuple[torch.device, torch.dtype], list[IA3Layer]] = {}
         for layer in layers:
-            ref = next(iter(layer.ia3_l.values()), None)
-            ref = layer.vector_or_ones(None) if ref is None else ref
+            ref = _reference(layer)
             by_key.setdefault((ref.device, ref.dtype), []).append(layer)
-        plan = [
-            _Group(device, dtype, group, [layer.ia3_l[n] for layer in group for n in unique if n in layer.ia3_l])
+        groups = [
+            _Group(device, dtype, group, sum(layer.num_features for layer in group))
             for (device, dtype), group in by_key.items()
         ]
-        if len(self._plans) >= self.max_mixes:
-            self._plans.pop(next(iter(self._plans)))
-        self._plans[tuple(unique)] = plan
-        return plan
+        self._groups = groups
+        return groups
 
     def _set_row_scales(self, layers: list[IA3Layer], unique: list[str], rows: list[int]) -> None:
         """Give every layer its `(batch, F)` per-row vectors with a few tensor ops for the whole model.
 
-        Layers are grouped by device and vector dtype; in each group every adapter's vectors (ones where it does not
-        touch a layer) are concatenated into one flat vector, the adapters' flat vectors stacked into an
-        `(adapters, total_F)` table, its rows gathered once, and each layer handed a column slice. Outside autograd
-        the tables are cached and rebuilt only when a vector changes (tracked by the tensors' version counters).
+        Layers are grouped by device and vector dtype; each group's table row of an adapter is every layer's vector
+        concatenated (ones where the adapter does not touch a layer). The batch's rows are gathered from the table
+        once and each layer handed a column slice. When some vector of the batch's adapters trains (autograd on), the
+        batch's table is built from the live vectors instead, as part of the graph.
 
         Args:
             layers: every (IA)^3 layer of the model.
@@ -128,21 +155,31 @@ class PerExampleAdapters:
             rows: for each batch row, its adapter's index in `unique`.
         """
         grad = torch.is_grad_enabled()
-        for group in self._plan(layers, unique):
-            if grad and any(v.requires_grad for v in group.vectors):
+        for group in self._plan(layers):
+            if grad and any(
+                n in layer.ia3_l and layer.ia3_l[n].requires_grad for layer in group.layers for n in unique
+            ):
                 table = _row_table(group.layers, unique, group.dtype)  # part of the autograd graph
+                index = rows
             else:
-                versions = [v._version for v in group.vectors]
-                if group.versions != versions or group.table is None:
-                    with torch.no_grad():
-                        group.table = _row_table(group.layers, unique, group.dtype)
-                    group.versions = versions
+                slots = [group.slot(n) for n in unique]
                 table = group.table
-            gathered = table.index_select(0, torch.tensor(rows, device=group.device))  # (batch, total_F)
+                index = [slots[r] for r in rows]
+            assert table is not None
+            gathered = table.index_select(0, torch.tensor(index, device=group.device))  # (batch, total_F)
             offset = 0
             for layer in group.layers:
                 layer.set_row_scales(gathered[:, offset : offset + layer.num_features])
                 offset += layer.num_features
+
+
+def _reference(layer: IA3Layer) -> torch.Tensor:
+    ref = next(iter(layer.ia3_l.values()), None)
+    return layer.vector_or_ones(None) if ref is None else ref
+
+
+def _device(layer: IA3Layer) -> torch.device:
+    return _reference(layer).device
 
 
 def _row_table(layers: list[IA3Layer], unique: list[str], dtype: torch.dtype) -> torch.Tensor:

@@ -56,7 +56,7 @@ class IA3Model(nn.Module):
         self.peft_config: dict[str, IA3Config] = {}
         self.active_adapters: list[str] = []
         self.autocast_adapter_dtype = autocast_adapter_dtype
-        self._per_example = PerExampleAdapters()  # per-row vector tables, cached by adapter mix
+        self._per_example = PerExampleAdapters()  # per-row vector tables, one table row per adapter
         # what `disable_adapter_layers` changed and `enable_adapter_layers` restores: the adapters of each layer it
         # unmerged, and each adapter parameter's requires_grad
         self._disabled_state: tuple[dict[IA3Layer, list[str]], dict[nn.Parameter, bool]] | None = None

@@ -12,7 +12,7 @@ from ia3.tasks import TASKS, Task
 BATCHING = ("continuous", "static")
 TRUNCATION = ("left", "refuse")
 # fields whose `ia3 serve` flag is not derived from their name
-FLAG_NAMES = {"adapters_dir": "--adapters", "allow_hub": "--no-hub"}
+FLAG_NAMES = {"adapters_dir": "--adapters", "allow_hub": "--no-hub", "pin_adapters": "--pin"}
 
 
 def flag_name(field: str) -> str:
@@ -32,8 +32,10 @@ class ServeConfig:
         model: the base model: a Hub id, a local folder (with its tokenizer), a `.gguf` file path, or
             `module:<package>` (a package whose folder holds a model folder or one .gguf file).
         adapters_dir: folder of adapter folders; each subfolder whose name is a valid adapter name and that holds
-            `adapter_model.safetensors` is loaded at start under that name. `POST /v1/adapters/{name}` loads
-            `adapters_dir/name` later. None: no local adapters (Hub ids only, if `allow_hub`).
+            `adapter_model.safetensors` is an adapter of that name. At start the pinned ones, then the others in name
+            order, are loaded up to `max_loaded_adapters` / `max_adapter_mb` (all of them when unbounded); any other
+            is loaded on demand by the first request that names it (or `POST /v1/adapters/{name}`). None: no local
+            adapters (Hub ids only, if `allow_hub`).
         task: `seq2seq`, `causal` or `cls` (a sequence classifier whose head each adapter brings).
         gguf_file: name of the .gguf file inside the `model` folder (a .gguf path or a module: package with one
             .gguf needs none).
@@ -101,6 +103,15 @@ class ServeConfig:
         mix_adapters: batch requests of different adapters together (False: one adapter per batch; for comparison).
         save_tokenizer: write the served model's tokenizer to this folder at start (`save_pretrained`; for
             lm-eval's `tokenizer=` and other clients that tokenise themselves, also when the base is a GGUF file).
+        max_loaded_adapters: adapters resident at most; loading one more evicts the least recently used adapter
+            that no queued or running request uses and that is not pinned. None: no limit. While more distinct
+            adapters are in use than the limit allows, it is exceeded; the surplus goes once their requests end.
+        max_adapter_mb: the same bound on the resident adapters' tensors, in MiB (None: no limit).
+        pin_adapters: adapters loaded at start and never evicted (`--pin a,b`).
+        hub_on_demand: with `allow_hub`, a request naming a Hub repo (`owner/name`) that is not resident downloads
+            and loads it on demand (off by default: any client could make the server fetch any public repo).
+        lora_paths_anywhere: let `POST /v1/load_lora_adapter` read a `lora_path` outside the adapters folder
+            (default: the path must resolve inside it, as the adapter folders must).
     """
 
     model: str
@@ -145,6 +156,11 @@ class ServeConfig:
     allow_hub: bool = True
     mix_adapters: bool = True
     save_tokenizer: str | None = None
+    max_loaded_adapters: int | None = None
+    max_adapter_mb: float | None = None
+    pin_adapters: list[str] | None = None
+    hub_on_demand: bool = False
+    lora_paths_anywhere: bool = False
 
     def __post_init__(self) -> None:
         c = Checks(self, flag_name)
@@ -169,6 +185,10 @@ class ServeConfig:
                 0 <= self.max_wait_ms < float("inf"), f"--max-wait-ms must be a number >= 0; got {self.max_wait_ms!r}"
             )
         c.names("label_names")
+        c.names("pin_adapters")
+        if c.ok("max_adapter_mb") and self.max_adapter_mb is not None:
+            value = self.max_adapter_mb
+            c.require(0 < value < float("inf"), f"--max-adapter-mb must be a number > 0; got {value!r}")
         if c.ok("api_key"):
             c.require(bool(self.api_key), "--api-key must not be empty (leave it unset for no key)")
         c.done("Invalid serve config")

@@ -353,6 +353,11 @@ class Decoder:
         with self._lock:
             return len(self.running) + (self.partial is not None), len(self.waiting)
 
+    def adapter_rows(self) -> dict[str, int]:
+        """Running rows by adapter."""
+        with self._lock:
+            return dict(Counter(r.adapter for r in self.running))
+
     # -- worker thread -----------------------------------------------------------------------------------------
     def step(self) -> None:
         """Prefill within the step's budget (a piece of a long prompt, then newly admitted prompts), run one decode

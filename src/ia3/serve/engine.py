@@ -12,6 +12,8 @@ equals the same input run alone (to float32 rounding).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import logging
 import time
 from contextlib import nullcontext
@@ -20,7 +22,9 @@ from pathlib import Path
 
 import torch
 
+from ia3.config import IA3Config
 from ia3.loading import ModelSource, default_device, load_base_model, load_tokenizer
+from ia3.serialization import WEIGHTS_NAME, load_tensors
 from ia3.serve.budget import Budgets, Speed
 from ia3.serve.config import ServeConfig
 from ia3.serve.decoding import Decoder
@@ -52,6 +56,33 @@ class Generated:
     tokens: list[int]
     text: str
     finish_reason: str
+
+
+@dataclass
+class AdapterFiles:
+    """An adapter read from disk (on a loading thread), ready for the worker's quick install."""
+
+    config: IA3Config
+    tensors: dict[str, torch.Tensor]
+    folder: Path
+    source: str
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def read_adapter(folder: Path, config: IA3Config, source: str) -> AdapterFiles:
+    """Read `folder`'s safetensors weights (any thread). Raises ValueError for a truncated or corrupt file."""
+    return AdapterFiles(config, load_tensors(folder / WEIGHTS_NAME), folder, source)
+
+
+def model_name(adapter: str) -> str:
+    """The name an adapter has inside the model: its own, or for a Hub id (`owner/name`, which may hold dots) a
+    name derived from it."""
+    if "/" not in adapter and "." not in adapter:
+        return adapter
+    return "hub_" + hashlib.sha1(adapter.encode()).hexdigest()[:24]
 
 
 def _gave_up_criterion(stop):
@@ -202,25 +233,35 @@ class Engine:
         return budget
 
     # -- adapters (worker thread) ----------------------------------------------------------------------------------
-    def load_adapter(self, name: str, folder: Path) -> None:
-        from ia3.peft_model import PeftModel
+    def install_adapter(self, name: str, files: AdapterFiles) -> None:
+        """Add adapter `name` from tensors already read: inject its vectors and copy the tensors in (strictly; a
+        file that does not fit this model raises ValueError and leaves the other adapters as they were)."""
+        from ia3.peft_model import get_peft_model
 
+        inner = model_name(name)
+        config = dataclasses.replace(files.config, inference_mode=True, init_ia3_weights=True)
         if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.base, folder, adapter_name=name)
+            self.peft = get_peft_model(self.base, config, adapter_name=inner)
         else:
-            self.peft.load_adapter(folder, name)
+            self.peft.base_model.inject_adapter(inner, config)
+        try:
+            self.peft.load_adapter_state_dict(files.tensors, inner, source=files.source)
+        except BaseException:
+            self.peft.base_model.delete_adapter(inner)
+            raise
         self.base.eval()
 
     def delete_adapter(self, name: str) -> None:
-        if self.peft is None or name not in self.peft.peft_config:
+        inner = model_name(name)
+        if self.peft is None or inner not in self.peft.peft_config:
             raise ApiError(404, "adapter_not_found", f"Adapter {name!r} is not loaded")
-        self.peft.delete_adapter(name)
+        self.peft.delete_adapter(inner)
 
     def _rows(self, adapters: list[str]):
         if self.peft is None:
             assert all(a == BASE_ADAPTER for a in adapters)
             return nullcontext()
-        return self.peft.base_model.per_example(adapters)
+        return self.peft.base_model.per_example([model_name(a) for a in adapters])
 
     # -- inputs (the tokenizer thread) -----------------------------------------------------------------------------
     def encode_one(self, text: str, where: str) -> tuple[list[int], int]:

@@ -129,10 +129,13 @@ class Metrics:
             }
 
     def prometheus(
-        self, gauges: dict[str, tuple[str, float]], counters: dict[str, tuple[str, float]] | None = None
+        self,
+        gauges: dict[str, tuple[str, float]],
+        counters: dict[str, tuple[str, float]] | None = None,
+        labeled: dict[str, tuple[str, list[tuple[dict[str, str], float]]]] | None = None,
     ) -> str:
         """Prometheus text exposition (format 0.0.4) of the counters, plus `gauges` and `counters` kept elsewhere
-        ({name: (help, value)})."""
+        ({name: (help, value)}) and `labeled` gauges ({name: (help, [(labels, value), ...])})."""
         lines: list[str] = []
 
         def metric(name: str, kind: str, help: str, samples: list[tuple[dict[str, str], float]]) -> None:
@@ -140,7 +143,7 @@ class Metrics:
             lines.append(f"# TYPE ia3_{name} {kind}")
             for labels, value in samples:
                 tags = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-                lines.append(f"ia3_{name}{{{tags}}} {value:g}" if tags else f"ia3_{name} {value:g}")
+                lines.append(f"ia3_{name}{{{tags}}} {_number(value)}" if tags else f"ia3_{name} {_number(value)}")
 
         with self._lock:
             metric(
@@ -174,7 +177,14 @@ class Metrics:
             metric(name, "counter", help, [({}, value)])
         for name, (help, value) in gauges.items():
             metric(name, "gauge", help, [({}, value)])
+        for name, (help, samples) in (labeled or {}).items():
+            metric(name, "gauge", help, samples)
         return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    """`value` as Prometheus reads it: `%g`, except a large value (a Unix time) in full."""
+    return f"{value:g}" if abs(value) < 1e6 else repr(float(value))
 
 
 def _escape(value: str) -> str:

@@ -3,6 +3,10 @@
 Names match `NAME_RE` (letters, digits, `_` and `-`, starting with a letter or digit, at most 64 characters): no
 dots, slashes or `..`, so a name is always one folder below the adapters root, and its resolved path (symlinks
 followed) must stay inside the root. Only `adapter_model.safetensors` is read, never a pickled `.bin`.
+
+The loaded adapters are kept in least-recently-used order (`touch` moves one to the end); an adapter loaded from
+somewhere other than `root/name` (a Hub repo, a `lora_path`) is remembered, so that it can be loaded again on demand
+after an eviction.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import logging
 import re
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +53,7 @@ class AdapterInfo:
     task_type: str | None
     base_model: str | None
     loaded_at: float = field(default_factory=time.time)
+    nbytes: int = 0
 
     def public(self) -> dict:
         return {
@@ -56,6 +62,7 @@ class AdapterInfo:
             "task_type": self.task_type,
             "base_model": self.base_model,
             "loaded_at": self.loaded_at,
+            "bytes": self.nbytes,
         }
 
 
@@ -69,12 +76,24 @@ class Registry:
         self.task = task
         self.allow_hub = allow_hub
         self._lock = threading.Lock()
-        self._loaded: dict[str, AdapterInfo] = {}
+        self._loaded: OrderedDict[str, AdapterInfo] = OrderedDict()  # least recently used first
+        self._sources: dict[str, tuple[Path, str]] = {}  # adapters not at root/name: (folder, source)
 
     # -- what is loaded --------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
+        """The loaded adapters, least recently used first."""
         with self._lock:
             return list(self._loaded)
+
+    def touch(self, name: str) -> None:
+        """Mark `name` as just used (the end of the LRU order)."""
+        with self._lock:
+            if name in self._loaded:
+                self._loaded.move_to_end(name)
+
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return sum(info.nbytes for info in self._loaded.values())
 
     def has(self, name: str) -> bool:
         with self._lock:
@@ -93,6 +112,58 @@ class Registry:
             self._loaded.pop(name, None)
 
     # -- where adapters come from ----------------------------------------------------------------------------------
+    def remember(self, name: str, folder: Path, source: str) -> None:
+        """Load `name` from `folder` (not `root/name`) whenever it is loaded again on demand."""
+        with self._lock:
+            self._sources[name] = (folder, source)
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._sources.pop(name, None)
+
+    def remembered(self, name: str) -> tuple[Path, str] | None:
+        with self._lock:
+            return self._sources.get(name)
+
+    def on_disk(self, name: str) -> bool:
+        """Whether `root/name` looks like a loadable adapter (a quick check; `local_folder` checks fully)."""
+        if self.root is None or not NAME_RE.fullmatch(name):
+            return False
+        return (self.root / name / WEIGHTS_NAME).is_file()
+
+    def available(self, limit: int = 100_000) -> list[str]:
+        """Names of the adapter folders under the root (at most `limit`), sorted; not checked beyond their name and
+        weights file."""
+        if self.root is None:
+            return []
+        names = []
+        for child in sorted(self.root.iterdir()):
+            if NAME_RE.fullmatch(child.name) and (child / WEIGHTS_NAME).is_file():
+                names.append(child.name)
+                if len(names) >= limit:
+                    break
+        return names
+
+    def path_folder(self, path: str, anywhere: bool = False) -> Path:
+        """The checked folder of a `lora_path`: it (and the files read there) must resolve inside the root unless
+        `anywhere` (403 otherwise; 404 when it is not an adapter folder)."""
+        if not isinstance(path, str) or not path or "\x00" in path:
+            raise ApiError(422, "invalid_request", "lora_path must be a folder path", param="lora_path")
+        folder = Path(path)
+        if not folder.is_absolute() and self.root is not None:
+            folder = self.root / folder
+        if not anywhere:
+            if self.root is None:
+                raise ApiError(403, "forbidden_path", "This server has no adapters folder; lora_path is refused")
+            target = folder.resolve()
+            files = [target, *((folder / item).resolve() for item in (CONFIG_NAME, WEIGHTS_NAME))]
+            if target == self.root or not all(f.is_relative_to(self.root) for f in files):
+                raise ApiError(403, "forbidden_path", "lora_path must be a folder inside the adapters folder")
+        if not folder.is_dir():
+            raise ApiError(404, "adapter_not_found", "lora_path is not a folder", param="lora_path")
+        self._check_files(folder, folder.name)
+        return folder
+
     def startup_folders(self) -> list[tuple[str, Path]]:
         """(name, folder) for every subfolder of the root that looks like an adapter, sorted by name."""
         if self.root is None:

@@ -250,3 +250,17 @@ class TokenizeRequest(OpenAIBody):
 class DetokenizeRequest(OpenAIBody):
     model: str | None = None
     tokens: list[int]
+
+
+class LoadLoraRequest(BaseModel):
+    """vLLM's `POST /v1/load_lora_adapter` body (other vLLM fields, e.g. `load_inplace`, are accepted and ignored)."""
+
+    lora_name: str = Field(description="the adapter's name, as requests will give it in `model`")
+    lora_path: str = Field(description="its folder: inside the server's adapters folder (relative or absolute)")
+
+
+class UnloadLoraRequest(BaseModel):
+    """vLLM's `POST /v1/unload_lora_adapter` body."""
+
+    lora_name: str
+    lora_int_id: int | None = None

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import functools
 import itertools
 import logging
 import time
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ia3.serve.adapters import AdapterPool
 from ia3.serve.batcher import Batch, Batcher, Job
 from ia3.serve.budget import classify_cost, generation_cost
 from ia3.serve.config import ServeConfig
@@ -36,7 +36,7 @@ from ia3.serve.engine import Engine, Generated, GenerateParams, labels_from_reci
 from ia3.serve.errors import ApiError, ShuttingDown, adapter_not_found
 from ia3.serve.guided import Grammars, GuideSpec
 from ia3.serve.metrics import Metrics
-from ia3.serve.registry import AdapterInfo, Registry, check_name
+from ia3.serve.registry import Registry, check_name
 from ia3.tasks import Task
 from ia3.tuner import BASE_ADAPTER
 
@@ -160,12 +160,16 @@ class Service:
         labels = config.label_names or labels_from_recipes([folder for _, folder in folders])
         self.engine = Engine(config, task, labels)
         self.metrics = Metrics()
-        for name, folder in folders:
-            try:
-                info_config = self.registry.read_config(folder, name)
-                self._load_now(name, folder, f"local:{name}", info_config)
-            except ApiError as err:
-                log.warning("adapter %s not loaded: %s", name, err.message)
+        mib = config.max_adapter_mb
+        self.adapters = AdapterPool(
+            self.registry,
+            self.engine,
+            max_loaded=config.max_loaded_adapters,
+            max_bytes=int(mib * 2**20) if mib is not None else None,
+            pins=config.pin_adapters,
+            hub_on_demand=config.hub_on_demand,
+        )
+        self.adapters.preload(folders)
         self.batcher = Batcher(
             self._run_batch,
             max_batch_size=config.max_batch_size,
@@ -182,11 +186,19 @@ class Service:
     def summary(self) -> str:
         """The startup line: model, device, adapters, batching and limits."""
         cfg, engine = self.config, self.engine
-        names = self.registry.names()
+        names = sorted(self.registry.names())
+        budget = cfg.max_loaded_adapters
+        if budget is not None or cfg.max_adapter_mb is not None or self.registry.root is not None:
+            more = len(self.loadable_adapters())
+            budget_text = f" (at most {budget}" if budget is not None else " (no limit"
+            budget_text += f", {cfg.max_adapter_mb:g} MiB" if cfg.max_adapter_mb is not None else ""
+            budget_text += f"; {more} more on demand)" if more else ")"
+        else:
+            budget_text = ""
         batching = "continuous" if engine.decoder is not None else f"static ({engine.static_reason})"
         return (
             f"ia3 serve: model {cfg.model} ({cfg.task}) on {engine.device}; {len(names)} adapter(s)"
-            f"{': ' + ', '.join(names[:8]) + (' ...' if len(names) > 8 else '') if names else ''}; "
+            f"{': ' + ', '.join(names[:8]) + (' ...' if len(names) > 8 else '') if names else ''}{budget_text}; "
             f"batching {batching}, {cfg.max_batch_size} rows; limits: {cfg.max_inputs} inputs x "
             f"{engine.max_input_tokens} tokens (truncation {cfg.truncation}), {cfg.max_new_tokens} new tokens, "
             f"{engine.budgets.describe()}, queue {cfg.max_queue}, "
@@ -218,11 +230,38 @@ class Service:
         return self.batcher.alive()
 
     def has_adapter(self, name: str) -> bool:
-        return self.registry.has(name)
+        """Whether a request may name adapter `name`: resident, or loadable on demand."""
+        return self.adapters.servable(name)
 
     def adapter_infos(self) -> list[dict]:
         """The loaded adapters, as `/v1/adapters` lists them."""
         return self.registry.infos()
+
+    def loadable_adapters(self, limit: int = 100_000) -> list[str]:
+        """Adapter folders under `--adapters` that are not resident (loaded on demand when a request names them)."""
+        resident = set(self.registry.names())
+        return [n for n in self.registry.available(limit) if n not in resident]
+
+    def adapter_stats(self) -> dict:
+        """Routing signals: resident adapters (LRU first), rows by adapter (running in the decode batch, waiting:
+        queued, in a static batch or waiting on a load), the budget, loads and evictions."""
+        in_use = self.adapters.in_use()
+        decoder = self.engine.decoder
+        running = decoder.adapter_rows() if decoder is not None else {}
+        waiting = {a: n - running.get(a, 0) for a, n in in_use.items() if n > running.get(a, 0)}
+        cfg = self.config
+        return {
+            "resident": self.registry.names(),
+            "resident_bytes": self.registry.resident_bytes(),
+            "pinned": sorted(self.adapters.pins),
+            "running": {a: n for a, n in running.items() if a != BASE_ADAPTER},
+            "waiting": {a: n for a, n in waiting.items() if a != BASE_ADAPTER},
+            "max_loaded": cfg.max_loaded_adapters,
+            "max_lora": cfg.max_loaded_adapters or cfg.max_batch_size,
+            "loads": self.adapters.loads,
+            "evictions": self.adapters.evictions,
+            "load_seconds": list(self.adapters.load_seconds),
+        }
 
     def has_chat_template(self) -> bool:
         return bool(getattr(self.engine.tokenizer, "chat_template", None))
@@ -248,35 +287,23 @@ class Service:
                 raise ApiError(422, "invalid_request", "revision needs a Hub 'source'")
             folder = await asyncio.to_thread(self.registry.local_folder, name)
             origin = f"local:{name}"
-        adapter_config = await asyncio.to_thread(self.registry.read_config, folder, name)
-        return await self.on_worker(functools.partial(self._load_now, name, folder, origin, adapter_config))
+        return await self.adapters.load(name, folder, origin, self.on_worker)
+
+    async def load_lora_adapter(self, name: str, path: str) -> dict:
+        """vLLM's `/v1/load_lora_adapter`: load the adapter folder at `path` (inside `--adapters`, unless
+        `--lora-paths-anywhere`) as `name`; it is loaded from there again after an eviction."""
+        check_name(name)
+        anywhere = self.config.lora_paths_anywhere
+        folder = await asyncio.to_thread(self.registry.path_folder, path, anywhere)
+        root = self.registry.root
+        shown = folder.resolve().relative_to(root) if root and folder.resolve().is_relative_to(root) else folder.name
+        return await self.adapters.load(name, folder, f"path:{shown}", self.on_worker)
 
     async def delete_adapter(self, name: str) -> None:
-        """Unload adapter `name`; requests for it still queued get 404."""
+        """Unload adapter `name` now; requests for it still queued get 404 (a later request for an adapter on disk
+        loads it again)."""
         check_name(name)
-        await self.on_worker(functools.partial(self._delete_now, name))
-
-    # -- adapters (the worker thread, or before it starts) ---------------------------------------------------------
-    def _load_now(self, name: str, folder: Path, source: str, adapter_config) -> dict:
-        if self.registry.has(name):
-            raise ApiError(409, "adapter_exists", f"Adapter {name!r} is already loaded; DELETE it first")
-        try:
-            self.engine.load_adapter(name, folder)
-        except FileNotFoundError as err:
-            message = self.registry.public_message(err, folder, name)
-            raise ApiError(404, "adapter_not_found", message[:1000]) from None
-        except (ValueError, TypeError) as err:
-            message = self.registry.public_message(err, folder, name)
-            raise ApiError(422, "adapter_incompatible", f"Adapter {name!r}: {message[:1000]}") from None
-        info = AdapterInfo(name, source, str(folder), adapter_config.task_type, adapter_config.base_model_name_or_path)
-        self.registry.add(info)
-        return info.public()
-
-    def _delete_now(self, name: str) -> None:
-        if not self.registry.has(name):
-            raise adapter_not_found(name)
-        self.engine.delete_adapter(name)
-        self.registry.remove(name)
+        await self.adapters.unload(name, self.on_worker)
 
     # -- static batches (the worker thread) ------------------------------------------------------------------------
     def _run_batch(self, batch: Batch) -> list[Any]:
@@ -332,8 +359,9 @@ class Service:
         return texts
 
     def check_adapter(self, adapter: str, field: str = "adapter") -> None:
-        if adapter != BASE_ADAPTER and not self.registry.has(adapter):
-            err = adapter_not_found(adapter[:100], self.registry.names())
+        """404 unless `adapter` is resident or loadable on demand."""
+        if not self.adapters.servable(adapter):
+            err = adapter_not_found(adapter[:100], self.registry.names()[-20:])
             err.param = field
             raise err
 
@@ -597,8 +625,15 @@ class Service:
         return ApiError(500, "internal_error", "Generation failed on the server; the server goes on")
 
     async def generate(self, request: GenerationRequest, watch: Watch) -> list[Completion]:
-        """Every completion of `request`, in prompt-major order."""
+        """Every completion of `request`, in prompt-major order (its adapter loaded on demand and held meanwhile)."""
         self.check_budget(request)
+        await self.adapters.acquire(request.adapter, request.rows, self.on_worker)
+        try:
+            return await self._generate(request, watch)
+        finally:
+            self.adapters.release(request.adapter, request.rows, self.on_worker)
+
+    async def _generate(self, request: GenerationRequest, watch: Watch) -> list[Completion]:
         if self.engine.decoder is not None and request.num_beams == 1:
             return await self._decode(request, watch)
         self.check_plain(request)
@@ -632,9 +667,17 @@ class Service:
     async def stream(self, request: GenerationRequest, watch: Watch) -> AsyncIterator[StreamEvent]:
         """The completions of `request` as they are generated: text pieces, then one end event per choice."""
         self.check_budget(request)
+        await self.adapters.acquire(request.adapter, request.rows, self.on_worker)
+        try:
+            async for event in self._stream(request, watch):
+                yield event
+        finally:
+            self.adapters.release(request.adapter, request.rows, self.on_worker)
+
+    async def _stream(self, request: GenerationRequest, watch: Watch) -> AsyncIterator[StreamEvent]:
         if self.engine.decoder is None or request.num_beams != 1:  # static: each answer arrives whole
             self.check_plain(request)
-            for c in await self.generate(request, watch):
+            for c in await self._generate(request, watch):
                 k = c.prompt * request.n + c.index
                 if c.text:
                     yield StreamEvent(k, c.text)
@@ -702,9 +745,12 @@ class Service:
             + (f", each followed by {len(labels)} labels of {sum(lengths)} tokens in all" if choices else ""),
             "send fewer or shorter inputs, or fewer labels",
         )
-        return await self.submit(
-            "classify", ("classify", labels), ids, adapter, labels, watch, classify_cost([max(map(len, ids))], lengths)
-        )
+        await self.adapters.acquire(adapter, len(ids), self.on_worker)
+        try:
+            row_cost = classify_cost([max(map(len, ids))], lengths)
+            return await self.submit("classify", ("classify", labels), ids, adapter, labels, watch, row_cost)
+        finally:
+            self.adapters.release(adapter, len(ids), self.on_worker)
 
     async def on_worker(self, fn) -> Any:
         future = self.batcher.call(fn)

@@ -1,14 +1,15 @@
-"""Operating the server: the adapters (`GET /v1/adapters`, `POST` / `DELETE /v1/adapters/{name}`) and liveness
-(`GET /health`, without the API key, for load balancers)."""
+"""Operating the server: the adapters (`GET /v1/adapters`, `POST` / `DELETE /v1/adapters/{name}`, and vLLM's
+`POST /v1/load_lora_adapter` / `POST /v1/unload_lora_adapter` for (IA)^3 adapters) and liveness (`GET /health`, without
+the API key, for load balancers)."""
 
 # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from ia3.serve.dependencies import ServiceDep, require_key
-from ia3.serve.schemas import ERRORS, AdapterLoadRequest
+from ia3.serve.schemas import ERRORS, AdapterLoadRequest, LoadLoraRequest, UnloadLoraRequest
 from ia3.tuner import BASE_ADAPTER
 
 router = APIRouter(responses=ERRORS)
@@ -34,6 +35,21 @@ async def delete_adapter(name: str, svc: ServiceDep) -> dict:
     """Unload adapter `name`; requests for it still queued get 404."""
     await svc.delete_adapter(name)
     return {"deleted": name}
+
+
+@router.post("/v1/load_lora_adapter", dependencies=AUTH, response_class=PlainTextResponse)
+async def load_lora_adapter(body: LoadLoraRequest, svc: ServiceDep) -> PlainTextResponse:
+    """vLLM's dynamic loading: load the (IA)^3 adapter folder `lora_path` (inside the adapters folder) as
+    `lora_name`; answers vLLM's plain-text success line."""
+    await svc.load_lora_adapter(body.lora_name, body.lora_path)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter", dependencies=AUTH, response_class=PlainTextResponse)
+async def unload_lora_adapter(body: UnloadLoraRequest, svc: ServiceDep) -> PlainTextResponse:
+    """vLLM's dynamic unloading of adapter `lora_name`."""
+    await svc.delete_adapter(body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
 @router.get("/health")

@@ -2,6 +2,8 @@
 `?format=json`."""
 
 # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations
+import time
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
@@ -24,6 +26,7 @@ async def metrics(request: Request, svc: ServiceDep, format: str = "prometheus")
                 **svc.metrics.snapshot(),
                 "queue": stats,
                 "adapters_loaded": len(svc.adapter_infos()),
+                "adapters": svc.adapter_stats(),
                 "tokens_per_second": round(svc.metrics.tokens_per_second(), 3),
                 "decode": decoder.stats() if decoder is not None else None,
                 "budgets": svc.budgets(),
@@ -50,6 +53,38 @@ async def metrics(request: Request, svc: ServiceDep, format: str = "prometheus")
         ),
         "header_timeouts_total": ("connections closed: headers too slow", getattr(protocol, "header_timeouts", 0)),
     }
+    adapters = svc.adapter_stats()
+    gauges["adapters_resident_bytes"] = ("bytes of resident adapter tensors", adapters["resident_bytes"])
+    counters["adapter_loads_total"] = ("adapters loaded on demand", adapters["loads"])
+    counters["adapter_evictions_total"] = ("adapters evicted (least recently used)", adapters["evictions"])
     return PlainTextResponse(
-        svc.metrics.prometheus(gauges, counters), media_type="text/plain; version=0.0.4; charset=utf-8"
+        svc.metrics.prometheus(gauges, counters, adapter_gauges(adapters)),
+        media_type="text/plain; version=0.0.4; charset=utf-8",
     )
+
+
+def adapter_gauges(stats: dict) -> dict[str, tuple[str, list[tuple[dict[str, str], float]]]]:
+    """The per-adapter gauges, and `ia3_lora_requests_info` in the form of vLLM's `vllm:lora_requests_info` (which
+    the Kubernetes Gateway API Inference Extension reads for adapter affinity): labels `running_lora_adapters` and
+    `waiting_lora_adapters` (comma-separated adapter names) and `max_lora`, value the time of the sample."""
+    running, waiting = stats["running"], stats["waiting"]
+    info = {
+        "running_lora_adapters": ",".join(sorted(running)),
+        "waiting_lora_adapters": ",".join(sorted(waiting)),
+        "max_lora": str(stats["max_lora"]),
+    }
+    return {
+        "adapter_resident": ("1 for each resident adapter", [({"adapter": a}, 1) for a in stats["resident"]]),
+        "adapter_running_rows": (
+            "rows of the adapter in the running decode batch",
+            [({"adapter": a}, n) for a, n in sorted(running.items())],
+        ),
+        "adapter_waiting_rows": (
+            "rows of the adapter queued, in a static batch or waiting on its load",
+            [({"adapter": a}, n) for a, n in sorted(waiting.items())],
+        ),
+        "lora_requests_info": (
+            "running and waiting adapters (as vLLM's vllm:lora_requests_info)",
+            [(info, time.time())],
+        ),
+    }

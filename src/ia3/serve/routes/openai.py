@@ -373,22 +373,33 @@ async def _chunks(
 # -- endpoints -----------------------------------------------------------------------------------------------------
 @router.get("/v1/models")
 async def list_models(svc: ServiceDep) -> dict:
-    """The base model and every loaded adapter, as OpenAI's model list."""
+    """The base model, every resident adapter, then every adapter loadable on demand from the adapters folder, as
+    OpenAI's model list (adapters with `parent` the base model, as vLLM lists LoRA adapters)."""
     base = svc.config.model
-    data = [{"id": base, "object": "model", "created": int(svc.metrics.started), "owned_by": "ia3"}]
+    started = int(svc.metrics.started)
+    data = [{"id": base, "object": "model", "created": started, "owned_by": "ia3"}]
     for info in svc.adapter_infos():
         created = int(info["loaded_at"])
         data.append(
             {"id": info["name"], "object": "model", "created": created, "owned_by": "ia3", "parent": base, "root": base}
+        )
+    for name in svc.loadable_adapters():
+        data.append(
+            {"id": name, "object": "model", "created": started, "owned_by": "ia3", "parent": base, "root": base}
         )
     return {"object": "list", "data": data}
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(model: str, svc: ServiceDep) -> dict:
+    """One model of the list: the base, a resident adapter or one loadable on demand."""
     adapter = _adapter_of(svc, model)
-    listed = (await list_models(svc))["data"]
-    return next(m for m in listed if m["id"] == (svc.config.model if adapter == BASE_ADAPTER else adapter))
+    base = svc.config.model
+    if adapter == BASE_ADAPTER:
+        return {"id": base, "object": "model", "created": int(svc.metrics.started), "owned_by": "ia3"}
+    info = next((i for i in svc.adapter_infos() if i["name"] == adapter), None)
+    created = int(info["loaded_at"] if info is not None else svc.metrics.started)
+    return {"id": adapter, "object": "model", "created": created, "owned_by": "ia3", "parent": base, "root": base}
 
 
 @router.post("/v1/completions", response_model=None, tags=[INFERENCE])

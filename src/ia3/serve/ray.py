@@ -1,0 +1,236 @@
+"""`ia3 serve` on Ray Serve (`pip install 'ia3[ray]'`): N replicas of one engine behind Ray's HTTP proxy.
+
+Two deployments:
+
+* `Ia3Replica` (N replicas, or autoscaled): each runs the whole `ia3 serve` app in its process (its own engine,
+  batcher and adapter LRU) and answers HTTP requests forwarded to it as plain dicts, streaming the response back.
+  Its adapters are Ray Serve's multiplexed models: a replica that has an adapter reports it, and Ray routes later
+  requests for that adapter to it (`max_adapters_per_replica` is Ray's per-replica model cap, and the replica's
+  `--max-loaded-adapters` too, unless set).
+* `Ia3Ingress`: Ray's HTTP proxy sends every request here; it reads the multiplexed model id (the
+  `serve_multiplexed_model_id` header, else the JSON body's `model` (OpenAI) or `adapter` (native)) and forwards the
+  request to a replica with `multiplexed_model_id` set. The base model and `__base__` route by load alone.
+
+So every endpoint of `ia3 serve` (native, OpenAI, streaming, admin, metrics) works through Ray's proxy; admin calls
+(`POST /v1/adapters/...`) and `/metrics` reach one replica.
+
+Use: `serve.run(build_app(config, num_replicas=2))`, `ia3 serve --ray --replicas 2 ...`, or a `serve run` config
+file whose `import_path` is `ia3.serve.ray:app_builder` with the `ServeConfig` fields as `args` (see README).
+"""
+
+# no `from __future__ import annotations`: FastAPI (through serve.ingress) reads the endpoint's annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from ia3.serve.config import ServeConfig
+from ia3.tuner import BASE_ADAPTER
+
+log = logging.getLogger("ia3.serve")
+MODEL_ID_HEADER = "serve_multiplexed_model_id"
+METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+DEFAULT_ADAPTERS_PER_REPLICA = 64
+
+
+@serve.deployment
+class Ia3Replica:
+    """One engine: the `ia3 serve` app in this process, fed forwarded requests."""
+
+    def __init__(self, config: dict, max_adapters: int) -> None:
+        from ia3.serve.app import create_app
+
+        settings = dict(config)
+        settings.setdefault("max_loaded_adapters", max_adapters)
+        self.app = create_app(ServeConfig(**settings))
+        self.service = self.app.state.service
+        self.service.batcher.start()
+        self.max_adapters = max_adapters
+        service = self.service
+
+        async def adapter(name: str) -> str:
+            """Ray's multiplexed model: the adapter, made resident (ia3's own LRU keeps it or evicts it later)."""
+            if service.has_adapter(name):
+                await service.adapters.acquire(name, 1, service.on_worker)
+                service.adapters.release(name, 1)
+            return name
+
+        self.adapter = serve.multiplexed(max_num_models_per_replica=max_adapters)(adapter)
+
+    async def handle(self, request: dict) -> AsyncIterator[dict]:
+        """Run `request` ({method, path, query, headers, body}) through the app: first {status, headers}, then
+        {body} pieces as the app sends them (a stream stays a stream)."""
+        name = serve.get_multiplexed_model_id()
+        if name:
+            try:
+                await self.adapter(name)
+            except Exception as err:  # the app answers the request itself (404, 422 ...)
+                log.info("adapter %s not made resident ahead: %s", name, err)
+        async for message in asgi_call(self.app, request):
+            yield message
+
+    def __del__(self) -> None:
+        service = getattr(self, "service", None)
+        if service is not None:
+            service.close()
+
+
+async def asgi_call(app: Any, request: dict) -> AsyncIterator[dict]:
+    """Drive the ASGI `app` with one HTTP request; yield its response start and body pieces as dicts."""
+    queue: asyncio.Queue[dict | None] = asyncio.Queue()
+    sent = {"body": False}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": request["method"],
+        "scheme": "http",
+        "path": request["path"],
+        "raw_path": request["path"].encode(),
+        "query_string": request["query"].encode(),
+        "root_path": "",
+        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request["headers"]],
+        "client": (request.get("client") or "127.0.0.1", 0),
+        "server": ("127.0.0.1", 80),
+        "state": {},
+    }
+    done = asyncio.Event()
+
+    async def receive() -> dict:
+        if not sent["body"]:
+            sent["body"] = True
+            return {"type": "http.request", "body": request["body"], "more_body": False}
+        await done.wait()  # the client "disconnects" once the response is over
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])]
+            await queue.put({"status": message["status"], "headers": headers})
+        elif message["type"] == "http.response.body" and message.get("body"):
+            await queue.put({"body": message["body"]})
+
+    async def run() -> None:
+        try:
+            await app(scope, receive, send)
+        finally:
+            await queue.put(None)
+
+    task = asyncio.ensure_future(run())
+    try:
+        while (item := await queue.get()) is not None:
+            yield item
+        await task
+    finally:
+        done.set()
+        if not task.done():
+            task.cancel()
+
+
+def model_id(headers: dict[str, str], body: bytes, base: str) -> str:
+    """The multiplexed model id of a request: the header, else the JSON body's `model` / `adapter`; "" for the base
+    model or a body without one."""
+    name = headers.get(MODEL_ID_HEADER, "")
+    if not name and body[:1] == b"{":
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if isinstance(data, dict):
+            value = data.get("model", data.get("adapter"))
+            name = value if isinstance(value, str) else ""
+    return "" if name in (BASE_ADAPTER, base) else name[:200]
+
+
+ingress_app = FastAPI(title="ia3 serve (Ray Serve)")
+
+
+@serve.deployment
+@serve.ingress(ingress_app)
+class Ia3Ingress:
+    """Ray's HTTP entry: forwards every request to an `Ia3Replica`, routed by its adapter."""
+
+    def __init__(self, replica: DeploymentHandle, base_model: str) -> None:
+        self.replica = replica
+        self.base_model = base_model
+
+    @ingress_app.api_route("/{path:path}", methods=METHODS)
+    async def forward(self, path: str, request: Request) -> StreamingResponse:
+        body = await request.body()
+        headers = dict(request.headers)
+        request_dict = {
+            "method": request.method,
+            "path": "/" + path,
+            "query": request.url.query,
+            "headers": [(k, v) for k, v in request.headers.items() if k.lower() != MODEL_ID_HEADER],
+            "body": body,
+            "client": request.client.host if request.client else None,
+        }
+        name = model_id(headers, body, self.base_model)
+        handle = self.replica.options(stream=True, multiplexed_model_id=name)
+        stream = handle.handle.remote(request_dict)
+        start = await stream.__anext__()
+
+        async def pieces() -> AsyncIterator[bytes]:
+            async for item in stream:
+                yield item["body"]
+
+        headers_out = {k: v for k, v in start["headers"] if k.lower() not in ("content-length", "transfer-encoding")}
+        return StreamingResponse(pieces(), status_code=start["status"], headers=headers_out)
+
+
+def build_app(
+    config: ServeConfig,
+    num_replicas: int | str = 1,
+    max_adapters_per_replica: int | None = None,
+    autoscaling_config: dict | None = None,
+    replica_actor_options: dict | None = None,
+) -> Any:
+    """The Ray Serve application of `config`: `num_replicas` engines (or `autoscaling_config`, Ray's dict:
+    `min_replicas`, `max_replicas`, `target_ongoing_requests`, ...) behind one ingress. `max_adapters_per_replica`:
+    adapters each replica keeps (Ray's multiplexing cap and `--max-loaded-adapters` unless that is set; default
+    `--max-loaded-adapters`, else 64). `replica_actor_options`: Ray actor options of each replica (e.g.
+    `{"num_gpus": 1}`)."""
+    settings = dataclasses.asdict(config)
+    per_replica = max_adapters_per_replica or config.max_loaded_adapters or DEFAULT_ADAPTERS_PER_REPLICA
+    options: dict[str, Any] = {"ray_actor_options": replica_actor_options or {}}
+    if autoscaling_config is not None:
+        options["autoscaling_config"] = autoscaling_config
+    else:
+        options["num_replicas"] = num_replicas
+    replica = Ia3Replica.options(**options).bind({k: v for k, v in settings.items() if v is not None}, per_replica)
+    return Ia3Ingress.options(ray_actor_options={"num_cpus": 0}).bind(replica, config.model)
+
+
+def app_builder(args: dict) -> Any:
+    """`serve run` / a Serve config file's `import_path: ia3.serve.ray:app_builder`: `args` holds the `ServeConfig`
+    fields plus `num_replicas`, `max_adapters_per_replica`, `autoscaling_config`, `replica_actor_options`."""
+    args = dict(args)
+    extra = {
+        k: args.pop(k)
+        for k in ("num_replicas", "max_adapters_per_replica", "autoscaling_config", "replica_actor_options")
+        if k in args
+    }
+    return build_app(ServeConfig(**args), **extra)
+
+
+def run(config: ServeConfig, replicas: int, host: str, port: int, max_adapters_per_replica: int | None = None) -> None:
+    """`ia3 serve --ray`: start (or join, with RAY_ADDRESS) a Ray cluster, serve on `host:port` until interrupted."""
+    import time
+
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(config, replicas, max_adapters_per_replica), name="ia3", route_prefix="/")
+    log.info("ia3 serve on Ray Serve: %d replica(s) at http://%s:%d", replicas, host, port)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()

@@ -1,0 +1,178 @@
+"""`ia3 serve` beyond RAM (issue 21): adapters loaded on demand, least-recently-used eviction under a budget, pins,
+vLLM's load/unload endpoints, and the routing gauges; one tiny causal model, five adapters a-e in one folder.
+
+Answers of a server holding at most two adapters are checked against a server with all five loaded and, for a, b
+and c, against the offline reference (`Setup.generate`, each input run alone).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from live_server import LiveServer  # noqa: E402
+from serve_setup import TEXTS, Setup, one_torch_thread, save_adapter  # noqa: E402, F401
+
+from ia3.serve import ServeConfig  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+NAMES = ["a", "b", "c", "d", "e"]
+PARAMS = {"max_new_tokens": 5}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Setup:
+    setup = Setup(tmp_path_factory.mktemp("serve-adapters"), "causal")
+    for seed, name in ((11, "d"), (12, "e")):
+        save_adapter("causal", setup.model_dir, setup.adapters / name, seed)
+    return setup
+
+
+def _server(setup: Setup, adapters: Path | None = None, **overrides) -> LiveServer:
+    settings = dict(
+        model=str(setup.model_dir),
+        adapters_dir=str(adapters or setup.adapters),
+        task="causal",
+        max_wait_ms=5,
+        max_new_tokens=8,
+    )
+    settings.update(overrides)
+    return LiveServer(ServeConfig(**settings))
+
+
+@pytest.fixture(scope="module")
+def full(setup):
+    """Every adapter loaded at start (no budget): the answers a budgeted server must give."""
+    srv = _server(setup)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def expected(full, setup) -> dict[tuple[str, str], str]:
+    out = {}
+    for name in NAMES:
+        r = full.post("/v1/generate", json={"adapter": name, "inputs": TEXTS[:2], "parameters": PARAMS})
+        assert r.status_code == 200, r.text
+        for text, o in zip(TEXTS[:2], r.json()["outputs"]):
+            out[name, text] = o["text"]
+    for name in ("a", "b", "c"):  # and the offline reference, each input alone
+        for text in TEXTS[:2]:
+            assert out[name, text] == setup.generate(name, text, max_new_tokens=5)
+    return out
+
+
+def _answers(srv: LiveServer, adapter: str) -> list[str]:
+    r = srv.post("/v1/generate", json={"adapter": adapter, "inputs": TEXTS[:2], "parameters": PARAMS})
+    assert r.status_code == 200, r.text
+    return [o["text"] for o in r.json()["outputs"]]
+
+
+def _metrics(srv: LiveServer) -> str:
+    return srv.client.get("/metrics").text
+
+
+def test_on_demand_lru_budget_and_gauges(setup, expected, full):
+    srv = _server(setup, max_loaded_adapters=2)
+    try:
+        svc = srv.service
+        assert svc.registry.names() == ["a", "b"]  # loaded at start up to the budget, in name order
+        assert "2 adapter(s): a, b (at most 2; 3 more on demand)" in svc.summary()
+        models = srv.client.get("/v1/models").json()["data"]
+        assert sorted(m["id"] for m in models[1:]) == NAMES and all(
+            m["parent"] == str(setup.model_dir) for m in models[1:]
+        )
+        assert srv.client.get("/v1/models/e").json()["parent"] == str(setup.model_dir)
+        # concurrent first requests for an adapter on disk but not loaded: answered, with one load
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda _: _answers(srv, "e"), range(3)))
+        assert answers == [[expected["e", t] for t in TEXTS[:2]]] * 3
+        assert svc.adapters.loads == 1 and svc.registry.names() == ["b", "e"]  # a was least recently used
+        for _ in range(2):  # five adapters in rotation through two places
+            for name in NAMES:
+                assert _answers(srv, name) == [expected[name, t] for t in TEXTS[:2]], name
+                assert len(svc.registry.names()) <= 2
+        assert svc.registry.names() == ["d", "e"]
+        text = _metrics(srv)
+        assert 'ia3_adapter_resident{adapter="d"} 1' in text and 'ia3_adapter_resident{adapter="a"}' not in text
+        assert 'ia3_lora_requests_info{running_lora_adapters="",waiting_lora_adapters="",max_lora="2"}' in text
+        assert f"ia3_adapter_evictions_total {svc.adapters.evictions:g}" in text and svc.adapters.evictions == 11
+        r = srv.post("/v1/generate", json={"adapter": "nothere", "inputs": "x"})
+        assert r.status_code == 404 and r.json()["error"]["type"] == "adapter_not_found"
+    finally:
+        srv.close()
+
+
+def _wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def test_eviction_waits_for_rows_and_pins(setup, expected):
+    srv = _server(setup, max_loaded_adapters=2, pin_adapters=["c"])
+    svc = srv.service
+    try:
+        assert svc.registry.names() == ["c", "a"]  # the pin first, then name order up to the budget
+        svc.batcher.pause()
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(_answers, srv, "a")
+            _wait_for(lambda: svc.engine.decoder.counts()[1] == 2, "a's rows queued")
+            second = pool.submit(_answers, srv, "b")  # b must load: a has rows queued, c is pinned: neither goes
+            _wait_for(lambda: svc.adapters.in_use().get("b") == 2, "b waiting on its load")
+            text = _metrics(srv)
+            assert 'running_lora_adapters="",waiting_lora_adapters="a,b",max_lora="2"' in text
+            assert 'ia3_adapter_waiting_rows{adapter="a"} 2' in text
+            svc.batcher.resume()
+            assert first.result() == [expected["a", t] for t in TEXTS[:2]]
+            assert second.result() == [expected["b", t] for t in TEXTS[:2]]
+        # over the budget while a and b both had rows; the surplus (a, least recently used) goes once they are done
+        _wait_for(lambda: svc.registry.names() == ["c", "b"], f"trimmed to c, b: {svc.registry.names()}")
+        assert svc.adapters.evictions == 1
+        assert _answers(srv, "d") == [expected["d", t] for t in TEXTS[:2]]
+        assert svc.registry.names() == ["c", "d"]  # the pin stays, though least recently used
+    finally:
+        svc.batcher.resume()
+        srv.close()
+
+
+def test_vllm_load_unload_and_bad_files(setup, expected, full, tmp_path):
+    root = tmp_path / "adapters"
+    shutil.copytree(setup.adapters / "a", root / "nested" / "a-copy")
+    corrupt = root / "corrupt"
+    shutil.copytree(setup.adapters / "b", corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
+    srv = _server(setup, adapters=root, max_loaded_adapters=2)
+    try:
+        assert srv.service.registry.names() == []  # the corrupt one failed at start; nested is no adapter name
+        r = srv.post("/v1/load_lora_adapter", json={"lora_name": "x1", "lora_path": "nested/a-copy"})
+        assert r.status_code == 200 and r.text.startswith("Success"), r.text
+        assert (
+            srv.post("/v1/load_lora_adapter", json={"lora_name": "x1", "lora_path": "nested/a-copy"}).status_code == 409
+        )
+        body = {"prompt": TEXTS[0], "max_tokens": 5, "temperature": 0}
+        want = full.post("/v1/completions", json={"model": "a", **body}).json()["choices"][0]["text"]
+        r = srv.post("/v1/completions", json={"model": "x1", **body})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+        for path in (str(setup.adapters / "a"), "../x", "/etc"):  # outside the adapters folder
+            r = srv.post("/v1/load_lora_adapter", json={"lora_name": "x2", "lora_path": path})
+            assert r.status_code == 403 and r.json()["error"]["type"] == "forbidden_path", r.text
+        r = srv.post("/v1/load_lora_adapter", json={"lora_name": "x3", "lora_path": "corrupt"})
+        assert r.status_code == 422 and "x3" in r.json()["error"]["message"] and str(root) not in r.text
+        r = srv.post("/v1/generate", json={"adapter": "corrupt", "inputs": "Sales"})  # on demand: 422, that request
+        assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_adapter"
+        assert _answers(srv, "x1") == [expected["a", t] for t in TEXTS[:2]]  # the server goes on
+        assert srv.post("/v1/unload_lora_adapter", json={"lora_name": "x1"}).status_code == 200
+        assert srv.post("/v1/unload_lora_adapter", json={"lora_name": "x1"}).status_code == 404
+        assert srv.post("/v1/generate", json={"adapter": "x1", "inputs": "Sales"}).status_code == 404  # forgotten
+    finally:
+        srv.close()
