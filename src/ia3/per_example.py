@@ -57,16 +57,17 @@ class _Group:
         row = self.slots.get(name)
         if row is not None and self.stamps[name] == stamp:
             return row
-        if row is None:
-            row = len(self.slots)
-            if self.table is None or row >= self.table.shape[0]:
-                grown = torch.ones(max(8, 2 * row), self.width, device=self.device, dtype=self.dtype)
-                if self.table is not None:
-                    grown[:row] = self.table[:row]
-                self.table = grown
-            self.slots[name] = row
-        assert self.table is not None
-        with torch.no_grad():
+        # the table lives across calls made with and without inference mode: keep it a normal tensor (one made in
+        # inference mode could not be written outside it)
+        with torch.inference_mode(False), torch.no_grad():
+            if row is None:
+                row = len(self.slots)
+                if self.table is None or row >= self.table.shape[0]:
+                    grown = torch.ones(max(8, 2 * row), self.width, device=self.device, dtype=self.dtype)
+                    if self.table is not None:
+                        grown[:row] = self.table[:row]
+                    self.table = grown
+                self.slots[name] = row
             self.table[row] = _row_table(self.layers, [name], self.dtype)[0]
         self.stamps[name] = stamp
         return row
