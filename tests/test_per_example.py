@@ -186,3 +186,30 @@ def test_per_example_gradients_reach_each_rows_adapter():
     grads = {n: p.grad for n, p in model.named_parameters() if ".ia3_l." in n}
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.endswith(".a"))
     assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if n.endswith(".b"))
+
+
+def test_per_example_table_first_filled_in_inference_mode_serves_later_calls():
+    """A server scores under `torch.inference_mode` and decodes under `no_grad`: the adapters' table filled by the
+    first call must serve the second (and equal each row alone)."""
+    model = _two_adapter_gpt2()
+    x = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with torch.inference_mode():
+        first = model(input_ids=x, adapter_names=["a", "b"]).logits
+    with torch.no_grad():
+        second = model(input_ids=x, adapter_names=["b", "a"]).logits
+        for out, names in ((first, ["a", "b"]), (second, ["b", "a"])):
+            for i, name in enumerate(names):
+                model.set_adapter(name)
+                assert torch.allclose(out[i], model(input_ids=x[i : i + 1]).logits[0], atol=1e-6)
+
+
+def _two_adapter_gpt2():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    base = tf.GPT2LMHeadModel(
+        tf.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0)
+    )
+    model = ia3.get_peft_model(base, ia3.IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False), "a").eval()
+    model.add_adapter("b", ia3.IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False))
+    return model
