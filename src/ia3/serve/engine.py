@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ia3.loading import ModelSource, default_device, load_base_model, load_tokenizer
+from ia3.loading import ModelSource, bfloat16_units, default_device, load_base_model, load_tokenizer
 from ia3.serve.budget import Budgets, Speed
 from ia3.serve.config import ServeConfig
 from ia3.serve.decoding import Decoder
@@ -75,6 +75,16 @@ def _best_time(fn, timed: bool = True) -> float:
     return max(min(runs[1:]), 1e-9)
 
 
+def serve_dtype(config: ServeConfig, device: torch.device) -> torch.dtype:
+    """The dtype `config.dtype` names; `auto`: bfloat16 where `device` has matrix units for it (a quantised base
+    keeps float32), else float32."""
+    if config.dtype != "auto":
+        return getattr(torch, config.dtype)
+    if config.quantization == "none" and bfloat16_units(device):
+        return torch.bfloat16
+    return torch.float32
+
+
 def labels_from_recipes(adapter_folders: list[Path]) -> list[str] | None:
     """`data.label_names` of the first adapter folder with a `recipe.yaml` (as `ia3 train` writes) that names them."""
     for folder in adapter_folders:
@@ -98,11 +108,13 @@ class Engine:
         source = ModelSource(config.model, gguf_file=config.gguf_file, quantization=config.quantization)
         tokenizer = load_tokenizer(source, task_class)
         self.task = task_class(tokenizer, prompt=config.prompt, chat_template=config.chat_template)
-        model = load_base_model(source, task_class, label_names or [])
+        self.device = torch.device(config.device) if config.device else default_device()
+        self.dtype = serve_dtype(config, self.device)
+        model = load_base_model(source, task_class, label_names or [], dtype=self.dtype)
+        log.info("serving %s in %s on %s", config.model, str(self.dtype).removeprefix("torch."), self.device)
         if not task_class.generates and not label_names:  # a classifier's labels are its head's classes
             label_names = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
         self.label_names = list(label_names) if label_names else None
-        self.device = torch.device(config.device) if config.device else default_device()
         self.base = model.to(self.device).eval()  # the HF model; adapters wrap its layers in place
         self.peft = None  # ia3 PeftModel, created with the first adapter
         self.tokenizer = tokenizer
@@ -197,10 +209,11 @@ class Engine:
     def load_adapter(self, name: str, folder: Path) -> None:
         from ia3.peft_model import PeftModel
 
+        # vectors in the served dtype (autocast off): bf16 weights scale by bf16 vectors, no casts per layer
         if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.base, folder, adapter_name=name)
+            self.peft = PeftModel.from_pretrained(self.base, folder, adapter_name=name, autocast_adapter_dtype=False)
         else:
-            self.peft.load_adapter(folder, name)
+            self.peft.load_adapter(folder, name, autocast_adapter_dtype=False)
         self.base.eval()
 
     def delete_adapter(self, name: str) -> None:
