@@ -179,7 +179,7 @@ def category(event: Any) -> str:
     if scope == "decode" and name == "aten::cat":
         return "cache append per step (cat)"
     if scope == "decode" and name in ("aten::copy_", "aten::to", "aten::_to_copy"):
-        return "dtype/copies in step"
+        return "copies in step (buffered cache writes, casts)"
     return "other ops (norms, rotary, silu, embed, ...)"
 
 
