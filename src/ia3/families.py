@@ -318,14 +318,14 @@ class CausalDecodeState(DecodeState):
 
     def filter(self, keep):
         layers = self._room(len(self.mask), 0, 0)
-        moves = [(slot, row) for slot, row in enumerate(keep) if slot != row]  # rows after the first that left
+        first = next((slot for slot, row in enumerate(keep) if slot != row), len(keep))  # the first row that left
         start, end = layers[0].start, layers[0].end
-        if moves:
-            target = torch.tensor([m[0] for m in moves], device=self.mask.device)
-            source = torch.tensor([m[1] for m in moves], device=self.mask.device)
+        if first < len(keep):  # every kept row after it moves down: one gather and one slice write per buffer
+            source = torch.tensor(keep[first:], device=self.mask.device)
             for layer in layers:
                 for buffer in (layer.key_buffer, layer.value_buffer):
-                    buffer[target, :, start:end] = buffer[source, :, start:end]
+                    window = buffer[:, :, start:end]
+                    window[first : len(keep)] = window.index_select(0, source)
         index = torch.tensor(keep, device=self.mask.device)
         start += self._trim_start(index)
         self.positions = self.positions.index_select(0, index)
