@@ -8,7 +8,7 @@ and bytes against this CPU's practical peak (a large matmul's GFLOP/s in fp32 an
 same threads).
 
 Usage: python bench/profile_decode.py [--rows 32] [--adapters 8] [--steps 30] [--threads 2] [--dtype float32]
-       [--model smollm2|tiny]   (tiny: a small random Llama, for a quick check of the script itself)
+       [--prompt-tokens 16-96] [--model smollm2|tiny]   (tiny: a small random Llama, for a quick check of the script itself)
 It is a profile, not a timing target: prefer its proportions to its milliseconds on a shared machine.
 """
 
@@ -129,12 +129,15 @@ def rows_context(peft: Any) -> Callable[[list[str]], Any]:
     return rows
 
 
+PROMPT = (16, 96)  # prompt lengths drawn from this range (--prompt-tokens)
+
+
 def feed(decoder: Decoder, rows: int, n_adapters: int, vocab: int, rng: random.Random) -> None:
-    """Top the batch up to `rows` rows: prompts of 16-96 random tokens, 8-64 new tokens, every 4th row sampled."""
+    """Top the batch up to `rows` rows: prompts of PROMPT random tokens, 8-64 new tokens, every 4th row sampled."""
     running, waiting = decoder.counts()
     new = []
     for _ in range(rows - running - waiting):
-        prompt = [rng.randrange(100, vocab) for _ in range(rng.randint(16, 96))]
+        prompt = [rng.randrange(100, vocab) for _ in range(rng.randint(*PROMPT))]
         sampling = (
             Sampling(temperature=0.8, top_p=0.9, seed=rng.randrange(1 << 30)) if rng.random() < 0.25 else Sampling()
         )
@@ -248,17 +251,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    parser.add_argument("--prompt-tokens", default="16-96", help="prompt lengths, LOW-HIGH (context length)")
     parser.add_argument("--top", type=int, default=0, help="also print torch.profiler's operator table")
     args = parser.parse_args(argv)
     common.quiet_warnings()
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
+    global PROMPT
+    low, high = args.prompt_tokens.split("-")
+    PROMPT = (int(low), int(high))
     model, peft, tokenizer = build(args.model, args.adapters, dtype)
     phases = Phases()
     instrument(phases, CausalDecodeState)
     decoder = Decoder(
         model, tokenizer, torch.device("cpu"), rows_context(peft), CausalDecodeState, max_rows=args.rows,
-        max_prefill_tokens=512,
+        max_prefill_tokens=max(512, PROMPT[1]),
     )  # fmt: skip
     rng, vocab = random.Random(0), min(len(tokenizer), 20000)
     with torch.inference_mode():
