@@ -174,6 +174,7 @@ def main() -> None:
     config = ServeConfig(
         model=name, adapters_dir=str(work / "adapters"), task=task, max_loaded_adapters=args.resident,
         max_new_tokens=args.max_new, max_queue=max(256, 2 * args.clients), request_timeout_s=600,
+        dtype="float32",  # answers are checked against a float32 offline model
     )  # fmt: skip
     app, server, url = start_server(config)
     svc = app.state.service

@@ -154,6 +154,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=["smollm2", "t5"], default="smollm2")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="auto", help="the server's --dtype")
     parser.add_argument("--shapes", default="prefill,classify,beams,rows")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_hostile.json"))
     args = parser.parse_args()
@@ -168,7 +169,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         name, task, adapters = build(Path(tmp), args.model, 8)
         tok = load_tokenizer(ModelSource(name), TASKS[task])
-        config = {"model": name, "adapters_dir": str(adapters), "task": task, "device": "cpu"}
+        config = {"model": name, "adapters_dir": str(adapters), "task": task, "device": "cpu", "dtype": args.dtype}
         proc, port = start_server(config, args.threads)
         try:
             budgets = httpx.get(f"http://127.0.0.1:{port}/metrics?format=json", timeout=30).json()["budgets"]

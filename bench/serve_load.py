@@ -398,6 +398,11 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds per scenario")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server and the offline run")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="the server's --dtype (the offline answers are float32: keep it to count mismatches)",
+    )
     parser.add_argument("--scenarios", default="continuous,static,continuous+hostile")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_load.json"))
     args = parser.parse_args()
@@ -426,6 +431,7 @@ def main() -> None:
             "request_timeout_s": args.time_limit,
             "max_connections": 1024,
             "device": "cpu",
+            "dtype": args.dtype,
             "max_inputs": 64,
         }
         settings = {"continuous": {}, "static": {"batching": "static"}, "unbatched": {"max_batch_size": 1}}

@@ -62,6 +62,7 @@ def _s2s_server(s2s: Setup, adapters_dir: Path) -> LiveServer:
             max_input_chars=300,
             max_body_bytes=64 * 1024,
             max_new_tokens=12,
+            dtype="float32",  # the answers are compared with float32 references
         )
     )
 
@@ -166,6 +167,7 @@ def test_causal_left_padding_and_cls_heads(tmp_path):
             max_wait_ms=50,
             max_new_tokens=16,
             max_label_tokens=8,
+            dtype="float32",
         )
     )
     try:
@@ -199,7 +201,12 @@ def test_causal_left_padding_and_cls_heads(tmp_path):
     cls = Setup(tmp_path, "cls")
     srv = LiveServer(
         ServeConfig(
-            model=str(cls.model_dir), adapters_dir=str(cls.adapters), task="cls", label_names=LABELS, max_wait_ms=50
+            model=str(cls.model_dir),
+            adapters_dir=str(cls.adapters),
+            task="cls",
+            label_names=LABELS,
+            max_wait_ms=50,
+            dtype="float32",
         )
     )
     try:
@@ -373,7 +380,11 @@ def test_adapter_load_and_unload_during_traffic(own_server, own_adapters, s2s):
 def test_no_adapters_at_start_then_load(s2s, tmp_path):
     empty = tmp_path / "empty-adapters"
     empty.mkdir()
-    srv = LiveServer(ServeConfig(model=str(s2s.model_dir), adapters_dir=str(empty), task="seq2seq", label_names=LABELS))
+    srv = LiveServer(
+        ServeConfig(
+            model=str(s2s.model_dir), adapters_dir=str(empty), task="seq2seq", label_names=LABELS, dtype="float32"
+        )
+    )
     try:
         body = {"inputs": TEXTS[:2], "parameters": {"max_new_tokens": 6}}
         r = srv.post("/v1/generate", json={"adapter": BASE_ADAPTER, **body})
@@ -479,6 +490,7 @@ def test_queue_full_timeout_and_api_key(s2s, own_adapters):
             max_queue=1,
             request_timeout_s=1.0,
             api_key=key,
+            dtype="float32",
         )
     )
     try:
@@ -535,6 +547,8 @@ def test_cli_serve_subprocess(s2s, own_adapters):
             str(s2s.model_dir),
             "--adapters",
             str(own_adapters),
+            "--dtype",
+            "float32",
             "--port",
             str(port),
             "--label-names",

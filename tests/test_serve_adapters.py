@@ -43,6 +43,7 @@ def _server(setup: Setup, adapters: Path | None = None, **overrides) -> LiveServ
         task="causal",
         max_wait_ms=5,
         max_new_tokens=8,
+        dtype="float32",  # answers are compared with float32 references
     )
     settings.update(overrides)
     return LiveServer(ServeConfig(**settings))

@@ -56,6 +56,7 @@ def _config(causal: Setup, **overrides) -> ServeConfig:
         max_wait_ms=20,
         max_new_tokens=24,
         max_input_chars=400,
+        dtype="float32",  # the answers are compared with float32 references
     )
     settings.update(overrides)
     return ServeConfig(**settings)
@@ -431,7 +432,9 @@ def test_seq2seq_decodes_continuously_and_equals_runs_alone(tmp_path):
     share decode steps and each answer equals `generate` alone."""
     s2s = Setup(tmp_path, "seq2seq")
     srv = LiveServer(
-        ServeConfig(model=str(s2s.model_dir), adapters_dir=str(s2s.adapters), task="seq2seq", max_new_tokens=16)
+        ServeConfig(
+            model=str(s2s.model_dir), adapters_dir=str(s2s.adapters), task="seq2seq", max_new_tokens=16, dtype="float32"
+        )
     )
     try:
         assert srv.service.engine.decoder is not None, srv.service.engine.static_reason

@@ -45,7 +45,12 @@ def causal(tmp_path_factory):
 
 def _config(causal: Setup, **overrides) -> ServeConfig:
     settings = dict(
-        model=str(causal.model_dir), adapters_dir=str(causal.adapters), task="causal", max_wait_ms=5, max_new_tokens=24
+        model=str(causal.model_dir),
+        adapters_dir=str(causal.adapters),
+        task="causal",
+        max_wait_ms=5,
+        max_new_tokens=24,
+        dtype="float32",  # the answers are compared with float32 references
     )
     settings.update(overrides)
     return ServeConfig(**settings)

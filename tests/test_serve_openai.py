@@ -98,7 +98,12 @@ def byte(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(byte):
     config = ServeConfig(
-        model=str(byte.model_dir), adapters_dir=str(byte.adapters), task="causal", max_wait_ms=20, max_new_tokens=48
+        model=str(byte.model_dir),
+        adapters_dir=str(byte.adapters),
+        task="causal",
+        max_wait_ms=20,
+        max_new_tokens=48,
+        dtype="float32",  # logprobs are compared with a float32 forward
     )
     srv = LiveServer(config)
     yield srv

@@ -32,7 +32,9 @@ def test_two_replicas_on_ray_serve(tmp_path):
     from ia3.serve.ray import build_app
 
     setup = Setup(tmp_path, "causal")
-    config = ServeConfig(model=str(setup.model_dir), adapters_dir=str(setup.adapters), task="causal", max_new_tokens=8)
+    config = ServeConfig(
+        model=str(setup.model_dir), adapters_dir=str(setup.adapters), task="causal", max_new_tokens=8, dtype="float32"
+    )
     port = _free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:

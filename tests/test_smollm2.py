@@ -182,6 +182,7 @@ def test_serve_smollm2_with_the_trained_adapter_over_http(smollm2_run, smollm2, 
             prompt="{text}\nSentiment:",
             max_wait_ms=200,
             max_label_tokens=4,
+            dtype="float32",  # the answers are compared with the recipe's float32 predictions
         )
     )
     try:

@@ -16,6 +16,9 @@ A `DecodeState` holds the running rows' model state: the cache, the attention ma
 * `filter(keep)`: keep only the rows at `keep`, dropping cache columns that no kept row attends to;
 * `step(model, tokens)`: feed each row's last token, return the logits of the next.
 
+A decoder-only model's running batch keeps its cache in preallocated buffers (`BufferLayer`), so steps, joins and
+drops write in place instead of copying the whole cache (transformers' own cache concatenates at every step).
+
 A greedy row's tokens do not depend on the other rows: padding is masked and positions count real tokens only.
 """
 
@@ -145,6 +148,59 @@ def _select_layers(layers: list, index: torch.Tensor, columns: slice) -> None:
         layer.values = layer.values.index_select(0, index)[:, :, columns]
 
 
+# -- the running rows' cache in preallocated buffers -----------------------------------------------------------------
+class BufferLayer(DynamicLayer):
+    """One layer's self-attention cache in preallocated buffers `(row capacity, heads, column capacity, head dim)`:
+    the running rows are the first `rows` slots, their tokens the columns `[start, end)`. A step writes its new
+    column in place (transformers' `DynamicLayer` concatenates, copying the whole cache every step) and the model
+    attends over views of the window; columns outside a row's tokens are masked (their values are stale but finite:
+    the buffers start as zeros)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: int, start: int, end: int) -> None:
+        super().__init__()
+        self.key_buffer, self.value_buffer = keys, values
+        self.device = keys.device
+        self.is_initialized = True
+        self.window(rows, start, end)
+
+    def window(self, rows: int, start: int, end: int) -> None:
+        """Make the first `rows` slots and the columns `[start, end)` the cache the model sees."""
+        self.rows, self.start, self.end = rows, start, end
+        self.keys = self.key_buffer[:rows, :, start:end]
+        self.values = self.value_buffer[:rows, :, start:end]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple:
+        new = key_states.shape[-2]
+        self.key_buffer[: self.rows, :, self.end : self.end + new] = key_states
+        self.value_buffer[: self.rows, :, self.end : self.end + new] = value_states
+        self.window(self.rows, self.start, self.end + new)
+        return self.keys, self.values
+
+
+def buffered(layers: list, rows: int, start: int, end: int, room: tuple[int, int, int] = (0, 0, 0)) -> list:
+    """The first `rows` rows of `layers` (dynamic, or buffered with the window `[start, end)`) copied into new
+    zeroed buffers with room to grow: `room` = (rows, columns before the window, columns after it) needed at least;
+    row capacity the power of two >= that (8 at least), column capacity twice what is needed (64 at least), the
+    window placed after the columns needed before it and a quarter of the spare ones."""
+    width = end - start
+    want_rows, before, after = max(rows, room[0]), room[1], room[2]
+    row_capacity = max(8, 1 << (want_rows - 1).bit_length())
+    columns = max(64, 2 * (before + width + after))
+    left = before + (columns - before - width - after) // 4
+    out = []
+    for layer in layers:
+        if isinstance(layer, BufferLayer):
+            keys, values = layer.key_buffer[:rows, :, start:end], layer.value_buffer[:rows, :, start:end]
+        else:
+            keys, values = layer.keys[:rows], layer.values[:rows]
+        key_buffer = keys.new_zeros((row_capacity, keys.shape[1], columns, keys.shape[3]))
+        value_buffer = values.new_zeros((row_capacity, values.shape[1], columns, values.shape[3]))
+        key_buffer[:rows, :, left : left + width] = keys
+        value_buffer[:rows, :, left : left + width] = values
+        out.append(BufferLayer(key_buffer, value_buffer, rows, left, left + width))
+    return out
+
+
 # -- running decode batches ----------------------------------------------------------------------------------------
 class DecodeState:
     """The model state of the rows of a running decode batch (see the module docstring). Subclasses per family."""
@@ -214,13 +270,20 @@ class DecodeState:
 
 
 class CausalDecodeState(DecodeState):
-    """Decoder-only LMs: the cache left-padded to a common length, with per-row position ids."""
+    """Decoder-only LMs: the cache left-padded to a common length, with per-row position ids.
+
+    A running batch (once it steps or grows) keeps its cache in preallocated buffers (`BufferLayer`), a slot per
+    row in row order: a step writes its column in place; rows joining are written into the free slots after the
+    last; when rows leave, only the rows after the first one that left move down (the batch's row order is the
+    order the per-row adapters follow). Only growth beyond the buffers' capacity (geometric) copies the whole cache.
+    A prompt's state (`prefill`, `feed`) stays dynamic."""
 
     chunked = True
 
     def __init__(self, cache: Any, mask: torch.Tensor, positions: torch.Tensor) -> None:
         super().__init__(cache, mask)
         self.positions = positions  # (B,) position id of each row's next token
+        self.buffered = False  # the cache is in `BufferLayer`s (a running batch); else dynamic (a prompt's)
 
     @classmethod
     def prefill(cls, model, prompts, pad_id, device):
@@ -231,20 +294,54 @@ class CausalDecodeState(DecodeState):
         mask = inputs["attention_mask"]
         return cls(cache, mask, mask.sum(-1)), out.logits[:, -1]
 
+    def _room(self, rows: int, before: int, after: int) -> list[BufferLayer]:
+        """The buffered layers, with room for `rows` rows and `before` / `after` more columns around the window
+        (moved into buffers on first use, regrown when full)."""
+        layers = _self_layers(self.cache)
+        first = layers[0]
+        if not self.buffered:
+            self.buffered = True
+            layers = buffered(layers, len(self.mask), 0, self.mask.shape[1], (rows, before, after))
+        elif rows > first.key_buffer.shape[0] or first.start < before or first.end + after > first.key_buffer.shape[2]:
+            layers = buffered(layers, first.rows, first.start, first.end, (rows, before, after))
+        else:
+            return layers
+        self.cache.layers[:] = layers
+        return layers
+
     def extend(self, other):
-        assert isinstance(other, CausalDecodeState)
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        _join_layers(_self_layers(self.cache), _self_layers(other.cache), width, left=True)
+        assert isinstance(other, CausalDecodeState) and not other.buffered, "rows join from a prompt's state"
+        rows, width, new = len(self.mask), self.mask.shape[1], len(other.mask)
+        before = max(0, other.mask.shape[1] - width)
+        layers = self._room(rows + new, before, 0)
+        start, end = layers[0].start - before, layers[0].end
+        for layer, joining in zip(layers, _self_layers(other.cache)):
+            columns = joining.keys.shape[2]
+            layer.key_buffer[rows : rows + new, :, end - columns : end] = joining.keys
+            layer.value_buffer[rows : rows + new, :, end - columns : end] = joining.values
+            layer.window(rows + new, start, end)
+        width += before
         self.mask = torch.cat([_pad(self.mask, width, 1, True), _pad(other.mask, width, 1, True)])
         self.positions = torch.cat([self.positions, other.positions])
 
     def filter(self, keep):
+        layers = self._room(len(self.mask), 0, 0)
+        first = next((slot for slot, row in enumerate(keep) if slot != row), len(keep))  # the first row that left
+        start, end = layers[0].start, layers[0].end
+        if first < len(keep):  # every kept row after it moves down: one gather and one slice write per buffer
+            source = torch.tensor(keep[first:], device=self.mask.device)
+            for layer in layers:
+                for buffer in (layer.key_buffer, layer.value_buffer):
+                    window = buffer[:, :, start:end]
+                    window[first : len(keep)] = window.index_select(0, source)
         index = torch.tensor(keep, device=self.mask.device)
-        start = self._trim_start(index)
-        _select_layers(_self_layers(self.cache), index, slice(start, None))
+        start += self._trim_start(index)
         self.positions = self.positions.index_select(0, index)
+        for layer in layers:
+            layer.window(len(keep), start, end)
 
     def step(self, model, tokens):
+        self._room(len(self.mask), 0, 1)
         mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         last = torch.tensor(tokens, device=mask.device)[:, None]
         out = model(
@@ -266,7 +363,7 @@ class CausalDecodeState(DecodeState):
         return [logits[i, width - len(p) :] for i, p in enumerate(prompts)]
 
     def feed(self, model, tokens):
-        assert self.mask.shape[0] == 1, "feed continues the prompt of a one-row state"
+        assert self.mask.shape[0] == 1 and not self.buffered, "feed continues the prompt of a one-row state"
         device = self.mask.device
         mask = torch.cat([self.mask, self.mask.new_ones((1, len(tokens)))], dim=1)
         out = model(

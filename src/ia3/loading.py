@@ -55,6 +55,28 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def bfloat16_units(device: torch.device) -> bool:
+    """Whether `device` has matrix units for bfloat16: a GPU that supports it, or a CPU with AMX or AVX512-BF16
+    (read from `/proc/cpuinfo`'s flags; False where that cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (`/proc/cpuinfo`); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def load_tokenizer(source: ModelSource, task: type[Task]) -> PreTrainedTokenizerBase:
     """The model's tokenizer, prepared for `task` (e.g. a pad token for causal LMs).
 

@@ -11,6 +11,7 @@ from ia3.tasks import TASKS, Task
 
 BATCHING = ("continuous", "static")
 TRUNCATION = ("left", "refuse")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 # fields whose `ia3 serve` flag is not derived from their name
 FLAG_NAMES = {"adapters_dir": "--adapters", "allow_hub": "--no-hub", "pin_adapters": "--pin"}
 
@@ -48,6 +49,9 @@ class ServeConfig:
         label_names: labels `/v1/classify` ranks (seq2seq/causal) or the head's classes (cls). None: the first
             `recipe.yaml` (data.label_names) found among the adapters, else (cls) the model config's labels.
         device: `cpu`, `cuda`, `cuda:1`, ...; None picks cuda when available.
+        dtype: the dtype the base model's weights and the adapters' vectors are served in: `float32`, `bfloat16`,
+            `float16`, or `auto`: bfloat16 where the device has matrix units for it (a CPU with AMX or AVX512-BF16,
+            a GPU that supports it), else float32 (and float32 for a quantised base, which computes in the dtype named).
         batching: `continuous` (generation on causal LMs and T5-family seq2seq models: requests join and leave
             the running decode batch at every token, whatever their parameters; beam search and classification
             run in shared static batches between decode steps) or `static` (every request waits for a batch of requests with the same
@@ -123,6 +127,7 @@ class ServeConfig:
     chat_template: bool = False
     label_names: list[str] | None = None
     device: str | None = None
+    dtype: str = "auto"
     batching: str = "continuous"
     max_batch_size: int = 32
     max_rows_per_request: int | None = None
@@ -170,6 +175,7 @@ class ServeConfig:
         c.choice("quantization", QUANTIZATIONS)
         c.choice("batching", BATCHING)
         c.choice("truncation", TRUNCATION)
+        c.choice("dtype", DTYPES)
         if self.task in TASKS:
             c.problems += TASKS[self.task].check_settings(self.prompt, self.chat_template, flag_name)
         types = field_types(ServeConfig)

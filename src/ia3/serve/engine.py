@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from ia3.config import IA3Config
-from ia3.loading import ModelSource, default_device, load_base_model, load_tokenizer
+from ia3.loading import ModelSource, bfloat16_units, default_device, load_base_model, load_tokenizer
+from ia3.peft_model import get_peft_model
 from ia3.serialization import WEIGHTS_NAME, load_tensors
 from ia3.serve.budget import Budgets, Speed
 from ia3.serve.config import ServeConfig
@@ -106,6 +107,16 @@ def _best_time(fn, timed: bool = True) -> float:
     return max(min(runs[1:]), 1e-9)
 
 
+def serve_dtype(config: ServeConfig, device: torch.device) -> torch.dtype:
+    """The dtype `config.dtype` names; `auto`: bfloat16 where `device` has matrix units for it (a quantised base
+    keeps float32), else float32."""
+    if config.dtype != "auto":
+        return getattr(torch, config.dtype)
+    if config.quantization == "none" and bfloat16_units(device):
+        return torch.bfloat16
+    return torch.float32
+
+
 def labels_from_recipes(adapter_folders: list[Path]) -> list[str] | None:
     """`data.label_names` of the first adapter folder with a `recipe.yaml` (as `ia3 train` writes) that names them."""
     for folder in adapter_folders:
@@ -129,11 +140,13 @@ class Engine:
         source = ModelSource(config.model, gguf_file=config.gguf_file, quantization=config.quantization)
         tokenizer = load_tokenizer(source, task_class)
         self.task = task_class(tokenizer, prompt=config.prompt, chat_template=config.chat_template)
-        model = load_base_model(source, task_class, label_names or [])
+        self.device = torch.device(config.device) if config.device else default_device()
+        self.dtype = serve_dtype(config, self.device)
+        model = load_base_model(source, task_class, label_names or [], dtype=self.dtype)
+        log.info("serving %s in %s on %s", config.model, str(self.dtype).removeprefix("torch."), self.device)
         if not task_class.generates and not label_names:  # a classifier's labels are its head's classes
             label_names = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
         self.label_names = list(label_names) if label_names else None
-        self.device = torch.device(config.device) if config.device else default_device()
         self.base = model.to(self.device).eval()  # the HF model; adapters wrap its layers in place
         self.peft = None  # ia3 PeftModel, created with the first adapter
         self.tokenizer = tokenizer
@@ -236,14 +249,13 @@ class Engine:
     def install_adapter(self, name: str, files: AdapterFiles) -> None:
         """Add adapter `name` from tensors already read: inject its vectors and copy the tensors in (strictly; a
         file that does not fit this model raises ValueError and leaves the other adapters as they were)."""
-        from ia3.peft_model import get_peft_model
-
         inner = model_name(name)
         config = dataclasses.replace(files.config, inference_mode=True, init_ia3_weights=True)
+        # vectors in the served dtype (autocast off): bf16 weights scale by bf16 vectors, no casts per layer
         if self.peft is None:
-            self.peft = get_peft_model(self.base, config, adapter_name=inner)
+            self.peft = get_peft_model(self.base, config, adapter_name=inner, autocast_adapter_dtype=False)
         else:
-            self.peft.base_model.inject_adapter(inner, config)
+            self.peft.base_model.inject_adapter(inner, config, autocast_adapter_dtype=False)
         try:
             self.peft.load_adapter_state_dict(files.tensors, inner, source=files.source)
         except BaseException:

