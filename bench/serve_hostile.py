@@ -88,10 +88,12 @@ def hostile_body(shape: str, budget: int, tok, scale: int) -> tuple[str, dict]:
         text_len = len(tok(text, add_special_tokens=False)["input_ids"])
         count = max(1, min(64, budget // (text_len + label_tokens))) * scale
         return "/v1/classify", {"adapter": "adapter0", "inputs": [text] * count, "parameters": {"labels": labels}}
-    if shape == "beams":
-        count = max(1, min(4, budget // (8 * (long_len + 32)))) * scale
+    if shape == "beams":  # inputs as long as the budget lets 8 beams of them (and 32 new tokens) run
+        length = max(8, min(long_len, budget // 8 - 32 - 8))  # 8: room for the tokenizer's special tokens
+        text = tok.decode(tok(long_text, add_special_tokens=False)["input_ids"][:length])
+        count = max(1, min(4, budget // (8 * (length + 40)))) * scale
         params = {"num_beams": 8, "max_new_tokens": 32}
-        return "/v1/generate", {"adapter": "adapter0", "inputs": [long_text] * count, "parameters": params}
+        return "/v1/generate", {"adapter": "adapter0", "inputs": [text] * count, "parameters": params}
     text = FILLER * 2
     text_len = len(tok(text, add_special_tokens=False)["input_ids"])
     new = max(1, min(128, budget // 32 - text_len))
