@@ -31,6 +31,23 @@ AUTO = {
 }
 
 
+def serve_config(setup: Setup, **overrides):
+    """A `ServeConfig` over `setup`'s model and adapters, in float32 (answers are compared with float32
+    references); `overrides` change or add settings."""
+    from ia3.serve import ServeConfig  # the serve extra: only the serve tests import this helper
+
+    settings = dict(
+        model=str(setup.model_dir),
+        adapters_dir=str(setup.adapters),
+        task=setup.task,
+        max_wait_ms=20,
+        max_new_tokens=24,
+        dtype="float32",
+    )
+    settings.update(overrides)
+    return ServeConfig(**settings)
+
+
 # -- fixtures: tiny models, adapters, offline references, live servers -----------------------------------------------
 def _base(task: str, model_dir: Path):
     kwargs = {}

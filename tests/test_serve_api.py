@@ -27,7 +27,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from live_server import LiveServer  # noqa: E402
-from serve_setup import TEXTS, Setup, one_torch_thread  # noqa: E402, F401
+from serve_setup import TEXTS, Setup, one_torch_thread, serve_config  # noqa: E402, F401
 
 from ia3 import BASE_ADAPTER  # noqa: E402
 from ia3.serve import ServeConfig  # noqa: E402
@@ -49,17 +49,7 @@ def causal(tmp_path_factory):
 
 
 def _config(causal: Setup, **overrides) -> ServeConfig:
-    settings = dict(
-        model=str(causal.model_dir),
-        adapters_dir=str(causal.adapters),
-        task="causal",
-        max_wait_ms=20,
-        max_new_tokens=24,
-        max_input_chars=400,
-        dtype="float32",  # the answers are compared with float32 references
-    )
-    settings.update(overrides)
-    return ServeConfig(**settings)
+    return serve_config(causal, **{"max_input_chars": 400, **overrides})
 
 
 @pytest.fixture(scope="module")
