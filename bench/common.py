@@ -351,6 +351,14 @@ def write_json(path: Path, results: list[Result], mode: Mode, seconds: float, ex
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def save_report(path: str | Path, report: dict[str, Any]) -> None:
+    """Write a bench's JSON report with the environment it ran in (versions, machine, code); say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**report, **environment()}, indent=2, default=str) + "\n", encoding="utf-8")
+    print(f"\nwrote {path}")
+
+
 # -- command line ---------------------------------------------------------------------------------------------------
 def parse_mode(description: str, argv: list[str] | None = None) -> tuple[Mode, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=description)

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import platform
 import sys
 import tempfile
 import time
@@ -36,6 +34,7 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_report  # noqa: E402
 from serve_load import ROOT, build, start_server  # noqa: E402
 
 INNOCENT_TEXTS = [
@@ -195,16 +194,7 @@ def main() -> None:
     print("|" + "---|" * len(header))
     for r in rows:
         print("| " + " | ".join(str(r.get(h)) for h in header) + " |")
-    result = {
-        "settings": vars(args),
-        "budgets": budgets,
-        "rows": rows,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()},
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"\nwrote {out}")
+    save_report(args.out, {"settings": vars(args), "budgets": budgets, "rows": rows})
 
 
 if __name__ == "__main__":

