@@ -175,11 +175,13 @@ def _holdback(text: str, stops: Sequence[str]) -> int:
 
 
 def next_tokens(logits: torch.Tensor, rows: list[Row]) -> list[int | BaseException]:
-    """One token per row from its last-position `logits` (B, V): plain greedy rows in one argmax, the others each
-    with their own shaping (`Sampling`), constraint, settings and generator. A row that asks for logprobs gets the
-    pick's (`Row.pending`). A row whose settings give no valid distribution gets a `RowError`."""
+    """One token per row from its last-position `logits` (B, V): plain greedy rows in one argmax, the sampled rows'
+    distributions together (`distributions`), each row with its own shaping (`Sampling`), constraint, settings and
+    generator. A row that asks for logprobs gets the pick's (`Row.pending`). A row whose settings give no valid
+    distribution gets a `RowError`."""
     logits = logits.float()
     picks: list[int | BaseException] = logits.argmax(-1).tolist()
+    sampled: list[tuple[int, Row, torch.Tensor]] = []
     for i, row in enumerate(rows):
         s = row.sampling
         plain = not s.shapes and row.guide is None
@@ -187,13 +189,32 @@ def next_tokens(logits: torch.Tensor, rows: list[Row]) -> list[int | BaseExcepti
             continue
         try:
             scores = logits[i] if plain else shape(logits[i], row)
-            pick = int(scores.argmax()) if s.greedy else _sample(scores, s, row.generator)
+            if not s.greedy:
+                sampled.append((i, row, scores))
+                continue
+            picks[i] = int(scores.argmax())
             if row.logprobs is not None:
-                row.pending = logprob_of(scores.log_softmax(-1), pick, row.logprobs)
-            picks[i] = pick
+                row.pending = logprob_of(scores.log_softmax(-1), picks[i], row.logprobs)
         except Exception as err:  # this row's problem only
-            picks[i] = err if isinstance(err, RowError) else RowError(f"sampling failed: {type(err).__name__}: {err}")
+            picks[i] = _row_error(err)
+    if sampled:
+        kept = distributions(torch.stack([scores for _, _, scores in sampled]), [r.sampling for _, r, _ in sampled])
+        for (i, row, scores), dist in zip(sampled, kept):
+            try:
+                if isinstance(dist, BaseException):
+                    raise dist
+                ids, probs = dist
+                pick = draw(probs, row.generator)
+                picks[i] = pick if ids is None else int(ids[pick])
+                if row.logprobs is not None:
+                    row.pending = logprob_of(scores.log_softmax(-1), picks[i], row.logprobs)
+            except Exception as err:  # this row's problem only
+                picks[i] = _row_error(err)
     return picks
+
+
+def _row_error(err: Exception) -> RowError:
+    return err if isinstance(err, RowError) else RowError(f"sampling failed: {type(err).__name__}: {err}")
 
 
 def shape(scores: torch.Tensor, row: Row) -> torch.Tensor:
@@ -220,24 +241,105 @@ def shape(scores: torch.Tensor, row: Row) -> torch.Tensor:
     return scores
 
 
-def _sample(scores: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
+def distributions(
+    scores: torch.Tensor, settings: list[Sampling]
+) -> list[tuple[torch.Tensor | None, torch.Tensor] | RowError]:
+    """Each sampled row's distribution from its shaped logits `scores` (B, V): (token ids, their probabilities)
+    over the tokens its temperature, top-k, top-p and min-p keep (ids None: every token of the vocabulary, in order),
+    or a `RowError` when the settings leave no valid distribution.
+
+    The filters apply in this order, each renormalising what the previous kept: temperature, `top_k` (the k most
+    likely), `top_p` (the smallest most-likely prefix whose mass reaches it), `min_p` (tokens at least `min_p` x the
+    most likely's probability). The rows' softmax and their `CANDIDATES` most likely tokens are computed together;
+    a row's filters then run over those candidates alone whenever they provably keep only candidates (its `top_k` is
+    at most `CANDIDATES`, or the candidates' mass passes its `top_p`, or the last candidate falls under its `min_p`),
+    else over the whole vocabulary (`full_distribution`, the plain computation, which the tests compare this with).
+    """
+    vocab = scores.shape[-1]
+    temperature = torch.tensor([s.temperature for s in settings], dtype=scores.dtype).unsqueeze(1)
     # shift before dividing: the best token stays at 0, so even a tiny temperature cannot overflow to NaN
-    scores = (scores - scores.max()) / s.temperature
-    if 0 < s.top_k < scores.numel():
-        kth = torch.topk(scores, s.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
+    scaled = (scores - scores.max(-1, keepdim=True).values) / temperature
+    probs = scaled.softmax(-1)
+    top, ids = probs.topk(min(CANDIDATES, vocab), dim=-1)
+    best = top[:, 0]  # NaN (ranked first) or no mass when a row's logits give no distribution
+    valid = (torch.isfinite(best) & (best > 0)).tolist()
+    out: list[tuple[torch.Tensor | None, torch.Tensor] | RowError] = []
+    for i, s in enumerate(settings):
+        if not valid[i]:
+            out.append(RowError(NO_DISTRIBUTION))
+            continue
+        kept = _among_candidates(probs[i], top[i], ids[i], s)
+        try:
+            out.append(kept if kept is not None else (None, full_distribution(scaled[i], s)))
+        except RowError as err:
+            out.append(err)
+    return out
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """An index drawn with probabilities `probs` (by the inverse of their cumulative sum: one uniform number)."""
+    cdf = probs.cumsum(0)
+    u = torch.rand(1, generator=generator, dtype=cdf.dtype) * cdf[-1]
+    return min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1)
+
+
+CANDIDATES = 64  # the most likely tokens of each sampled row that its filters see first
+NO_DISTRIBUTION = "the sampling settings give no valid distribution over tokens"
+
+
+def _among_candidates(
+    probs: torch.Tensor, top: torch.Tensor, ids: torch.Tensor, s: Sampling
+) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+    """The row's kept tokens and probabilities when its filters keep only tokens among its candidates (`top`,
+    `ids`: the most likely, best first); (None, probs) when they keep the whole vocabulary; None when the candidates
+    cannot decide (see `distributions`)."""
+    vocab = probs.numel()
+    limit = s.top_k if 0 < s.top_k < vocab else vocab
+    if limit == vocab and s.top_p >= 1.0 and s.min_p <= 0.0:
+        return None, probs
+    inside = limit <= top.numel()  # the kept tokens are all candidates
+    if inside:
+        top, ids = top[:limit], ids[:limit]
+    elif limit < vocab:
+        return None
+    p = top / top.sum() if inside else top  # renormalised over the top-k (the whole vocabulary's sum is 1)
     if s.top_p < 1.0:
-        ordered, order = torch.sort(scores, descending=True)
+        mass = p.cumsum(0)
+        if not inside and not bool(mass[-1] > s.top_p):  # the next token might still be kept
+            return None
+        keep = mass - p <= s.top_p
+        top, ids, inside = top[keep], ids[keep], True
+        p = top / top.sum()
+    if s.min_p > 0.0:
+        floor = s.min_p * p[0]
+        if not inside and not bool(p[-1] < floor):  # a token after the candidates might reach the floor
+            return None
+        keep = p >= floor
+        top, ids = top[keep], ids[keep]
+        p = top / top.sum()
+    if not bool(torch.isfinite(p).all()) or not p.numel():
+        raise RowError(NO_DISTRIBUTION)
+    return ids, p
+
+
+def full_distribution(scaled: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """The row's probabilities over the whole vocabulary from its temperature-scaled logits `scaled` (V,), after
+    its top-k, top-p and min-p (the plain computation `distributions` narrows)."""
+    if 0 < s.top_k < scaled.numel():
+        kth = torch.topk(scaled, s.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if s.top_p < 1.0:
+        ordered, order = torch.sort(scaled, descending=True)
         probs = ordered.softmax(-1)
         drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest prefix whose mass reaches top_p
-        scores = scores.scatter(0, order[drop], float("-inf"))
+        scaled = scaled.scatter(0, order[drop], float("-inf"))
     if s.min_p > 0.0:
-        probs = scores.softmax(-1)
-        scores = scores.masked_fill(probs < s.min_p * probs.max(), float("-inf"))
-    probs = scores.softmax(-1)
+        probs = scaled.softmax(-1)
+        scaled = scaled.masked_fill(probs < s.min_p * probs.max(), float("-inf"))
+    probs = scaled.softmax(-1)
     if not torch.isfinite(probs).all() or probs.sum() <= 0:
-        raise RowError("the sampling settings give no valid distribution over tokens")
-    return int(torch.multinomial(probs, 1, generator=generator))
+        raise RowError(NO_DISTRIBUTION)
+    return probs
 
 
 def logprob_of(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
