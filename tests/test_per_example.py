@@ -213,3 +213,19 @@ def _two_adapter_gpt2():
     model = ia3.get_peft_model(base, ia3.IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False), "a").eval()
     model.add_adapter("b", ia3.IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False))
     return model
+
+
+def test_per_example_blocks_interleave_each_rows_adapters_return_on_exit():
+    """A block entered inside another (the server's decoder stepping while a paused beam search holds its block)
+    leaves the outer block's per-row adapters in force when it exits."""
+    model = _model("gpt2")
+    batch = M.batch("gpt2", batch_size=2)
+    with torch.no_grad(), model.base_model.per_example(["b", "b"]):
+        before = model(**batch).logits
+        with model.base_model.per_example(["a", ia3.BASE_ADAPTER]):
+            inner = model(**batch).logits
+        after = model(**batch).logits
+    assert not torch.allclose(inner, before)  # the inner block changed the rows' adapters
+    assert torch.equal(after, before)  # and they came back
+    with torch.no_grad():
+        assert not torch.allclose(model(**batch).logits, before)  # outside every block: the active adapter ("a")

@@ -154,6 +154,64 @@ def test_one_address_cannot_hold_every_connection(causal):
         srv.close()
 
 
+def test_600_keyless_sockets_leave_a_keyed_client_answered(causal):
+    """One address without the API key keeps 600 sockets open (reopening each one the server closes) at the
+    default connection limits; a client with the key, from another address, gets every answer."""
+    srv = LiveServer(_config(causal, api_key="sesame"))
+    host, port = srv.url.removeprefix("http://").split(":")
+    stop = threading.Event()
+    opened = [0]
+
+    def flood():
+        held: list[socket.socket] = []
+        try:
+            while not stop.is_set():
+                held = [s for s in held if s.fileno() >= 0]
+                while len(held) < 600 and not stop.is_set():
+                    try:
+                        sock = socket.create_connection((host, int(port)), timeout=5, source_address=(OTHER_HOST, 0))
+                    except OSError:
+                        break
+                    held.append(sock)
+                    opened[0] += 1
+                for sock in list(held):  # the ones the server refused or closed are reopened
+                    sock.setblocking(False)
+                    try:
+                        if sock.recv(4096) == b"":
+                            sock.close()
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        sock.close()
+                time.sleep(0.05)
+        finally:
+            for sock in held:
+                sock.close()
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    try:
+        flooder.start()
+        deadline = time.monotonic() + 30
+        while opened[0] < 600:
+            assert time.monotonic() < deadline, opened
+            time.sleep(0.05)
+        with _client(srv.url, "127.0.0.3") as keyed:
+            answers = [
+                keyed.post(
+                    "/v1/completions",
+                    headers={"Authorization": "Bearer sesame"},
+                    json={"model": "a", "prompt": TEXTS[i % len(TEXTS)], "max_tokens": 2, "temperature": 0},
+                )
+                for i in range(20)
+            ]
+        assert [r.status_code for r in answers] == [200] * 20, [r.text for r in answers if r.status_code != 200]
+        assert srv.app.state.protocol.refused_per_client > 0  # the flood was there, beyond its address's share
+    finally:
+        stop.set()
+        flooder.join(10)
+        srv.close()
+
+
 def test_backlog_cap_and_file_limit_fit_together():
     assert listen_backlog(512, None) == (2048, 512)
     assert listen_backlog(512, 20000) == (2048, 512)
@@ -433,15 +491,16 @@ def test_unset_budgets_come_from_the_measured_speed(server):
     assert "measured" in server.service.summary()
 
 
-@pytest.mark.parametrize("shape", ["prefill", "classify", "beams"])
+@pytest.mark.parametrize("shape", ["prefill", "classify", "beams", "one_beam_search"])
 def test_innocent_streams_finish_beside_a_heavy_request(causal, shape):
-    """A heavy request the budgets admit (many long prompts; many inputs x labels; long inputs with beams) runs in
-    bounded pieces between decode steps: an innocent stream from another client, sent after it, is answered
-    correctly before the heavy request is done, and the heavy request is answered too."""
+    """A heavy request the budgets admit (many long prompts; many inputs x labels; long inputs with beams; one
+    long beam search, a single `generate` call) runs in bounded pieces between decode steps: an innocent stream
+    from another client, sent after it, is answered correctly before the heavy request is done, and the heavy
+    request is answered too, as it is alone."""
     srv = LiveServer(_config(causal, max_prefill_tokens=16, max_batch_tokens=64, max_new_tokens=24))
     long_text = " ".join(TEXTS * 3)
     heavy = {
-        "prefill": ("/v1/completions", {"model": "a", "prompt": [long_text] * 24, "max_tokens": 1}),
+        "prefill": ("/v1/completions", {"model": "a", "prompt": [long_text] * 24, "max_tokens": 1, "temperature": 0}),
         "classify": (
             "/v1/classify",
             {"adapter": "a", "inputs": [long_text] * 48, "parameters": {"labels": [f"label {i}" for i in range(16)]}},
@@ -450,8 +509,21 @@ def test_innocent_streams_finish_beside_a_heavy_request(causal, shape):
             "/v1/generate",
             {"adapter": "a", "inputs": [long_text] * 24, "parameters": {"num_beams": 4, "max_new_tokens": 8}},
         ),
+        "one_beam_search": (  # one batch: it hands the model back to the decoder after each of its steps
+            "/v1/generate",
+            {"adapter": "b", "inputs": [TEXTS[0]], "parameters": {"num_beams": 4, "max_new_tokens": 24}},
+        ),
     }[shape]
     finished: dict[str, float] = {}
+    beam_steps: list[int] = []  # at each step of the beam search: the decode steps run so far
+    if shape == "one_beam_search":  # each of the 4 beams' steps slowed so that it cannot end before the innocent
+
+        def slow_beams(module, args, kwargs):
+            if kwargs["input_ids"].shape[0] == 4:
+                beam_steps.append(srv.service.engine.decoder.steps)
+                time.sleep(0.02)
+
+        srv.service.engine.base.register_forward_pre_hook(slow_beams, with_kwargs=True)
 
     def send_heavy():
         r = srv.post(heavy[0], json=heavy[1])
@@ -486,5 +558,10 @@ def test_innocent_streams_finish_beside_a_heavy_request(causal, shape):
         alone = srv.post("/v1/completions", json={"model": "b", "prompt": TEXTS[1], "max_tokens": 4, "temperature": 0})
         assert "".join(pieces) == alone.json()["choices"][0]["text"]  # the same request alone
         assert finished["innocent"] < finished["heavy"]
+        if shape == "one_beam_search":  # the innocent's decode steps ran between two steps of the beam search
+            assert beam_steps[-1] > beam_steps[0], beam_steps
+        again = srv.post(heavy[0], json=heavy[1]).json()  # the heavy request alone
+        answer = "choices" if shape == "prefill" else "outputs"
+        assert again[answer] == heavy_response.json()[answer]
     finally:
         srv.close()

@@ -231,6 +231,11 @@ class IA3Layer(nn.Module):
         dtype = ref.dtype if ref is not None else float_dtype(self.base_layer.weight)
         return torch.ones(self.num_features, dtype=dtype, device=self.base_layer.weight.device)
 
+    @property
+    def row_scales(self) -> torch.Tensor | None:
+        """The per-row vectors in force (`set_row_scales`), None when the active adapters apply to every row."""
+        return self._row_scales
+
     def set_row_scales(self, rows: torch.Tensor | None) -> None:
         """Give each batch row its own vector: `rows` has shape `(batch, F)`; None returns to `active_adapters`."""
         self._row_scales = rows

@@ -38,6 +38,11 @@ class ModulesToSaveWrapper(nn.Module):
         """The first of `adapter_names` that has a copy here becomes active (the original module when none)."""
         self.active_adapter = next((n for n in adapter_names if n in self.modules_to_save), None)
 
+    @property
+    def row_adapters(self) -> list[str] | None:
+        """The per-row adapter names in force (`set_row_adapters`), None when the active adapter applies."""
+        return self._row_adapters
+
     def set_row_adapters(self, adapter_names: list[str] | None) -> None:
         """Give each batch row its own adapter's copy (one name per row); None returns to `active_adapter`."""
         self._row_adapters = adapter_names

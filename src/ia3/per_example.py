@@ -114,16 +114,20 @@ class PerExampleAdapters:
             )
         unique = list(dict.fromkeys(adapter_names))
         plain_layers = [layer for _, layer in layers]
+        # what was in force before comes back on exit, so blocks may nest or interleave (a static batch paused
+        # between its steps while the decoder runs one of its own)
+        scales_before = [layer.row_scales for layer in plain_layers]
+        names_before = [wrapper.row_adapters for wrapper in wrappers]
         try:
             self._set_row_scales(plain_layers, unique, [unique.index(n) for n in adapter_names])
             for wrapper in wrappers:
                 wrapper.set_row_adapters(adapter_names)
             yield
         finally:
-            for layer in plain_layers:
-                layer.set_row_scales(None)
-            for wrapper in wrappers:
-                wrapper.set_row_adapters(None)
+            for layer, scales in zip(plain_layers, scales_before):
+                layer.set_row_scales(scales)
+            for wrapper, names in zip(wrappers, names_before):
+                wrapper.set_row_adapters(names)
 
     def _plan(self, layers: list[IA3Layer]) -> list[_Group]:
         """The groups of the model's layers, (re)built when missing, too full, or when vectors moved device."""

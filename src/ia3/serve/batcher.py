@@ -9,7 +9,10 @@ thread between batches, so the model is never changed while it runs.
 
 With a `Decoder` (continuous batching, `ia3.serve.decoding`), generation requests go to it instead (`submit_rows`):
 while it has rows, the worker runs one decode step at a time, and between steps the control tasks and, alternating
-with the steps, the static batches that are ready (classification, beam search), so neither side starves.
+with the steps, the static batches that are ready (classification, beam search), so neither side starves. A static
+batch runs on a thread of its own that the worker hands the model to: a generation batch hands it back after each of
+its steps (`Batcher.checkpoint`), so a beam search runs one step at a time between the decode steps instead of
+stalling them for its whole length, and ends at its next step once every request in it gave up.
 
 `max_queue` bounds the requests admitted and not yet answered: one more raises `QueueFull` (HTTP 503) at once.
 A request that times out or whose client went away is cancelled: its rows not yet taken are dropped, its rows in the
@@ -35,6 +38,43 @@ from ia3.serve.errors import ApiError, QueueFull, ShuttingDown
 log = logging.getLogger("ia3.serve")
 _ids = itertools.count()
 STEP = "step"  # `_next`'s answer for one decode step of the continuous batch
+SLICE = "slice"  # `_next`'s answer for the next step of the static batch in progress
+_here = threading.local()  # on a static batch's thread: its `_Slice`
+
+
+class _Slice:
+    """A static batch on its own thread, run a step at a time: `go()` (the worker) runs it until its next
+    `pause()` (its own thread, between two steps) or its end. Only one of the two threads runs at any time."""
+
+    def __init__(self, run: Callable[[], None]) -> None:
+        self.finished = False
+        self.paused_s = 0.0  # time spent paused (not the batch's own)
+        self._resume = threading.Event()
+        self._paused = threading.Event()
+        self._thread = threading.Thread(target=self._main, args=(run,), name="ia3-serve-static", daemon=True)
+
+    def _main(self, run: Callable[[], None]) -> None:
+        _here.slice = self
+        try:
+            run()
+        finally:
+            self.finished = True
+            self._paused.set()
+
+    def go(self) -> None:
+        self._paused.clear()
+        if self._thread.ident is None:
+            self._thread.start()
+        else:
+            self._resume.set()
+        self._paused.wait()
+
+    def pause(self) -> None:
+        start = time.perf_counter()
+        self._paused.set()
+        self._resume.wait()
+        self._resume.clear()
+        self.paused_s += time.perf_counter() - start
 
 
 @dataclass(eq=False)
@@ -96,6 +136,7 @@ class Batcher:
         self.decoder = decoder
         self.max_batch_cost = max_batch_cost
         self._static_turn = False  # alternate static batches with decode steps
+        self._slice: _Slice | None = None  # the static batch in progress, paused between two of its steps
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -122,7 +163,10 @@ class Batcher:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+            stopped = not self._thread.is_alive()
             self._thread = None
+            while stopped and self._slice is not None and not self._slice.finished:
+                self._slice.go()  # its next checkpoint ends it (stopping), and its requests get their answers
         with self._cond:
             pending = list(self._pending)
             self._pending.clear()
@@ -273,11 +317,17 @@ class Batcher:
                 if self._stopping:
                     return None
                 decoding = self.decoder is not None and self.decoder.busy()
-                if self._paused or (not self._pending and not self._control and not decoding):
+                if self._paused or (not self._pending and not self._control and not decoding and not self._slice):
                     self._cond.wait()
                     continue
                 if self._control:
                     return self._control.popleft()
+                if self._slice is not None:  # no new static batch until this one ends
+                    if decoding and not self._static_turn:
+                        self._static_turn = True
+                        return STEP
+                    self._static_turn = False
+                    return SLICE
                 if not self._pending:
                     return STEP
                 first = self._pending[0]
@@ -324,6 +374,9 @@ class Batcher:
             if item is STEP:
                 self._step()
                 continue
+            if item is SLICE:
+                self._continue_slice()
+                continue
             if isinstance(item, tuple):
                 fn, future = item
                 try:
@@ -333,7 +386,22 @@ class Batcher:
                 else:
                     future.set_result(result)
                 continue
-            self._run(item)
+            self._slice = _Slice(lambda batch=item: self._run(batch))
+            self._continue_slice()
+
+    def _continue_slice(self) -> None:
+        assert self._slice is not None
+        self._slice.go()
+        if self._slice.finished:
+            self._slice = None
+
+    def checkpoint(self, jobs: list[Job]) -> bool:
+        """Between two steps of a static batch (its own thread): hand the model to the worker for a decode step,
+        then whether the batch should end (every one of `jobs` gave up, or the server is stopping)."""
+        current = getattr(_here, "slice", None)
+        if current is not None and not self._stopping:
+            current.pause()
+        return self._stopping or all(job.closed for job in jobs)
 
     def _step(self) -> None:
         assert self.decoder is not None
@@ -368,8 +436,9 @@ class Batcher:
                 self._fail(job, err)
             return
         if self.on_batch is not None:
+            current = getattr(_here, "slice", None)
             try:
-                self.on_batch(batch, time.perf_counter() - start)
+                self.on_batch(batch, time.perf_counter() - start - (current.paused_s if current else 0.0))
             except Exception:  # metrics must never break serving
                 log.exception("on_batch hook failed")
         finished: list[Job] = []

@@ -322,7 +322,7 @@ class Service:
         jobs = list(dict.fromkeys(job for job, _ in batch.items))
         if batch.kind == "generate":
             outputs: list[Any] = self.engine.generate(
-                rows, adapters, batch.params, stop=lambda: all(job.closed for job in jobs)
+                rows, adapters, batch.params, stop=lambda: self.batcher.checkpoint(jobs)
             )
         else:
             labels = batch.params
