@@ -5,6 +5,7 @@ cap per request), per-client connection caps, a bounded log under file-descripto
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -486,6 +487,7 @@ def test_unset_budgets_come_from_the_measured_speed(server):
     floor = server.service.engine.max_input_tokens + cfg.max_new_tokens
     assert budgets.request_tokens == max(floor, int(rate * cfg.request_timeout_s * 0.5))
     assert budgets.batch_tokens == budgets.prefill_tokens  # static work in slices no longer than a step's prefill
+    assert budgets.step_tokens == max(budgets.batch_tokens, int(speed.prefill_tps))  # an uncut step: about 1 s
     assert 64 <= budgets.prefill_tokens <= 4096 and budgets.prefill_tokens % 16 == 0
     assert server.service.engine.decoder.max_prefill_tokens == budgets.prefill_tokens
     assert "measured" in server.service.summary()
@@ -563,5 +565,22 @@ def test_innocent_streams_finish_beside_a_heavy_request(causal, shape):
         again = srv.post(heavy[0], json=heavy[1]).json()  # the heavy request alone
         answer = "choices" if shape == "prefill" else "outputs"
         assert again[answer] == heavy_response.json()[answer]
+    finally:
+        srv.close()
+
+
+def test_a_beam_search_whose_first_step_is_too_long_is_refused_up_front(causal):
+    srv = LiveServer(_config(causal))
+    try:
+        engine = srv.service.engine  # as if the model prefilled 64 tokens a second
+        engine.budgets = dataclasses.replace(engine.budgets, step_tokens=64)
+        text = " ".join(TEXTS * 2)
+        tokens = len(engine.tokenizer(text)["input_ids"])
+        assert 16 < tokens <= 64
+        r = srv.post("/v1/generate", json={"adapter": "a", "inputs": text, "parameters": {"num_beams": 4}})
+        assert r.status_code == 413 and "beam" in r.json()["error"]["message"], r.text
+        assert "shorten the input or use fewer beams" in r.json()["error"]["message"]
+        ok = srv.post("/v1/generate", json={"adapter": "a", "inputs": TEXTS[0], "parameters": {"num_beams": 2}})
+        assert ok.status_code == 200, ok.text
     finally:
         srv.close()

@@ -8,10 +8,13 @@ The cost of a piece of work is the number of token positions the model computes 
   `sum(len(input) + sum(len(label tokens)))`.
 
 A request whose cost is over the request budget (`--max-request-tokens`) is refused up front with 413 naming the
-limit; a decode step prefills at most `--max-prefill-tokens` prompt tokens (a longer prompt in pieces over several
-steps); static work (classification, beam search) runs in batches of at most `--max-batch-tokens` (by default the
-same as a step's prefill), each between two decode steps, so it slows the running streams by one bounded slice at a
-time and stops at the next slice once its request is gone.
+limit, and so is a beam search whose first step (it prefills every beam's copy of the prompt at once and cannot be
+cut) would stall the running streams for more than about a second (`Budgets.step_tokens`). A decode step prefills
+at most `--max-prefill-tokens` prompt tokens (a longer prompt in pieces over several steps); static work
+(classification, beam search) runs in batches of at most `--max-batch-tokens` (by default the same as a step's
+prefill), each between two decode steps, and a generation batch hands the model back to the decoder after each of
+its steps, so it slows the running streams by one bounded slice at a time and stops at the next slice once its
+request is gone.
 
 Unset budgets are derived at start-up from the loaded model's measured speed (`Speed`: a short prefill and a few
 decode steps on the worker's device), so that a request the defaults admit finishes, alone, within half the request
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from ia3.serve.config import ServeConfig
 
 PREFILL_STEP_S = 0.25  # the stall one step's prefill may add to the running rows' inter-token gap
+STEP_STALL_S = 1.0  # the longest stall one step that cannot be cut (a beam search's prefill) may add
 SHARE_OF_TIMEOUT = 0.5  # a request the default budget admits takes at most this share of the request timeout alone
 
 
@@ -57,6 +61,7 @@ class Budgets:
     batch_tokens: int
     prefill_tokens: int
     speed: Speed | None = None
+    step_tokens: int = 4096  # tokens one uncut step (a beam search's prefill of all its beams) may compute
 
     @classmethod
     def of(cls, config: ServeConfig, speed: Speed | None, max_input_tokens: int) -> Budgets:
@@ -70,7 +75,9 @@ class Budgets:
             derived_prefill = int(speed.prefill_tps * PREFILL_STEP_S) // 16 * 16
         request = config.max_request_tokens or max(floor, derived_request)
         prefill = config.max_prefill_tokens or min(4096, max(64, derived_prefill))
-        return cls(request, config.max_batch_tokens or prefill, prefill, speed)
+        batch = config.max_batch_tokens or prefill
+        step = 4096 if speed is None else max(batch, int(speed.prefill_tps * STEP_STALL_S))
+        return cls(request, batch, prefill, speed, step)
 
     def describe(self) -> str:
         """The budgets as the start-up summary shows them."""

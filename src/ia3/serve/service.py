@@ -501,6 +501,17 @@ class Service:
             f"{request.num_beams} beam(s) x (its tokens + {request.max_new_tokens} new tokens)",
             "send fewer or shorter prompts, or ask for fewer tokens or choices",
         )
+        longest = max(len(p.ids) for p in request.prompts)
+        step = self.engine.budgets.step_tokens
+        if request.num_beams > 1 and longest * request.num_beams > step:
+            raise ApiError(
+                413,
+                "request_too_large",
+                f"A beam search prefills every beam's copy of its prompt in one step that cannot be cut: "
+                f"{longest} prompt tokens x {request.num_beams} beams = {longest * request.num_beams} tokens; this "
+                f"server allows {step} in one step (about a second of its measured speed, or --max-batch-tokens "
+                f"when larger): shorten the input or use fewer beams",
+            )
 
     def _within_budget(self, cost: int, what: str, advice: str) -> None:
         budget = self.engine.budgets.request_tokens
