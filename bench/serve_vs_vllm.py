@@ -21,10 +21,13 @@ uniform in 8-64, temperature 0) over a raw asyncio client (bench/serve_load.py's
 Each run starts one server alone (the other is stopped), warms it up, runs the workload and stops it; the runs of a
 scenario alternate A B, B A, ... over `--rounds`. vLLM runs at its own default CPU binding
 (`VLLM_CPU_OMP_THREADS_BIND` unset), ia3 with `--threads 2`. Reported per run: tokens/s, TTFT p50/p99, latency
-p50/p99, and the servers' memory: peak RSS (the process and its children, vLLM's engine core included; sampled
-every 0.25 s during the run) and the sum of their VmHWM. The ratios are ia3 / vLLM of the medians over rounds.
-Greedy answers: how many of ia3's equal vLLM's (expected on the base model only, up to float32 rounding), and how
-many answers under load equal the same server's answer to the request sent alone (one client, afterwards, untimed).
+p50/p99, and the servers' memory: peak RSS (the summed VmRSS of the process and its children, vLLM's engine core
+and worker included; sampled every 0.25 s during the run), their PSS after the run (shared pages counted once) and,
+in the JSON, the sum of their VmHWM. vLLM's KV cache, allocated whole at start, is `--vllm-kv-cache-gib` (its
+default, 92 % of the machine's memory, fails beside anything else). The ratios are ia3 / vLLM of the medians over
+rounds. Greedy answers: how many of ia3's equal vLLM's (expected on the base model only, up to float32 rounding),
+how many answers under load equal the same server's answer to the request sent alone (one client, after the first
+round's run, untimed), and with adapters how many differ from the base model's (the adapters are applied).
 
 Run it alone on a quiet machine. Usage:
 
