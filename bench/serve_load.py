@@ -167,20 +167,26 @@ def start_server(config: dict, threads: int) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen([sys.executable, "-c", SERVER, json.dumps(config), str(port)], env=env)
-    deadline = time.monotonic() + 180
+    wait_healthy(proc, port, 180)
+    return proc, port
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, timeout: float) -> None:
+    """Wait until the server on `port` answers `GET /health` with 200; kill it if it does not in `timeout` s."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError("the server exited during start")
+            raise RuntimeError(f"the server exited during start ({proc.returncode})")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
                 s.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
                 if s.recv(64).startswith(b"HTTP/1.1 200"):
-                    return proc, port
+                    return
         except OSError:
             pass
         time.sleep(0.3)
     proc.kill()
-    raise RuntimeError("the server did not start within 180 s")
+    raise RuntimeError(f"the server did not start within {timeout:.0f} s")
 
 
 # -- the client: one event loop, raw sockets --------------------------------------------------------------------------
