@@ -6,7 +6,9 @@ BPE tokenizer, so any text round-trips) and adapters with random ("trained-like"
 * presence / frequency / repetition penalties, logit_bias, min_tokens and ignore_eos pick the tokens a reference
   loop picks; best_of;
 * structured output (xgrammar): guided_choice and json_schema outputs always conform; a bad schema fails alone; the
-  batched mask writes xgrammar's own values, and a constrained row in a mixed batch answers as it does alone;
+  batched mask writes xgrammar's own values, and a constrained row in a mixed batch answers as it does alone; on an
+  encoder-decoder (tiny T5, word-level vocabulary) constraints work, and what its vocabulary cannot spell is
+  refused, saying so;
 * vLLM's tokenizer endpoints, `--save-tokenizer`, 400s on the OpenAI routes;
 * lm-evaluation-harness's `local-completions` against the server (slow).
 """
@@ -408,6 +410,38 @@ def test_guided_rows_answer_alike_alone_and_in_a_mixed_batch(client, byte):
         if "extra_body" in body:
             assert a["text"].startswith('{"label": "') and a["text"].split('"')[3] in LABELS, a["text"]
             assert '"note": "' in a["text"], a["text"]
+
+
+@pytest.fixture(scope="module")
+def t5_server(tmp_path_factory):
+    """An encoder-decoder: the tests' tiny T5, whose word-level vocabulary (words and punctuation of the demo data)
+    has no `{` or `"` token, and has `p` besides `positive`."""
+    from serve_setup import Setup, serve_config
+
+    setup = Setup(tmp_path_factory.mktemp("serve-openai-t5"), "seq2seq")
+    srv = LiveServer(serve_config(setup))
+    srv.tokenizer = setup.tokenizer
+    yield srv
+    srv.close()
+
+
+def test_structured_output_on_an_encoder_decoder_and_what_its_vocabulary_cannot_spell(t5_server):
+    body = {"model": "a", "prompt": "Net sales fell", "max_tokens": 8, "temperature": 0}
+    for choices in (["negative", "neutral"], ["neutral"]):  # whole words: any token the grammar allows completes
+        r = t5_server.post("/v1/completions", json=body | {"guided_choice": choices})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] in choices and r.json()["choices"][0]["finish_reason"] == "stop"
+    # JSON needs `{` first: no token can start it, so the request is refused before it is queued, saying why
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}}
+    for extra in ({"response_format": fmt}, {"response_format": {"type": "json_object"}}):
+        r = t5_server.post("/v1/completions", json=body | extra)
+        assert r.status_code == 400, r.text
+        message = r.json()["error"]["message"]
+        assert "response_format" in message and "vocabulary cannot spell" in message, message
+    # `p` starts "positive" but no token continues it: a row that takes it fails, saying why
+    p = str(t5_server.tokenizer.convert_tokens_to_ids("p"))
+    r = t5_server.post("/v1/completions", json=body | {"guided_choice": ["positive"], "logit_bias": {p: 100}})
+    assert r.status_code == 400 and "vocabulary cannot spell" in r.json()["error"]["message"], r.text
 
 
 # -- tokenizer endpoints, errors ---------------------------------------------------------------------------------

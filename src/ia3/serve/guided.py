@@ -2,8 +2,9 @@
 expression or an EBNF grammar, with xgrammar (an optional extra: `pip install 'ia3[structured]'`).
 
 A request's constraint is compiled once per distinct spec (an LRU cache of compiled grammars) on a worker thread of
-the event loop, so a bad schema fails its own request (400 naming the problem) before anything is queued. Each row
-then gets its own matcher (`XGrammarGuide`). Before each pick the decoder masks, in one call for all
+the event loop, so a bad schema fails its own request (400 naming the problem) before anything is queued; so does a
+constraint that no token of the model's vocabulary can start (a word-level vocabulary without `{` cannot write
+JSON). Each row then gets its own matcher (`XGrammarGuide`). Before each pick the decoder masks, in one call for all
 of a step's constrained rows (`XGrammarGuide.mask_rows`), the tokens each row's grammar forbids at that point: every
 matcher fills its row of one token bitmask, and the bitmask is applied to those rows' logits at once, as a bias of 0
 (allowed) or -inf (forbidden) added in place, so the allowed logits keep their exact values. After the pick the
@@ -139,12 +140,28 @@ class Grammars:
                 raise ApiError(
                     400, "invalid_request_error", f"{spec.param}: cannot be compiled: {message}", param=spec.param
                 ) from None
+            self._check_startable(compiled, spec)
             with self.lock:
                 self.cache[key] = compiled
                 while len(self.cache) > self.cache_size:
                     self.cache.popitem(last=False)
         vocab = self.vocab_size
         return lambda: XGrammarGuide(compiled, vocab)
+
+    def _check_startable(self, compiled: Any, spec: GuideSpec) -> None:
+        """ApiError 400 when no token of the vocabulary can start an output the grammar allows (its rows would fail
+        at their first token)."""
+        bitmask = torch.zeros(1, (self.vocab_size + 31) // 32, dtype=torch.int32)
+        XGrammarGuide(compiled, self.vocab_size).matcher.fill_next_token_bitmask(bitmask)
+        if not bitmask.any():
+            raise ApiError(
+                400,
+                "invalid_request_error",
+                f"{spec.param}: no token of this model's vocabulary can start an output it allows: the vocabulary "
+                "cannot spell it (a word-level vocabulary, for one, may have no token for the '{' and '\"' that "
+                "JSON needs)",
+                param=spec.param,
+            )
 
     def _compile(self, spec: GuideSpec) -> Any:
         c = self.compiler
