@@ -6,9 +6,9 @@ BPE tokenizer, so any text round-trips) and adapters with random ("trained-like"
 * presence / frequency / repetition penalties, logit_bias, min_tokens and ignore_eos pick the tokens a reference
   loop picks; best_of;
 * structured output (xgrammar): guided_choice and json_schema outputs always conform; a bad schema fails alone; the
-  batched mask writes xgrammar's own values, and a constrained row in a mixed batch answers as it does alone; on an
-  encoder-decoder (tiny T5, word-level vocabulary) constraints work, and what its vocabulary cannot spell is
-  refused, saying so;
+  batched mask writes xgrammar's own values, and a constrained row in a mixed batch answers as it does alone; a
+  constrained row ends with its grammar even with ignore_eos; on an encoder-decoder (tiny T5, word-level
+  vocabulary) constraints work, and what its vocabulary cannot spell is refused, saying so;
 * vLLM's tokenizer endpoints, `--save-tokenizer`, 400s on the OpenAI routes;
 * lm-evaluation-harness's `local-completions` against the server (slow).
 """
@@ -410,6 +410,17 @@ def test_guided_rows_answer_alike_alone_and_in_a_mixed_batch(client, byte):
         if "extra_body" in body:
             assert a["text"].startswith('{"label": "') and a["text"].split('"')[3] in LABELS, a["text"]
             assert '"note": "' in a["text"], a["text"]
+
+
+def test_a_guided_row_ends_with_its_grammar_even_with_ignore_eos(client, byte):
+    out = client.completions.create(
+        model="a",
+        prompt=byte.ids(SENTENCES[0][0]),
+        max_tokens=10,
+        temperature=0,
+        extra_body={"guided_choice": LABELS, "ignore_eos": True},
+    )
+    assert out.choices[0].text in LABELS and out.choices[0].finish_reason == "stop"
 
 
 @pytest.fixture(scope="module")

@@ -580,7 +580,8 @@ class Decoder:
         if row.pending is not None:
             row.token_logprobs.append(row.pending)
             row.pending = None
-        if pick in self.eos and not row.sampling.ignore_eos:
+        # a constrained row ends at its end token even with ignore_eos: its grammar allows nothing after it
+        if pick in self.eos and (not row.sampling.ignore_eos or row.guide is not None):
             self._flush(row)
             self._finish(row, "stop")
             return
