@@ -178,34 +178,6 @@ def _holdback(text: str, stops: Sequence[str]) -> int:
     return best
 
 
-def next_tokens(logits: torch.Tensor, rows: list[Row]) -> list[int | BaseException]:
-    """One token per row from its last-position `logits` (B, V): the constrained rows masked first, all at once
-    (`mask_guided`, in place when `logits` is float32), then greedy rows without shaping in one argmax, the others
-    each with their own shaping (`Sampling`), settings and generator. A row that asks for logprobs gets the pick's
-    (`Row.pending`). A row whose settings give no valid distribution, or whose constraint allows no token, gets a
-    `RowError`."""
-    logits = logits.float()
-    stuck = mask_guided(logits, rows)
-    picks: list[int | BaseException] = logits.argmax(-1).tolist()
-    for i, row in enumerate(rows):
-        s = row.sampling
-        if i in stuck:
-            picks[i] = stuck[i]
-            continue
-        plain = not s.shapes  # a constrained row's logits are masked already
-        if plain and s.greedy and row.logprobs is None:
-            continue
-        try:
-            scores = logits[i] if plain else shape(logits[i], row)
-            pick = int(scores.argmax()) if s.greedy else _sample(scores, s, row.generator)
-            if row.logprobs is not None:
-                row.pending = logprob_of(scores.log_softmax(-1), pick, row.logprobs)
-            picks[i] = pick
-        except Exception as err:  # this row's problem only
-            picks[i] = err if isinstance(err, RowError) else RowError(f"sampling failed: {type(err).__name__}: {err}")
-    return picks
-
-
 def mask_guided(logits: torch.Tensor, rows: list[Row]) -> dict[int, RowError]:
     """Mask, in place, the tokens each constrained row's guide forbids in its row of `logits` (B, V), all the rows
     of one guide class in one call. The mask adds 0 or -inf, so it commutes with the shaping that follows (`shape`:
@@ -233,6 +205,32 @@ def mask_guided(logits: torch.Tensor, rows: list[Row]) -> dict[int, RowError]:
                 "cannot spell what the constraint requires"
             )
     return stuck
+
+
+def next_tokens(logits: torch.Tensor, rows: list[Row]) -> list[int | BaseException]:
+    """One token per row from its last-position `logits` (B, V): plain greedy rows in one argmax, the others each
+    with their own shaping (`Sampling`), constraint, settings and generator. A row that asks for logprobs gets the
+    pick's (`Row.pending`). A row whose settings give no valid distribution gets a `RowError`."""
+    logits = logits.float()
+    stuck = mask_guided(logits, rows)  # constrained rows: all masked at once, in place (float32 logits)
+    picks: list[int | BaseException] = logits.argmax(-1).tolist()
+    for i, row in enumerate(rows):
+        s = row.sampling
+        if i in stuck:
+            picks[i] = stuck[i]
+            continue
+        plain = not s.shapes  # a constrained row's logits are masked already
+        if plain and s.greedy and row.logprobs is None:
+            continue
+        try:
+            scores = logits[i] if plain else shape(logits[i], row)
+            pick = int(scores.argmax()) if s.greedy else _sample(scores, s, row.generator)
+            if row.logprobs is not None:
+                row.pending = logprob_of(scores.log_softmax(-1), pick, row.logprobs)
+            picks[i] = pick
+        except Exception as err:  # this row's problem only
+            picks[i] = err if isinstance(err, RowError) else RowError(f"sampling failed: {type(err).__name__}: {err}")
+    return picks
 
 
 def shape(scores: torch.Tensor, row: Row) -> torch.Tensor:
