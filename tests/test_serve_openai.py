@@ -5,7 +5,10 @@ BPE tokenizer, so any text round-trips) and adapters with random ("trained-like"
   batch equal the same row alone; logprobs are read after penalties and bias, before the temperature;
 * presence / frequency / repetition penalties, logit_bias, min_tokens and ignore_eos pick the tokens a reference
   loop picks; best_of;
-* structured output (xgrammar): guided_choice and json_schema outputs always conform; a bad schema fails alone;
+* structured output (xgrammar): guided_choice and json_schema outputs always conform; a bad schema fails alone; the
+  batched mask writes xgrammar's own values, and a constrained row in a mixed batch answers as it does alone; a
+  constrained row ends with its grammar even with ignore_eos; on an encoder-decoder (tiny T5, word-level
+  vocabulary) constraints work, and what its vocabulary cannot spell is refused, saying so;
 * vLLM's tokenizer endpoints, `--save-tokenizer`, 400s on the OpenAI routes;
 * lm-evaluation-harness's `local-completions` against the server (slow).
 """
@@ -319,6 +322,137 @@ def test_json_schema_outputs_parse_and_validate_and_a_bad_schema_fails_alone(cli
     for text in texts:
         jsonschema.validate(json.loads(text), schema)
     assert all(c.finish_reason == "stop" for out in results for c in out.choices)
+
+
+NOTE_SCHEMA = {  # a label, then a free string that cannot close within the tests' max_tokens
+    "type": "object",
+    "properties": {"label": {"enum": LABELS}, "note": {"type": "string", "minLength": 200}},
+    "required": ["label", "note"],
+    "additionalProperties": False,
+}
+
+
+def test_batched_guide_mask_equals_xgrammars_and_a_guided_row_in_a_mixed_batch_equals_it_alone(byte):
+    xgr = pytest.importorskip("xgrammar")
+    from ia3.serve.decoding import Row, Sampling, next_tokens, shape
+    from ia3.serve.guided import Grammars, GuideSpec, XGrammarGuide
+
+    vocab = len(byte.tokenizer)
+    make = Grammars(byte.tokenizer, vocab, [1], 10_000).compile(GuideSpec("json_schema", json.dumps(NOTE_SCHEMA)))
+    settings = [  # (sampling, guided, logprobs)
+        (Sampling(), False, None),
+        (Sampling(), True, None),
+        (Sampling(temperature=1.0, seed=5), True, None),
+        (Sampling(logit_bias=((40, 2.0), (41, -3.0)), presence_penalty=0.5), True, 2),
+        (Sampling(temperature=0.8, seed=6), False, 1),
+        (Sampling(repetition_penalty=1.3), True, 0),
+        (Sampling(min_tokens=30), True, None),
+        (Sampling(), True, 3),  # six constrained rows: more than one group of `MASK_ROWS`
+    ]
+
+    def rows() -> list[Row]:
+        out = []
+        for k, (sampling, guided, logprobs) in enumerate(settings):
+            row = Row([2, 5], "a", 40, sampling, index=k, logprobs=logprobs, eos=frozenset({1}))
+            row.guide = make() if guided else None
+            row.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+            out.append(row)
+        return out
+
+    batch, alone = rows(), rows()
+    torch.manual_seed(0)
+    for _ in range(48):  # through the key names and the label into the free text
+        logits = torch.randn(len(settings), vocab) * 4
+        guided = [i for i, r in enumerate(batch) if r.guide is not None]
+        # the batched mask writes what xgrammar's own kernel writes, and leaves the other rows alone
+        masked, want = logits.clone(), logits.clone()
+        XGrammarGuide.mask_rows(masked, guided, [batch[i].guide for i in guided])
+        bitmask = xgr.allocate_token_bitmask(len(settings), vocab)
+        for i in guided:
+            batch[i].guide.matcher.fill_next_token_bitmask(bitmask, i)
+        xgr.apply_token_bitmask_inplace(want, bitmask, vocab_size=vocab, indices=guided)
+        assert torch.equal(masked, want)
+        with torch.inference_mode():  # as a model's logits may be: masked in place all the same
+            step = logits.clone()
+        picks = next_tokens(step, batch)
+        for i, (row, twin) in enumerate(zip(batch, alone)):
+            assert next_tokens(logits[i : i + 1].clone(), [twin]) == [picks[i]]
+            assert row.pending == twin.pending
+            if row.logprobs is not None:  # read after the shaping and the mask (the order `Sampling` gives)
+                assert row.pending.logprob == float(shape(want[i], row).log_softmax(-1)[picks[i]])
+            for r in (row, twin):
+                assert r.guide is None or r.guide.accept(picks[i])
+                r.tokens.append(picks[i])
+    for row in batch:
+        if row.guide is not None:
+            text = byte.tokenizer.decode(row.tokens)
+            assert text.startswith('{"label": "') and text.split('"')[3] in LABELS and '"note": "' in text, text
+
+
+def test_guided_rows_answer_alike_alone_and_in_a_mixed_batch(client, byte):
+    fmt = {"type": "json_schema", "json_schema": {"name": "note", "schema": NOTE_SCHEMA}}
+    bodies = [
+        dict(model="ab"[i % 2], prompt=byte.ids(s), max_tokens=32, temperature=0, logprobs=i % 3 or None)
+        | ({"extra_body": {"response_format": fmt}} if i % 2 == 0 else {"presence_penalty": 0.5 * (i % 3)})
+        for i, (s, _) in enumerate(SENTENCES[:8])
+    ]
+
+    def ask(body):
+        return client.completions.create(**body).model_dump()["choices"][0]
+
+    alone = [ask(b) for b in bodies]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, bodies))
+    for body, a, b in zip(bodies, alone, together):
+        assert a["text"] == b["text"] and a["finish_reason"] == b["finish_reason"] == "length"
+        if a["logprobs"] is not None:
+            assert a["logprobs"]["token_logprobs"] == pytest.approx(b["logprobs"]["token_logprobs"], abs=1e-4)
+        if "extra_body" in body:
+            assert a["text"].startswith('{"label": "') and a["text"].split('"')[3] in LABELS, a["text"]
+            assert '"note": "' in a["text"], a["text"]
+
+
+def test_a_guided_row_ends_with_its_grammar_even_with_ignore_eos(client, byte):
+    out = client.completions.create(
+        model="a",
+        prompt=byte.ids(SENTENCES[0][0]),
+        max_tokens=10,
+        temperature=0,
+        extra_body={"guided_choice": LABELS, "ignore_eos": True},
+    )
+    assert out.choices[0].text in LABELS and out.choices[0].finish_reason == "stop"
+
+
+@pytest.fixture(scope="module")
+def t5_server(tmp_path_factory):
+    """An encoder-decoder: the tests' tiny T5, whose word-level vocabulary (words and punctuation of the demo data)
+    has no `{` or `"` token, and has `p` besides `positive`."""
+    from serve_setup import Setup, serve_config
+
+    setup = Setup(tmp_path_factory.mktemp("serve-openai-t5"), "seq2seq")
+    srv = LiveServer(serve_config(setup))
+    srv.tokenizer = setup.tokenizer
+    yield srv
+    srv.close()
+
+
+def test_structured_output_on_an_encoder_decoder_and_what_its_vocabulary_cannot_spell(t5_server):
+    body = {"model": "a", "prompt": "Net sales fell", "max_tokens": 8, "temperature": 0}
+    for choices in (["negative", "neutral"], ["neutral"]):  # whole words: any token the grammar allows completes
+        r = t5_server.post("/v1/completions", json=body | {"guided_choice": choices})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] in choices and r.json()["choices"][0]["finish_reason"] == "stop"
+    # JSON needs `{` first: no token can start it, so the request is refused before it is queued, saying why
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}}
+    for extra in ({"response_format": fmt}, {"response_format": {"type": "json_object"}}):
+        r = t5_server.post("/v1/completions", json=body | extra)
+        assert r.status_code == 400, r.text
+        message = r.json()["error"]["message"]
+        assert "response_format" in message and "vocabulary cannot spell" in message, message
+    # `p` starts "positive" but no token continues it: a row that takes it fails, saying why
+    p = str(t5_server.tokenizer.convert_tokens_to_ids("p"))
+    r = t5_server.post("/v1/completions", json=body | {"guided_choice": ["positive"], "logit_bias": {p: 100}})
+    assert r.status_code == 400 and "vocabulary cannot spell" in r.json()["error"]["message"], r.text
 
 
 # -- tokenizer endpoints, errors ---------------------------------------------------------------------------------

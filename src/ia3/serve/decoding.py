@@ -95,10 +95,14 @@ class TokenLogprob:
 
 
 class Guide:
-    """A row's structured-output constraint (`ia3.serve.guided` makes them): `mask(scores)` -> the scores with the
-    tokens the constraint forbids at -inf; `accept(token)` -> False when the constraint refuses the token."""
+    """A row's structured-output constraint (`ia3.serve.guided` makes them). Before each pick, `mask_rows` sets
+    the tokens each constraint forbids to -inf in its row of the step's logits (one call for all the step's rows
+    with a constraint of one class); after it, `accept(token)` -> False when the constraint refuses the token."""
 
-    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def mask_rows(cls, logits: torch.Tensor, rows: list[int], guides: list[Any]) -> list[int]:
+        """Mask `guides[k]`'s forbidden tokens in row `rows[k]` of `logits` (B, V), in place; the rows whose
+        constraint allows no token at all."""
         raise NotImplementedError
 
     def accept(self, token: int) -> bool:
@@ -174,17 +178,50 @@ def _holdback(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+def mask_guided(logits: torch.Tensor, rows: list[Row]) -> dict[int, RowError]:
+    """Mask, in place, the tokens each constrained row's guide forbids in its row of `logits` (B, V), all the rows
+    of one guide class in one call. The mask adds 0 or -inf, so it commutes with the shaping that follows (`shape`:
+    a finite bias, a positive penalty, -inf for EOS), and the rows' picks and logprobs are those of the order
+    `Sampling` documents. Returns a `RowError` for each row whose constraint allows no token at all or fails (a
+    failure of the batched call is retried row by row, so only the culprit fails)."""
+    classes: dict[type[Guide], list[int]] = {}
+    for i, row in enumerate(rows):
+        if row.guide is not None:
+            classes.setdefault(type(row.guide), []).append(i)
+    stuck: dict[int, RowError] = {}
+    for cls, indices in classes.items():
+        try:
+            dead = cls.mask_rows(logits, indices, [rows[i].guide for i in indices])
+        except Exception:
+            dead = []
+            for i in indices:
+                try:
+                    dead += cls.mask_rows(logits, [i], [rows[i].guide])
+                except Exception as err:
+                    stuck[i] = RowError(f"structured output failed: {type(err).__name__}: {err}")
+        for i in dead:
+            stuck[i] = RowError(
+                "structured output: no token of the model's vocabulary continues the output here; the vocabulary "
+                "cannot spell what the constraint requires"
+            )
+    return stuck
+
+
 def next_tokens(logits: torch.Tensor, rows: list[Row]) -> list[int | BaseException]:
     """One token per row from its last-position `logits` (B, V): plain greedy rows in one argmax, the sampled rows'
     distributions together (`distributions`), each row with its own shaping (`Sampling`), constraint, settings and
     generator. A row that asks for logprobs gets the pick's (`Row.pending`). A row whose settings give no valid
     distribution gets a `RowError`."""
     logits = logits.float()
+    stuck = mask_guided(logits, rows)  # constrained rows: all masked at once, in place (float32 logits)
     picks: list[int | BaseException] = logits.argmax(-1).tolist()
     sampled: list[tuple[int, Row, torch.Tensor]] = []
     for i, row in enumerate(rows):
         s = row.sampling
-        plain = not s.shapes and row.guide is None
+        if i in stuck:
+            picks[i] = stuck[i]
+            continue
+        plain = not s.shapes  # a constrained row's logits are masked already
         if plain and s.greedy and row.logprobs is None:
             continue
         try:
@@ -218,8 +255,8 @@ def _row_error(err: Exception) -> RowError:
 
 
 def shape(scores: torch.Tensor, row: Row) -> torch.Tensor:
-    """The row's logits (V,) after its bias, penalties, `min_tokens` (no token of `row.eos`) and constraint (see
-    `Sampling`)."""
+    """The row's logits (V,) after its bias, penalties and `min_tokens` (no token of `row.eos`) (see `Sampling`;
+    the constraint's mask is applied before, by `mask_guided`)."""
     s, vocab = row.sampling, scores.numel()
     scores = scores.clone()
     if s.logit_bias:
@@ -236,8 +273,6 @@ def shape(scores: torch.Tensor, row: Row) -> torch.Tensor:
         banned = [t for t in row.eos if t < vocab]
         if banned:
             scores[banned] = float("-inf")
-    if row.guide is not None:
-        scores = row.guide.mask(scores)
     return scores
 
 
@@ -645,7 +680,8 @@ class Decoder:
         if row.pending is not None:
             row.token_logprobs.append(row.pending)
             row.pending = None
-        if pick in self.eos and not row.sampling.ignore_eos:
+        # a constrained row ends at its end token even with ignore_eos: its grammar allows nothing after it
+        if pick in self.eos and (not row.sampling.ignore_eos or row.guide is not None):
             self._flush(row)
             self._finish(row, "stop")
             return

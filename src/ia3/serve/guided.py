@@ -2,10 +2,14 @@
 expression or an EBNF grammar, with xgrammar (an optional extra: `pip install 'ia3[structured]'`).
 
 A request's constraint is compiled once per distinct spec (an LRU cache of compiled grammars) on a worker thread of
-the event loop, so a bad schema fails its own request (400 naming the problem) before anything is queued. Each row
-then gets its own matcher (`XGrammarGuide`): before each pick the decoder masks the tokens the grammar forbids at
-that point (a token bitmask applied to that row's logits only), and after it the matcher takes the token. The
-grammar allows the model's end tokens once the output is complete, so a constrained row ends with "stop".
+the event loop, so a bad schema fails its own request (400 naming the problem) before anything is queued; so does a
+constraint that no token of the model's vocabulary can start (a word-level vocabulary without `{` cannot write
+JSON). Each row then gets its own matcher (`XGrammarGuide`). Before each pick the decoder masks, in one call for all
+of a step's constrained rows (`XGrammarGuide.mask_rows`), the tokens each row's grammar forbids at that point: every
+matcher fills its row of one token bitmask, and the bitmask is applied to those rows' logits at once, as a bias of 0
+(allowed) or -inf (forbidden) added in place, so the allowed logits keep their exact values. After the pick the
+matcher takes the token. The grammar allows the model's end tokens once the output is complete, so a constrained
+row ends with "stop".
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from ia3.serve.decoding import Guide
 from ia3.serve.errors import ApiError
 
 KINDS = ("json_object", "json_schema", "choice", "regex", "grammar")
+MASK_ROWS = 4  # rows masked at a time: their bias (4 x V floats) stays in the core's cache
+_TO_SIGN = 31 - torch.arange(32, dtype=torch.int32)  # bit k of a bitmask word (token 32 * word + k) to bit 31
+_NEG_INF_BITS = int(torch.tensor(float("-inf")).view(torch.int32))  # -inf's float32 bits, as an int32
 
 
 @dataclass(frozen=True)
@@ -42,20 +49,48 @@ class XGrammarGuide(Guide):
         import xgrammar as xgr
 
         self.matcher = xgr.GrammarMatcher(compiled)
-        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
         self.vocab_size = vocab_size
-        self.apply = xgr.apply_token_bitmask_inplace
 
-    def mask(self, scores: torch.Tensor) -> torch.Tensor:
-        self.matcher.fill_next_token_bitmask(self.bitmask)
-        scores = scores.contiguous()
-        self.apply(scores.view(1, -1), self.bitmask, vocab_size=min(self.vocab_size, scores.numel()))
-        return scores
+    @classmethod
+    def mask_rows(cls, logits: torch.Tensor, rows: list[int], guides: list[XGrammarGuide]) -> list[int]:
+        """Each guide's forbidden tokens at -inf in its row of `logits` (B, V), in place: one token bitmask (a row
+        per guide, filled by its matcher), turned into a bias of 0 (allowed) or -inf and added to those rows, a
+        few rows at a time (`MASK_ROWS`) in a buffer kept per thread (a fresh one each step costs page faults).
+        Returns the rows whose grammar allows no token here.
+
+        xgrammar's `apply_token_bitmask_inplace` writes the same values, but its CPU kernel takes ~3x as long on a
+        49k vocabulary (bench/profile_guided.py)."""
+        width = guides[0].vocab_size
+        vocab = min(width, logits.shape[-1])
+        bitmask = torch.empty(len(guides), (width + 31) // 32, dtype=torch.int32)
+        for k, guide in enumerate(guides):
+            guide.matcher.fill_next_token_bitmask(bitmask, k)
+        index = torch.tensor(rows)
+        with torch.inference_mode():  # logits made under inference mode may be written in place only there
+            buffer = _bias_buffer(bitmask.shape[1])
+            for start in range(0, len(rows), MASK_ROWS):
+                words = ~bitmask[start : start + MASK_ROWS]  # 1 where forbidden
+                bias = buffer[: len(words)]
+                # bit k of each word to the sign bit, then spread over the word: -1 (forbidden) or 0, then -inf or 0
+                torch.bitwise_left_shift(words.unsqueeze(-1), _TO_SIGN, out=bias)
+                bias.bitwise_right_shift_(31).bitwise_and_(_NEG_INF_BITS)
+                bias = bias.view(len(words), -1)[:, :vocab].view(torch.float32)
+                logits[:, :vocab].index_add_(0, index[start : start + MASK_ROWS], bias)
+        return [rows[k] for k in (~bitmask.any(-1)).nonzero().flatten().tolist()]
 
     def accept(self, token: int) -> bool:
-        if self.matcher.is_terminated():
-            return True
         return bool(self.matcher.accept_token(token))
+
+
+_buffers = threading.local()
+
+
+def _bias_buffer(words: int) -> torch.Tensor:
+    """This thread's (MASK_ROWS, words, 32) int32 buffer for the mask's bias."""
+    buffer = getattr(_buffers, "bias", None)
+    if buffer is None or buffer.shape[1] != words:
+        buffer = _buffers.bias = torch.empty(MASK_ROWS, words, 32, dtype=torch.int32)
+    return buffer
 
 
 class Grammars:
@@ -105,12 +140,28 @@ class Grammars:
                 raise ApiError(
                     400, "invalid_request_error", f"{spec.param}: cannot be compiled: {message}", param=spec.param
                 ) from None
+            self._check_startable(compiled, spec)
             with self.lock:
                 self.cache[key] = compiled
                 while len(self.cache) > self.cache_size:
                     self.cache.popitem(last=False)
         vocab = self.vocab_size
         return lambda: XGrammarGuide(compiled, vocab)
+
+    def _check_startable(self, compiled: Any, spec: GuideSpec) -> None:
+        """ApiError 400 when no token of the vocabulary can start an output the grammar allows (its rows would fail
+        at their first token)."""
+        bitmask = torch.zeros(1, (self.vocab_size + 31) // 32, dtype=torch.int32)
+        XGrammarGuide(compiled, self.vocab_size).matcher.fill_next_token_bitmask(bitmask)
+        if not bitmask.any():
+            raise ApiError(
+                400,
+                "invalid_request_error",
+                f"{spec.param}: no token of this model's vocabulary can start an output it allows: the vocabulary "
+                "cannot spell it (a word-level vocabulary, for one, may have no token for the '{' and '\"' that "
+                "JSON needs)",
+                param=spec.param,
+            )
 
     def _compile(self, spec: GuideSpec) -> Any:
         c = self.compiler

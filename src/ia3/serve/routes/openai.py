@@ -200,6 +200,12 @@ def _truncated(prompts: list[Prompt]) -> dict[str, Any]:
 
 
 # -- answer shapes -------------------------------------------------------------------------------------------------
+def _json_logprob(logprob: float | None) -> float | None:
+    """A logprob as JSON can carry it: -inf (a token a structured-output constraint forbids, among the top ones
+    when fewer are allowed than asked for) written -9999.0, as vLLM writes it."""
+    return None if logprob is None else max(logprob, -9999.0)
+
+
 async def _completion_logprobs(svc: Service, entries: list[TokenLogprob], start: int, as_ids: bool = False) -> dict:
     """OpenAI completions' `logprobs`: tokens, token_logprobs, top_logprobs (token -> logprob: the token's own and
     the k most likely) and text_offset (characters from the start of the choice's text). `as_ids` (vLLM's
@@ -211,11 +217,11 @@ async def _completion_logprobs(svc: Service, entries: list[TokenLogprob], start:
         tops = ([f"token_id:{t}" for e in entries for t, _ in e.top], [])
     names, top_logprobs = iter(tops[0]), []
     for e, piece in zip(entries, pieces):
-        best = {next(names): lp for _, lp in e.top}
-        top_logprobs.append(None if e.logprob is None else {piece: e.logprob, **best})
+        best = {next(names): _json_logprob(lp) for _, lp in e.top}
+        top_logprobs.append(None if e.logprob is None else {piece: _json_logprob(e.logprob), **best})
     return {
         "tokens": pieces,
-        "token_logprobs": [e.logprob for e in entries],
+        "token_logprobs": [_json_logprob(e.logprob) for e in entries],
         "top_logprobs": top_logprobs,
         "text_offset": offsets,
     }
@@ -227,7 +233,7 @@ async def _chat_logprobs(svc: Service, entries: list[TokenLogprob]) -> dict:
     names = iter((await svc.token_pieces([t for e in entries for t, _ in e.top], None))[0])
 
     def item(token: str, logprob: float | None) -> dict:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "replace"))}
+        return {"token": token, "logprob": _json_logprob(logprob), "bytes": list(token.encode("utf-8", "replace"))}
 
     content = []
     for e, piece in zip(entries, pieces):
