@@ -146,6 +146,38 @@ def test_eviction_waits_for_rows_and_pins(setup, expected):
         srv.close()
 
 
+def test_eviction_never_takes_an_adapter_a_request_found_resident(setup, expected):
+    """Concurrent requests over three adapters through two places (an eviction every few requests): a request that
+    found its adapter resident keeps it; none is answered 404 "unloaded". The eviction is slowed (5 ms) to widen
+    the window in which an eviction chosen before the request came used to delete the adapter after it."""
+    srv = _server(setup, max_loaded_adapters=2, max_wait_ms=1)
+    delete = srv.service.engine.delete_adapter
+
+    def slow_delete(name: str) -> None:
+        time.sleep(0.005)
+        delete(name)
+
+    srv.service.engine.delete_adapter = slow_delete
+    try:
+
+        def client(seed: int) -> list[tuple[str, int, str]]:
+            out = []
+            for k in range(20):
+                name = "abc"[(seed + k * (seed + 1)) % 3]
+                r = srv.post("/v1/generate", json={"adapter": name, "inputs": TEXTS[0], "parameters": PARAMS})
+                out.append((name, r.status_code, r.json()["outputs"][0]["text"] if r.status_code == 200 else r.text))
+            return out
+
+        with ThreadPoolExecutor(5) as pool:
+            answers = [a for part in pool.map(client, range(5)) for a in part]
+        assert all(status == 200 and text == expected[name, TEXTS[0]] for name, status, text in answers), [
+            a for a in answers if a[1] != 200
+        ][:3]
+        assert srv.service.adapters.evictions >= 10
+    finally:
+        srv.close()
+
+
 def test_vllm_load_unload_and_bad_files(setup, expected, full, tmp_path):
     root = tmp_path / "adapters"
     shutil.copytree(setup.adapters / "a", root / "nested" / "a-copy")
