@@ -21,6 +21,7 @@ import random
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -146,6 +147,17 @@ def _affinity(url: str, n: int = 30) -> float:
     return hits / repeats
 
 
+def _batch_beyond_rays_default(url: str) -> int:
+    """12 concurrent requests for adapter a reach its replica together (Ray's default `max_ongoing_requests`, 5,
+    let 5 in at a time): the most rows its decode batch held."""
+    body = {"model": "a", "prompt": TEXTS[3], **LONG, "max_tokens": 60}
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda _: httpx.post(url + "/v1/completions", json=body, timeout=TIMEOUT_S), range(12)))
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200][:2]
+    held = httpx.get(url + "/metrics?format=json", headers={"serve_multiplexed_model_id": "a"}, timeout=TIMEOUT_S)
+    return held.json()["decode"]["max_rows"]
+
+
 def _check_answers_and_metrics(url: str, setup: Setup) -> None:
     """The original checks: native and OpenAI calls, streaming, /v1/models, routing by adapter, labelled metrics."""
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=2, timeout=60)
@@ -240,6 +252,8 @@ def test_two_replicas_on_ray_serve(tmp_path):
         _check_answers_and_metrics(url, setup)
         affinity = _affinity(url)
         assert affinity >= 0.9, affinity
+        rows = _batch_beyond_rays_default(url)
+        assert rows > 5, rows
         # one replica killed mid-stream while three clients keep sending: each request answered or cleanly refused
         body = {"prompt": TEXTS[1], "max_tokens": 6, "temperature": 0}
         wants = {
@@ -263,7 +277,7 @@ def test_two_replicas_on_ray_serve(tmp_path):
         for adapter in "abc":  # and afterwards every adapter is answered again
             r = httpx.post(url + "/v1/completions", json={"model": adapter, **body}, timeout=TIMEOUT_S)
             assert r.status_code == 200 and r.json()["choices"][0]["text"] == wants[adapter], r.text
-        print(f"affinity {affinity:.2f}; outcomes {len(outcomes)}: {outcomes.count('retryable')} retryable; "
+        print(f"affinity {affinity:.2f}; batch {rows} rows; outcomes {len(outcomes)}: {outcomes.count('retryable')} retryable; "
               f"replica back in {recovered_s:.1f} s")  # fmt: skip
     finally:
         serve.shutdown()

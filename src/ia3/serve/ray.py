@@ -251,16 +251,28 @@ def build_app(
     adapters each replica keeps (Ray's multiplexing cap and `--max-loaded-adapters` unless that is set; default
     `--max-loaded-adapters`, else 64). `replica_actor_options`: Ray actor options of each replica (e.g.
     `{"num_gpus": 1}`). `deployment_options`: more Serve deployment options of the replicas (e.g.
-    `health_check_period_s`, default 10: how soon a dead replica is noticed and replaced)."""
+    `health_check_period_s`, default 10: how soon a dead replica is noticed and replaced; `max_ongoing_requests`,
+    default `--max-queue`: requests a replica takes at once, the most its decode batch can hold from Ray)."""
     settings = dataclasses.asdict(config)
     per_replica = max_adapters_per_replica or config.max_loaded_adapters or DEFAULT_ADAPTERS_PER_REPLICA
-    options: dict[str, Any] = {**(deployment_options or {}), "ray_actor_options": replica_actor_options or {}}
+    # a replica takes as many requests at once as its own queue admits (Ray's default, 5, would cap its decode
+    # batch at 5 rows); the ingress only forwards, so it takes that many for every replica
+    options: dict[str, Any] = {
+        "max_ongoing_requests": config.max_queue,
+        **(deployment_options or {}),
+        "ray_actor_options": replica_actor_options or {},
+    }
     if autoscaling_config is not None:
         options["autoscaling_config"] = autoscaling_config
+        most = autoscaling_config.get("max_replicas", 1)
     else:
         options["num_replicas"] = num_replicas
+        most = num_replicas if isinstance(num_replicas, int) else 1
     replica = Ia3Replica.options(**options).bind({k: v for k, v in settings.items() if v is not None}, per_replica)
-    return Ia3Ingress.options(ray_actor_options={"num_cpus": 0}).bind(replica, config.model)
+    forwarding = max(1, most) * options["max_ongoing_requests"]
+    return Ia3Ingress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=forwarding).bind(
+        replica, config.model
+    )
 
 
 def app_builder(args: dict) -> Any:
