@@ -102,15 +102,20 @@ def _load(url: str, wants: dict, stop: threading.Event, outcomes: list, seed: in
 def _kill_mid_stream(url: str) -> str:
     """Start a long stream for adapter a, kill its replica once the first piece has come, check the stream ends
     with the retryable error event; the killed replica's id."""
+    body = {"model": "a", "prompt": TEXTS[0], "max_tokens": 1, "temperature": 0}
+    holder = httpx.post(url + "/v1/completions", json=body, timeout=TIMEOUT_S).headers["ia3-replica"]
+    actor = ray.get_actor(_replicas()[holder], namespace="serve")  # looked up ahead: the kill is quick
     with (
         httpx.Client(base_url=url, timeout=TIMEOUT_S) as http,
         http.stream("POST", "/v1/completions", json={"model": "a", "prompt": TEXTS[0], "stream": True, **LONG}) as r,
     ):
         assert r.status_code == 200
         replica = r.headers["ia3-replica"]
+        if replica != holder:  # (a holds on one replica: multiplexing sends the stream there)
+            actor = ray.get_actor(_replicas()[replica], namespace="serve")
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
-        ray.kill(ray.get_actor(_replicas()[replica], namespace="serve"), no_restart=True)
+        ray.kill(actor, no_restart=True)
         rest = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
     assert rest and "[DONE]" not in rest, rest[-3:]
     assert json.loads(rest[-1])["error"]["type"] == "replica_unavailable", rest[-1]
