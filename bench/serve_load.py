@@ -198,6 +198,8 @@ class Outcome:
     latency: float | None = None
     tokens: int = 0
     error: str | None = None
+    finished: bool = False  # the stream ended with `data: [DONE]`
+    headers: dict[str, str] | None = None
 
 
 @dataclass
@@ -250,7 +252,7 @@ async def stream_completion(conn: Connection, req: Request, body: bytes | None =
     )
     await conn.writer.drain()
     status, headers = await _head(conn.reader)
-    out.status = status
+    out.status, out.headers = status, headers
     if headers.get("transfer-encoding") == "chunked":
         buffer = b""
         while True:
@@ -263,6 +265,7 @@ async def stream_completion(conn: Connection, req: Request, body: bytes | None =
                 event, buffer = buffer.split(b"\n\n", 1)
                 data = event.removeprefix(b"data: ")
                 if data == b"[DONE]":
+                    out.finished = True
                     continue
                 message = json.loads(data)
                 if "error" in message:

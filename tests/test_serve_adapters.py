@@ -146,6 +146,38 @@ def test_eviction_waits_for_rows_and_pins(setup, expected):
         srv.close()
 
 
+def test_eviction_never_takes_an_adapter_a_request_found_resident(setup, expected):
+    """Concurrent requests over three adapters through two places (an eviction every few requests): a request that
+    found its adapter resident keeps it; none is answered 404 "unloaded". The eviction is slowed (5 ms) to widen
+    the window in which an eviction chosen before the request came used to delete the adapter after it."""
+    srv = _server(setup, max_loaded_adapters=2, max_wait_ms=1)
+    delete = srv.service.engine.delete_adapter
+
+    def slow_delete(name: str) -> None:
+        time.sleep(0.005)
+        delete(name)
+
+    srv.service.engine.delete_adapter = slow_delete
+    try:
+
+        def client(seed: int) -> list[tuple[str, int, str]]:
+            out = []
+            for k in range(20):
+                name = "abc"[(seed + k * (seed + 1)) % 3]
+                r = srv.post("/v1/generate", json={"adapter": name, "inputs": TEXTS[0], "parameters": PARAMS})
+                out.append((name, r.status_code, r.json()["outputs"][0]["text"] if r.status_code == 200 else r.text))
+            return out
+
+        with ThreadPoolExecutor(5) as pool:
+            answers = [a for part in pool.map(client, range(5)) for a in part]
+        assert all(status == 200 and text == expected[name, TEXTS[0]] for name, status, text in answers), [
+            a for a in answers if a[1] != 200
+        ][:3]
+        assert srv.service.adapters.evictions >= 10
+    finally:
+        srv.close()
+
+
 def test_vllm_load_unload_and_bad_files(setup, expected, full, tmp_path):
     root = tmp_path / "adapters"
     shutil.copytree(setup.adapters / "a", root / "nested" / "a-copy")
@@ -177,3 +209,53 @@ def test_vllm_load_unload_and_bad_files(setup, expected, full, tmp_path):
         assert srv.post("/v1/generate", json={"adapter": "x1", "inputs": "Sales"}).status_code == 404  # forgotten
     finally:
         srv.close()
+
+
+def _hub_cache(cache: Path, repo_id: str, folder: Path, commit: str = "0123456789abcdef0123456789abcdef01234567"):
+    """A Hugging Face Hub cache holding `folder`'s files as repo `repo_id` at `main` (what a past download left)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_hub_on_demand_from_the_offline_cache(setup, expected, tmp_path, monkeypatch):
+    """`--hub-on-demand`: a request naming `owner/name` loads that Hub repo on first use. The Hub is not reachable
+    here, so the repo comes from huggingface_hub's cache under HF_HUB_OFFLINE=1 (the same resolution an online
+    server does after its first download); a repo in no cache is a 404, not a 500."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    _hub_cache(cache, "someone/adapter-b", setup.adapters / "b")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # huggingface_hub read both at import
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    srv = _server(setup, hub_on_demand=True, max_loaded_adapters=2)
+    try:
+        assert srv.service.registry.names() == ["a", "b"]
+        assert _answers(srv, "someone/adapter-b") == [expected["b", t] for t in TEXTS[:2]]  # the local folder's b
+        info = {i["name"]: i for i in srv.client.get("/v1/adapters").json()["adapters"]}
+        assert info["someone/adapter-b"]["source"] == "hub:someone/adapter-b"
+        assert srv.service.adapters.loads == 1 and srv.service.registry.names() == ["b", "someone/adapter-b"]
+        body = {"model": "someone/adapter-b", "prompt": TEXTS[0], "max_tokens": 5, "temperature": 0}
+        r = srv.post("/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected["b", TEXTS[0]], r.text
+        for name in ("someone/not-cached", "nobody/x"):
+            r = srv.post("/v1/generate", json={"adapter": name, "inputs": "Sales"})
+            assert r.status_code == 404 and r.json()["error"]["type"] == "adapter_not_found", r.text
+            assert name in r.json()["error"]["message"]
+        r = srv.post("/v1/completions", json={**body, "model": "someone/not-cached"})
+        assert r.status_code == 404, r.text
+        assert srv.service.registry.names() == ["b", "someone/adapter-b"]  # the failures evicted nothing
+        r = srv.post("/v1/unload_lora_adapter", json={"lora_name": "someone/adapter-b"})  # unloaded by its Hub id
+        assert r.status_code == 200 and srv.service.registry.names() == ["b"], r.text
+        assert _answers(srv, "someone/adapter-b") == [expected["b", t] for t in TEXTS[:2]]  # and loaded again
+    finally:
+        srv.close()
+    off = _server(setup, max_loaded_adapters=2)  # without the option, a Hub name is an unknown adapter: 404
+    try:
+        r = off.post("/v1/generate", json={"adapter": "someone/adapter-b", "inputs": "Sales"})
+        assert r.status_code == 404 and r.json()["error"]["type"] == "adapter_not_found", r.text
+    finally:
+        off.close()

@@ -91,10 +91,11 @@ class AdapterPool:
         """Make `name` resident (loading it on demand) and hold it for `rows` rows until `release(name, rows)`."""
         if name == BASE_ADAPTER:
             return
-        with self._lock:
-            self._in_use[name] += rows  # held from now: a load for it cannot evict it
+        with self._lock:  # held from now, and checked under the lock eviction takes: resident stays resident
+            self._in_use[name] += rows
+            resident = self.registry.has(name)
         try:
-            if not self.registry.has(name):
+            if not resident:
                 await self._load_once(name, on_worker)
             self.registry.touch(name)
         except BaseException:
@@ -212,13 +213,13 @@ class AdapterPool:
         """Evict least recently used adapters (not pinned, not in use, not `keep`) until `count` more adapters of
         `nbytes` more bytes fit, or nothing more can go."""
         while self._over(count, nbytes):
-            with self._lock:
+            with self._lock:  # chosen and marked gone at once: an `acquire` meanwhile would see it resident
                 busy = set(self._in_use) | self.pins | {keep}
-            victim = next((n for n in self.registry.names() if n not in busy), None)
-            if victim is None:
-                return
+                victim = next((n for n in self.registry.names() if n not in busy), None)
+                if victim is None:
+                    return
+                self.registry.remove(victim)  # an acquire from now on loads it again (installed after this delete)
             self.engine.delete_adapter(victim)
-            self.registry.remove(victim)
             self.evictions += 1
             log.info("evicted adapter %s (least recently used)", victim)
 

@@ -177,7 +177,7 @@ class Engine:
                 max_rows_per_request=config.request_rows,
                 max_positions=self.positions if task_class.answer_follows_prompt else None,
                 adapter_loaded=lambda name: (
-                    name == BASE_ADAPTER or (self.peft is not None and name in self.peft.peft_config)
+                    name == BASE_ADAPTER or (self.peft is not None and model_name(name) in self.peft.peft_config)
                 ),
             )
 

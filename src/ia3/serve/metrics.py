@@ -44,6 +44,7 @@ class Metrics:
         self.latency_sum = 0.0
         self.latency_count = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last minute, for tokens/s
+        self.labels: dict[str, str] = {}  # added to every sample (a Ray Serve replica: {"replica": its id})
 
     def record_request(self, route: str, status: int, seconds: float | None = None) -> None:
         with self._lock:
@@ -100,6 +101,7 @@ class Metrics:
                 for q in (0.5, 0.9, 0.99)
             }
             return {
+                **self.labels,
                 "uptime_s": round(time.time() - self.started, 3),
                 "requests": {"total": sum(self.requests.values()), "by_route": by_route},
                 "batches": {
@@ -142,7 +144,7 @@ class Metrics:
             lines.append(f"# HELP ia3_{name} {help}")
             lines.append(f"# TYPE ia3_{name} {kind}")
             for labels, value in samples:
-                tags = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+                tags = ",".join(f'{k}="{_escape(v)}"' for k, v in {**self.labels, **labels}.items())
                 lines.append(f"ia3_{name}{{{tags}}} {_number(value)}" if tags else f"ia3_{name} {_number(value)}")
 
         with self._lock:
@@ -168,11 +170,15 @@ class Metrics:
             )
             lines.append("# HELP ia3_request_duration_seconds latency of answered generate/classify requests")
             lines.append("# TYPE ia3_request_duration_seconds histogram")
+            own = "".join(f'{k}="{_escape(v)}",' for k, v in self.labels.items())
             for bound in LATENCY_BUCKETS:  # each observation was counted in every bucket it fits: cumulative
-                lines.append(f'ia3_request_duration_seconds_bucket{{le="{bound:g}"}} {self.latency_buckets[bound]}')
-            lines.append(f'ia3_request_duration_seconds_bucket{{le="+Inf"}} {self.latency_count}')
-            lines.append(f"ia3_request_duration_seconds_sum {self.latency_sum:g}")
-            lines.append(f"ia3_request_duration_seconds_count {self.latency_count}")
+                lines.append(
+                    f'ia3_request_duration_seconds_bucket{{{own}le="{bound:g}"}} {self.latency_buckets[bound]}'
+                )
+            lines.append(f'ia3_request_duration_seconds_bucket{{{own}le="+Inf"}} {self.latency_count}')
+            tail = f"{{{own[:-1]}}}" if own else ""
+            lines.append(f"ia3_request_duration_seconds_sum{tail} {self.latency_sum:g}")
+            lines.append(f"ia3_request_duration_seconds_count{tail} {self.latency_count}")
         for name, (help, value) in (counters or {}).items():
             metric(name, "counter", help, [({}, value)])
         for name, (help, value) in gauges.items():

@@ -301,8 +301,9 @@ class Service:
 
     async def delete_adapter(self, name: str) -> None:
         """Unload adapter `name` now; requests for it still queued get 404 (a later request for an adapter on disk
-        loads it again)."""
-        check_name(name)
+        loads it again; a Hub repo loaded on demand is unloaded by its id)."""
+        if not self.registry.has(name):
+            check_name(name)
         await self.adapters.unload(name, self.on_worker)
 
     # -- static batches (the worker thread) ------------------------------------------------------------------------
