@@ -122,3 +122,26 @@ def test_smollm2_rows_joining_and_leaving_equal_each_row_alone():
         churn(decoder(model, tok, rows_context, max_rows=4), rows)
         for row in rows:
             assert row.tokens == run_alone(lambda: decoder(model, tok, rows_context, 1), row), row.prompt
+
+
+def test_the_head_of_a_frozen_model_gets_the_last_positions_without_copying_its_weight():
+    """`get_peft_model` freezes the base; its head, given the last position of each row (a strided slice), must
+    still run as one matrix product (torch's batched fallback copies the head weight once per row)."""
+    import models as M
+    from torch.profiler import profile
+
+    import ia3
+
+    base = M.ALL["llama"]().eval()
+    reference_head = torch.nn.Linear(base.lm_head.in_features, base.lm_head.out_features, bias=False)
+    reference_head.weight = base.lm_head.weight
+    model = ia3.get_peft_model(base, ia3.IA3Config(task_type="CAUSAL_LM")).eval()
+    ids = torch.randint(3, 50, (6, 9))
+    with torch.inference_mode():
+        hidden = model.base_model.model.model(input_ids=ids).last_hidden_state
+        with profile(record_shapes=True) as prof:
+            logits = model(input_ids=ids, logits_to_keep=1).logits
+    head = base.lm_head.weight
+    copies = [e for e in prof.events() if e.name == "aten::bmm" and head.shape[0] in sum(e.input_shapes, [])]
+    assert not copies, [e.input_shapes for e in copies]
+    torch.testing.assert_close(logits[:, -1], reference_head(hidden[:, -1].contiguous()), rtol=0, atol=0)

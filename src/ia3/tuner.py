@@ -29,6 +29,27 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _fold_head_input(model: nn.Module) -> None:
+    """Hand the model's output head a contiguous input.
+
+    Generation computes the head at the last position only (`logits_to_keep`): a strided `(batch, 1, hidden)`
+    slice. With the head's weight frozen (as (IA)^3 leaves it), torch's matmul does not fold such an input into one
+    matrix product but runs a batched one, which first copies the whole head weight once per row (SmolLM2, a
+    12-row prefill: 1.1 s instead of 0.2 s). A forward pre-hook copies the slice instead (the same values).
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if isinstance(head, nn.Linear) and not getattr(head, "ia3_contiguous_input", False):
+        head.register_forward_pre_hook(_contiguous_input)
+        head.ia3_contiguous_input = True
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
+
+
 class IA3Model(nn.Module):
     """The model with (IA)^3 layers in place. `PeftModel.base_model` is one; `.model` is the wrapped model.
 
@@ -62,6 +83,7 @@ class IA3Model(nn.Module):
         self._disabled_state: tuple[dict[IA3Layer, list[str]], dict[nn.Parameter, bool]] | None = None
         self.inject_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         self.set_adapter(adapter_name)
+        _fold_head_input(model)
 
     def __getattr__(self, name: str) -> Any:
         """Attributes of the wrapped model (`config`, `generation_config`, ...), as PEFT's tuners pass them on."""
