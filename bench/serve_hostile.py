@@ -73,8 +73,9 @@ async def innocent(url: str, text: str, adapter: str, address: str) -> dict:
     }
 
 
-def hostile_body(shape: str, budget: int, tok, scale: int) -> tuple[str, dict]:
-    """The hostile request of `shape` at the largest size `budget` admits (times `scale`)."""
+def hostile_body(shape: str, budget: int, tok, scale: int, step: int | None = None) -> tuple[str, dict]:
+    """The hostile request of `shape` at the largest size `budget` (and, for beams, the one-step budget `step`)
+    admits (times `scale`)."""
     long_text = (FILLER * 40)[: 4000 - 1]
     long_len = len(tok(long_text, add_special_tokens=False)["input_ids"])
     if shape == "prefill":
@@ -87,8 +88,9 @@ def hostile_body(shape: str, budget: int, tok, scale: int) -> tuple[str, dict]:
         text_len = len(tok(text, add_special_tokens=False)["input_ids"])
         count = max(1, min(64, budget // (text_len + label_tokens))) * scale
         return "/v1/classify", {"adapter": "adapter0", "inputs": [text] * count, "parameters": {"labels": labels}}
-    if shape == "beams":  # inputs as long as the budget lets 8 beams of them (and 32 new tokens) run
-        length = max(8, min(long_len, budget // 8 - 32 - 8))  # 8: room for the tokenizer's special tokens
+    if shape == "beams":  # inputs as long as the budgets let 8 beams of them (and 32 new tokens) run
+        longest = min(budget // 8 - 32, (step or budget) // 8) - 8  # 8: room for the tokenizer's special tokens
+        length = max(8, min(long_len, longest))
         text = tok.decode(tok(long_text, add_special_tokens=False)["input_ids"][:length])
         count = max(1, min(4, budget // (8 * (length + 40)))) * scale
         params = {"num_beams": 8, "max_new_tokens": 32}
@@ -100,7 +102,7 @@ def hostile_body(shape: str, budget: int, tok, scale: int) -> tuple[str, dict]:
     return "/v1/completions", {"model": "adapter0", "prompt": [text] * prompts, "n": 8, "max_tokens": new}
 
 
-async def run_shape(port: int, shape: str | None, budget: int, tok, scale: int = 1) -> dict:
+async def run_shape(port: int, shape: str | None, budget: int, tok, scale: int = 1, step: int | None = None) -> dict:
     """The innocents (and the hostile request of `shape`, sent 0.3 s before them)."""
     url = f"http://127.0.0.1:{port}"
     limits = httpx.Limits(max_connections=16)
@@ -108,7 +110,7 @@ async def run_shape(port: int, shape: str | None, budget: int, tok, scale: int =
         hostile = None
         started = time.perf_counter()
         if shape is not None:
-            path, body = hostile_body(shape, budget, tok, scale)
+            path, body = hostile_body(shape, budget, tok, scale, step)
             hostile = asyncio.ensure_future(client.post(path, json=body))
             await asyncio.sleep(0.3)
         innocents = await asyncio.gather(
@@ -175,13 +177,17 @@ def main() -> None:
         try:
             budgets = httpx.get(f"http://127.0.0.1:{port}/metrics?format=json", timeout=30).json()["budgets"]
             print(f"budgets: {budgets}", flush=True)
+            asyncio.run(run_shape(port, None, budgets["request_tokens"], tok))  # warm-up (first requests, adapters)
             alone = asyncio.run(run_shape(port, None, budgets["request_tokens"], tok))
             alone_ttft = max(i["ttft"] for i in alone["innocents"] if i.get("ttft") is not None)
             rows.append(summarise(alone, alone_ttft))
             for shape in shapes:
                 for scale in (1, 4):
                     row = summarise(
-                        asyncio.run(run_shape(port, shape, budgets["request_tokens"], tok, scale)), alone_ttft
+                        asyncio.run(
+                            run_shape(port, shape, budgets["request_tokens"], tok, scale, budgets.get("step_tokens"))
+                        ),
+                        alone_ttft,
                     )
                     rows.append(row)
                     print(row, flush=True)
