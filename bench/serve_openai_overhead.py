@@ -97,20 +97,30 @@ async def run_variant(port: int, texts: list[tuple[str, str]], clients: int, max
 
 
 def measure(port: int, pid: int, texts: list[tuple[str, str]], args: argparse.Namespace) -> dict[str, dict]:
-    """Each variant after its own warm-up: tokens, wall, the server's CPU seconds, whether the work was equal."""
-    rows = {}
-    for variant, extra in VARIANTS.items():
-        if variant == "json_schema" and args.model == "t5":
-            print("json_schema: skipped (the tiny T5's word-level vocabulary cannot spell JSON)", flush=True)
-            continue
-        asyncio.run(run_variant(port, texts[:4], 4, args.max_new, extra))  # warm-up (grammar setup, compile)
-        cpu = cpu_seconds(pid)
-        row = asyncio.run(run_variant(port, texts, args.clients, args.max_new, extra))
-        after = cpu_seconds(pid)
-        row["cpu_s"] = None if cpu is None or after is None else after - cpu
-        row["equal_work"] = row["tokens"] == len(texts) * args.max_new
-        rows[variant] = row
-        print(variant, row, flush=True)
+    """Each variant after its own warm-up, then `args.rounds` rounds over the variants in alternating order (A B C,
+    C B A, ...), summed: tokens, wall, the server's CPU seconds, whether the work was equal."""
+    variants = [v for v in VARIANTS if not (v == "json_schema" and args.model == "t5")]
+    if len(variants) < len(VARIANTS):
+        print("json_schema: skipped (the tiny T5's word-level vocabulary cannot spell JSON)", flush=True)
+    for variant in variants:
+        asyncio.run(run_variant(port, texts[:4], 4, args.max_new, VARIANTS[variant]))  # warm-up (grammar, compile)
+    rows: dict[str, dict] = {
+        v: {"tokens": 0, "wall_s": 0.0, "failures": 0, "error": None, "cpu_s": 0.0} for v in variants
+    }
+    for turn in range(args.rounds):
+        for variant in variants if turn % 2 == 0 else variants[::-1]:
+            cpu = cpu_seconds(pid)
+            run = asyncio.run(run_variant(port, texts, args.clients, args.max_new, VARIANTS[variant]))
+            after = cpu_seconds(pid)
+            row = rows[variant]
+            row["tokens"] += run["tokens"]
+            row["wall_s"] += run["wall_s"]
+            row["failures"] += run["failures"]
+            row["error"] = row["error"] or run["error"]
+            row["cpu_s"] = None if None in (cpu, after, row["cpu_s"]) else row["cpu_s"] + after - cpu
+            print(turn, variant, run, flush=True)
+    for row in rows.values():
+        row["equal_work"] = row["tokens"] == len(texts) * args.max_new * args.rounds
     return rows
 
 
@@ -146,6 +156,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-new", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over the variants, the order alternating")
     parser.add_argument("--dtype", default="auto", help="the server's --dtype")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_openai_overhead.json"))
     args = parser.parse_args()
