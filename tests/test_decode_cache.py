@@ -145,3 +145,28 @@ def test_the_head_of_a_frozen_model_gets_the_last_positions_without_copying_its_
     copies = [e for e in prof.events() if e.name == "aten::bmm" and head.shape[0] in sum(e.input_shapes, [])]
     assert not copies, [e.input_shapes for e in copies]
     torch.testing.assert_close(logits[:, -1], reference_head(hidden[:, -1].contiguous()), rtol=0, atol=0)
+
+
+def test_a_server_without_adapters_decodes_without_autograd(causal, tmp_path):
+    """The bare base model (no adapter loaded yet) is frozen and decoded under inference mode: a decode step built
+    an autograd graph through the cache that lived as long as the batch ran (5 GB on SmolLM2 after 32 x 64 tokens)."""
+    from live_server import LiveServer
+    from serve_setup import serve_config
+
+    empty = tmp_path / "no-adapters"
+    empty.mkdir()
+    srv = LiveServer(serve_config(causal, adapters_dir=str(empty)))
+    modes: list[tuple[bool, bool]] = []
+    base = srv.service.engine.base
+    base.register_forward_hook(
+        lambda m, a, out: modes.append((torch.is_inference_mode_enabled(), out.logits.requires_grad))
+    )
+    try:
+        r = srv.post(
+            "/v1/completions", json={"model": BASE_ADAPTER, "prompt": TEXTS[0], "max_tokens": 4, "temperature": 0}
+        )
+        assert r.status_code == 200, r.text
+        assert not any(p.requires_grad for p in base.parameters())
+        assert modes and all(inference and not grad for inference, grad in modes), modes
+    finally:
+        srv.close()

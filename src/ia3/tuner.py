@@ -29,8 +29,9 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _fold_head_input(model: nn.Module) -> None:
-    """Hand the model's output head a contiguous input.
+def contiguous_head_input(model: nn.Module) -> None:
+    """Hand the model's output head a contiguous input (once per model; `get_peft_model` does it, and so does the
+    server for the base model it serves while no adapter is loaded).
 
     Generation computes the head at the last position only (`logits_to_keep`): a strided `(batch, 1, hidden)`
     slice. With the head's weight frozen (as (IA)^3 leaves it), torch's matmul does not fold such an input into one
@@ -83,7 +84,7 @@ class IA3Model(nn.Module):
         self._disabled_state: tuple[dict[IA3Layer, list[str]], dict[nn.Parameter, bool]] | None = None
         self.inject_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         self.set_adapter(adapter_name)
-        _fold_head_input(model)
+        contiguous_head_input(model)
 
     def __getattr__(self, name: str) -> Any:
         """Attributes of the wrapped model (`config`, `generation_config`, ...), as PEFT's tuners pass them on."""

@@ -496,6 +496,7 @@ class Decoder:
             return dict(Counter(r.adapter for r in self.running))
 
     # -- worker thread -----------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> None:
         """Prefill within the step's budget (a piece of a long prompt, then newly admitted prompts), run one decode
         step, retire finished rows."""

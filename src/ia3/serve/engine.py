@@ -32,7 +32,7 @@ from ia3.serve.decoding import Decoder, Sampling, distributions
 from ia3.serve.errors import ApiError
 from ia3.settings import RECIPE_FILE, ConfigError, read_settings_file
 from ia3.tasks import LabelLengthError, Task
-from ia3.tuner import BASE_ADAPTER
+from ia3.tuner import BASE_ADAPTER, contiguous_head_input
 
 log = logging.getLogger("ia3.serve")
 
@@ -150,7 +150,8 @@ class Engine:
         if not task_class.generates and not label_names:  # a classifier's labels are its head's classes
             label_names = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
         self.label_names = list(label_names) if label_names else None
-        self.base = model.to(self.device).eval()  # the HF model; adapters wrap its layers in place
+        self.base = model.to(self.device).eval().requires_grad_(False)  # the HF model; adapters wrap its layers
+        contiguous_head_input(self.base)  # also while no adapter is loaded (see its docstring)
         self.peft = None  # ia3 PeftModel, created with the first adapter
         self.tokenizer = tokenizer
         self.max_input_tokens = self._input_budget()
