@@ -46,7 +46,8 @@ def contiguous_head_input(model: nn.Module) -> None:
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
-    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+    # inference only: a training step (autograd on) measured no gain from it (SmolLM2: 7 % slower with the copy)
+    if not torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
         return (args[0].contiguous(), *args[1:])
     return None
 
