@@ -42,6 +42,8 @@ log = logging.getLogger("ia3.serve")
 # overflow the division of the logits (float32 underflows below ~1e-45; transformers' sampling below ~1e-4)
 GREEDY_TEMPERATURE = 1e-4
 ECHO_TOKENS = 2048  # prompt tokens per forward that scores echoed prompts (their every position's logits are kept)
+CANDIDATES = 64  # the most likely tokens of each sampled row that its filters see first (`distributions`)
+NO_DISTRIBUTION = "the sampling settings give no valid distribution over tokens"
 
 
 @dataclass(frozen=True)
@@ -237,9 +239,10 @@ def next_tokens(logits: torch.Tensor, rows: list[Row]) -> list[int | BaseExcepti
     if sampled:
         kept = distributions(torch.stack([scores for _, _, scores in sampled]), [r.sampling for _, r, _ in sampled])
         for (i, row, scores), dist in zip(sampled, kept):
+            if isinstance(dist, RowError):
+                picks[i] = dist
+                continue
             try:
-                if isinstance(dist, BaseException):
-                    raise dist
                 ids, probs = dist
                 pick = draw(probs, row.generator)
                 picks[i] = pick if ids is None else int(ids[pick])
@@ -316,10 +319,6 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     cdf = probs.cumsum(0)
     u = torch.rand(1, generator=generator, dtype=cdf.dtype) * cdf[-1]
     return min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1)
-
-
-CANDIDATES = 64  # the most likely tokens of each sampled row that its filters see first
-NO_DISTRIBUTION = "the sampling settings give no valid distribution over tokens"
 
 
 def _among_candidates(
