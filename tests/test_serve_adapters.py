@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -259,3 +261,52 @@ def test_hub_on_demand_from_the_offline_cache(setup, expected, tmp_path, monkeyp
         assert r.status_code == 404 and r.json()["error"]["type"] == "adapter_not_found", r.text
     finally:
         off.close()
+
+
+def test_a_cold_load_runs_beside_the_decode_loop(setup, expected):
+    """With the worker taking no task at all (paused), a request for an adapter on disk still gets it read,
+    copied into the vector tables and the least recently used one evicted: none of it waits for the decode loop."""
+    srv = _server(setup, max_loaded_adapters=2)
+    svc = srv.service
+    try:
+        assert svc.registry.names() == ["a", "b"]
+        svc.batcher.pause()
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(_answers, srv, "e")
+            _wait_for(lambda: svc.registry.has("e"), "e installed while the worker is paused")
+            assert svc.registry.names() == ["b", "e"] and svc.adapters.evictions == 1
+            assert not answer.done()  # its rows wait for the worker
+            svc.batcher.resume()
+            assert answer.result() == [expected["e", t] for t in TEXTS[:2]]
+    finally:
+        svc.batcher.resume()
+        srv.close()
+
+
+def test_an_adapter_on_other_layers_widens_the_tables(setup, expected, tmp_path):
+    """An adapter that targets layers the others do not (here GPT-2's attention output projection) is injected on
+    the worker, the vector tables widen to its layers, and every adapter, old and new, still answers as alone."""
+    from ia3 import IA3Config, get_peft_model
+
+    root = tmp_path / "adapters"
+    for name in ("a", "b"):
+        shutil.copytree(setup.adapters / name, root / name)
+    torch.manual_seed(21)
+    base = transformers.AutoModelForCausalLM.from_pretrained(setup.model_dir)
+    config = IA3Config(
+        task_type="CAUSAL_LM", target_modules=["c_attn", "attn.c_proj"], feedforward_modules=[], init_ia3_weights=False
+    )
+    get_peft_model(base, config).save_pretrained(root / "w")
+    setup.ref.load_adapter(root / "w", "w")
+    srv = _server(setup, adapters=root, max_loaded_adapters=2)
+    try:
+        assert srv.service.registry.names() == ["a", "b"]
+        with ThreadPoolExecutor(3) as pool:  # w loads (evicting a) while b's requests run
+            answers = list(pool.map(lambda name: (name, _answers(srv, name)), ["b", "w", "b", "w"]))
+        for name, got in answers:
+            assert got == [setup.generate(name, t, max_new_tokens=5) for t in TEXTS[:2]], name
+        assert srv.service.registry.has("w") and srv.service.engine.needs_worker("w") is False
+        assert _answers(srv, "a") == [expected["a", t] for t in TEXTS[:2]]  # reloaded into the wider tables
+        assert _answers(srv, "w") == [setup.generate("w", t, max_new_tokens=5) for t in TEXTS[:2]]
+    finally:
+        srv.close()

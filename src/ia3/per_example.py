@@ -114,20 +114,11 @@ class PerExampleAdapters:
             )
         unique = list(dict.fromkeys(adapter_names))
         plain_layers = [layer for _, layer in layers]
-        # what was in force before comes back on exit, so blocks may nest or interleave (a static batch paused
-        # between its steps while the decoder runs one of its own)
-        scales_before = [layer.row_scales for layer in plain_layers]
-        names_before = [wrapper.row_adapters for wrapper in wrappers]
-        try:
+        with kept_rows(plain_layers, wrappers):
             self._set_row_scales(plain_layers, unique, [unique.index(n) for n in adapter_names])
             for wrapper in wrappers:
                 wrapper.set_row_adapters(adapter_names)
             yield
-        finally:
-            for layer, scales in zip(plain_layers, scales_before):
-                layer.set_row_scales(scales)
-            for wrapper, names in zip(wrappers, names_before):
-                wrapper.set_row_adapters(names)
 
     def _plan(self, layers: list[IA3Layer]) -> list[_Group]:
         """The groups of the model's layers, (re)built when missing, too full, or when vectors moved device."""
@@ -171,11 +162,32 @@ class PerExampleAdapters:
                 table = group.table
                 index = [slots[r] for r in rows]
             assert table is not None
-            gathered = table.index_select(0, torch.tensor(index, device=group.device))  # (batch, total_F)
-            offset = 0
-            for layer in group.layers:
-                layer.set_row_scales(gathered[:, offset : offset + layer.num_features])
-                offset += layer.num_features
+            hand_out(group.layers, table.index_select(0, torch.tensor(index, device=group.device)))
+
+
+@contextmanager
+def kept_rows(layers: Sequence[IA3Layer], wrappers: Sequence[ModulesToSaveWrapper]) -> Iterator[None]:
+    """The per-row vectors and adapter names that `layers` and `wrappers` have on entry come back on exit, so
+    blocks that set their own may nest or interleave (a static batch paused between its steps while the decoder
+    runs one of its own)."""
+    scales_before = [layer.row_scales for layer in layers]
+    names_before = [wrapper.row_adapters for wrapper in wrappers]
+    try:
+        yield
+    finally:
+        for layer, scales in zip(layers, scales_before):
+            layer.set_row_scales(scales)
+        for wrapper, names in zip(wrappers, names_before):
+            wrapper.set_row_adapters(names)
+
+
+def hand_out(layers: Sequence[IA3Layer], gathered: torch.Tensor) -> None:
+    """Give each layer its columns of `gathered` (`(batch, sum of F)`, the layers' vectors side by side, in order)
+    as its per-row vectors."""
+    offset = 0
+    for layer in layers:
+        layer.set_row_scales(gathered[:, offset : offset + layer.num_features])
+        offset += layer.num_features
 
 
 def _reference(layer: IA3Layer) -> torch.Tensor:

@@ -5,8 +5,10 @@ it until `release` (when the request is answered or cut off), so an adapter is n
 queued or running. Loading is split in two so the decode loop does not wait for the disk:
 
 1. on a loading thread: find the files (`Registry`), read the config and the safetensors weights, check them;
-2. on the worker thread (between decode steps): evict what the budget asks for, then the quick install (inject the
-   vectors and copy the tensors in).
+2. evict what the budget asks for, then install: for an adapter whose vectors fit the layers the model has (the
+   usual case), a copy into the engine's vector tables on the same loading thread, beside the decode loop; for
+   one that needs new layers or trains whole modules (`modules_to_save`), on the worker thread between decode
+   steps.
 
 Concurrent requests for one adapter that is not resident wait on one load (`_loading`). A load that fails (a
 missing, corrupt or foreign file) fails the requests that waited on it, with a 4xx naming the adapter.
@@ -43,7 +45,7 @@ class AdapterPool:
 
     Args:
         registry: names, sources and the loaded set (LRU order).
-        engine: installs and deletes adapters (worker thread only).
+        engine: installs and deletes adapters (on the worker thread where `Engine.fits` / `needs_worker` say so).
         max_loaded: adapters resident at most (soft, see the module docstring); None: no limit.
         max_bytes: bytes of adapter tensors resident at most (soft); None: no limit.
         pins: adapters never evicted.
@@ -110,8 +112,10 @@ class AdapterPool:
             self._in_use[name] -= rows
             if self._in_use[name] <= 0:
                 del self._in_use[name]
-        if on_worker is not None and self._over(0, 0):
-            asyncio.ensure_future(on_worker(self._trim)).add_done_callback(_log_failure)
+        if self._over(0, 0):
+            self._trim(worker=False)
+            if on_worker is not None and self._over(0, 0):  # what is left may need the worker (modules to save)
+                asyncio.ensure_future(on_worker(self._trim)).add_done_callback(_log_failure)
 
     async def _load_once(self, name: str, on_worker: OnWorker) -> None:
         future = self._loading.get(name)
@@ -124,7 +128,7 @@ class AdapterPool:
     async def _load(self, name: str, on_worker: OnWorker) -> None:
         started = time.perf_counter()
         files = await asyncio.to_thread(self.read, name)
-        await on_worker(functools.partial(self.install, name, files, False))
+        await self._install(name, files, False, on_worker)
         self.load_seconds = [*self.load_seconds[-999:], time.perf_counter() - started]
         self.loads += 1
 
@@ -139,7 +143,7 @@ class AdapterPool:
             files = await asyncio.to_thread(_read_checked, self.registry, name, folder, config, source)
         else:
             files = await asyncio.to_thread(self.read, name)
-        info = await on_worker(functools.partial(self.install, name, files, True))
+        info = await self._install(name, files, True, on_worker)
         if folder is not None and source is not None and not source.startswith("local:"):
             self.registry.remember(name, folder, source)
         return info
@@ -148,6 +152,13 @@ class AdapterPool:
         """An explicit unload: at once (queued rows of `name` get 404); it stays loadable on demand from disk."""
         await on_worker(functools.partial(self._unload_now, name))
         self.registry.forget(name)
+
+    async def _install(self, name: str, files: AdapterFiles, explicit: bool, on_worker: OnWorker) -> dict:
+        """`install` on a loading thread when the engine can copy the adapter in beside the decode loop, else on the
+        worker."""
+        if self.engine.fits(files):
+            return await asyncio.to_thread(self.install, name, files, explicit, False)
+        return await on_worker(functools.partial(self.install, name, files, explicit))
 
     # -- loading thread --------------------------------------------------------------------------------------------
     def read(self, name: str) -> AdapterFiles:
@@ -165,14 +176,15 @@ class AdapterPool:
         config = self.registry.read_config(folder, name)
         return _read_checked(self.registry, name, folder, config, source)
 
-    # -- worker thread (or before it starts) -----------------------------------------------------------------------
-    def install(self, name: str, files: AdapterFiles, explicit: bool) -> dict:
-        """Make room, then install `files` as adapter `name` (a no-op when it became resident meanwhile)."""
+    # -- worker thread, a loading thread (`worker=False`), or before the worker starts ---------------------------
+    def install(self, name: str, files: AdapterFiles, explicit: bool, worker: bool = True) -> dict:
+        """Make room, then install `files` as adapter `name` (a no-op when it became resident meanwhile). Off the
+        worker (`worker=False`) only adapters that `Engine.fits` install, and only evictions that need no worker."""
         if self.registry.has(name):
             if explicit:
                 raise ApiError(409, "adapter_exists", f"Adapter {name!r} is already loaded; DELETE it first")
             return {}
-        self._trim(1, files.nbytes, keep=name)
+        self._trim(1, files.nbytes, keep=name, worker=worker)
         try:
             self.engine.install_adapter(name, files)
         except (ValueError, TypeError, KeyError) as err:
@@ -209,17 +221,22 @@ class AdapterPool:
         over_bytes = self.max_bytes is not None and self.registry.resident_bytes() + nbytes > self.max_bytes
         return over_count or over_bytes
 
-    def _trim(self, count: int = 0, nbytes: int = 0, keep: str | None = None) -> None:
-        """Evict least recently used adapters (not pinned, not in use, not `keep`) until `count` more adapters of
-        `nbytes` more bytes fit, or nothing more can go."""
+    def _trim(self, count: int = 0, nbytes: int = 0, keep: str | None = None, worker: bool = True) -> None:
+        """Evict least recently used adapters (not pinned, not in use, not `keep`; off the worker, only those whose
+        deletion needs no worker) until `count` more adapters of `nbytes` more bytes fit, or nothing more can go."""
         while self._over(count, nbytes):
             with self._lock:  # chosen and marked gone at once: an `acquire` meanwhile would see it resident
                 busy = set(self._in_use) | self.pins | {keep}
-                victim = next((n for n in self.registry.names() if n not in busy), None)
+                names = (n for n in self.registry.names() if n not in busy)
+                victim = next((n for n in names if worker or not self.engine.needs_worker(n)), None)
                 if victim is None:
                     return
-                self.registry.remove(victim)  # an acquire from now on loads it again (installed after this delete)
-            self.engine.delete_adapter(victim)
+                self.registry.remove(victim)  # an acquire from now on loads it again, installed after this delete
+                in_model = self.engine.needs_worker(victim)
+                if not in_model:  # a row of the vector tables: freed here, before any reload can install it
+                    self.engine.delete_adapter(victim)
+            if in_model:  # on the worker, as is its reload
+                self.engine.delete_adapter(victim)
             self.evictions += 1
             log.info("evicted adapter %s (least recently used)", victim)
 

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import hashlib
 import logging
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ia3.config import IA3Config
+from ia3.functional import PREFIX, unwrapped_name
 from ia3.loading import ModelSource, bfloat16_units, default_device, load_base_model, load_tokenizer
 from ia3.peft_model import get_peft_model
 from ia3.serialization import WEIGHTS_NAME, load_tensors
@@ -30,9 +32,11 @@ from ia3.serve.budget import Budgets, Speed
 from ia3.serve.config import ServeConfig
 from ia3.serve.decoding import Decoder, Sampling, distributions
 from ia3.serve.errors import ApiError
+from ia3.serve.vectors import VectorBank
 from ia3.settings import RECIPE_FILE, ConfigError, read_settings_file
+from ia3.targets import find_targets, resolve_config
 from ia3.tasks import LabelLengthError, Task
-from ia3.tuner import BASE_ADAPTER, contiguous_head_input
+from ia3.tuner import BASE_ADAPTER, TASK_HEADS, contiguous_head_input
 
 log = logging.getLogger("ia3.serve")
 
@@ -152,7 +156,10 @@ class Engine:
         self.label_names = list(label_names) if label_names else None
         self.base = model.to(self.device).eval().requires_grad_(False)  # the HF model; adapters wrap its layers
         contiguous_head_input(self.base)  # also while no adapter is loaded (see its docstring)
-        self.peft = None  # ia3 PeftModel, created with the first adapter
+        self.peft = None  # ia3 PeftModel, created with the first adapter: it wraps the targeted layers
+        self.vectors: VectorBank | None = None  # every adapter's vectors, once the model has layers for them
+        self._layout_lock = threading.RLock()  # held while layers are injected, and while they are looked up
+        self._targets_of: dict[tuple, list[tuple[str, bool]] | None] = {}
         self.tokenizer = tokenizer
         self.max_input_tokens = self._input_budget()
         # the tokenizer thread's copy: it truncates on the left (the end of an input, next to the answer, stays)
@@ -177,9 +184,7 @@ class Engine:
                 max_prefill_tokens=self.budgets.prefill_tokens,
                 max_rows_per_request=config.request_rows,
                 max_positions=self.positions if task_class.answer_follows_prompt else None,
-                adapter_loaded=lambda name: (
-                    name == BASE_ADAPTER or (self.peft is not None and model_name(name) in self.peft.peft_config)
-                ),
+                adapter_loaded=self.has_adapter,
             )
 
     @torch.inference_mode()
@@ -250,35 +255,105 @@ class Engine:
             )
         return budget
 
-    # -- adapters (worker thread) ----------------------------------------------------------------------------------
+    # -- adapters ----------------------------------------------------------------------------------------------------
+    def fits(self, files: AdapterFiles) -> bool:
+        """Whether `files` installs as a copy into the vector tables (any thread, nothing in the model changes):
+        its config adds no modules to save, targets only layers the model already has (on the same side), and its
+        file has exactly one vector of the right size for each of them."""
+        if self.vectors is None:
+            return False
+        targets = self._targets(files.config)
+        columns = self.vectors.columns()
+        if targets is None or any(key not in columns or columns[key].is_feedforward != ff for key, ff in targets):
+            return False
+        return set(files.tensors) == {key for key, _ in targets} and not self.vectors.problems(files.tensors)
+
     def install_adapter(self, name: str, files: AdapterFiles) -> None:
-        """Add adapter `name` from tensors already read: inject its vectors and copy the tensors in (strictly; a
-        file that does not fit this model raises ValueError and leaves the other adapters as they were)."""
+        """Add adapter `name` from tensors already read. When it `fits`, a copy into the vector tables, safe on any
+        thread; else (worker thread only) its layers are injected into the model first, strictly: a file that does
+        not fit this model raises ValueError and leaves the other adapters as they were."""
         inner = model_name(name)
-        config = dataclasses.replace(files.config, inference_mode=True, init_ia3_weights=True)
-        # vectors in the served dtype (autocast off): bf16 weights scale by bf16 vectors, no casts per layer
-        if self.peft is None:
-            self.peft = get_peft_model(self.base, config, adapter_name=inner, autocast_adapter_dtype=False)
+        if self.fits(files):
+            assert self.vectors is not None
+            self.vectors.add(inner, files.tensors)
         else:
-            self.peft.base_model.inject_adapter(inner, config, autocast_adapter_dtype=False)
-        try:
-            self.peft.load_adapter_state_dict(files.tensors, inner, source=files.source)
-        except BaseException:
-            self.peft.base_model.delete_adapter(inner)
-            raise
-        self.base.eval()
+            self._inject(inner, files)
+
+    def _inject(self, inner: str, files: AdapterFiles) -> None:
+        """The slow path (worker thread): inject the adapter's layers, load its tensors, and widen the vector
+        tables to the model's layers; its vectors then live in the tables (and in the model too when it has
+        modules to save, whose copies cannot be gathered)."""
+        config = dataclasses.replace(files.config, inference_mode=True, init_ia3_weights=True)
+        with self._layout_lock:
+            # vectors in the served dtype (autocast off): bf16 weights scale by bf16 vectors, no casts per layer
+            if self.peft is None:
+                self.peft = get_peft_model(self.base, config, adapter_name=inner, autocast_adapter_dtype=False)
+            else:
+                self.peft.base_model.inject_adapter(inner, config, autocast_adapter_dtype=False)
+            tuner = self.peft.base_model
+            try:
+                self.peft.load_adapter_state_dict(files.tensors, inner, source=files.source)
+            except BaseException:
+                tuner.delete_adapter(inner)
+                raise
+            self.base.eval()
+            if self.vectors is None:
+                self.vectors = VectorBank(self.config.max_loaded_adapters or 64)
+            layers = [(f"{PREFIX}{unwrapped_name(n)}.ia3_l", layer) for n, layer in tuner.ia3_layers()]
+            self.vectors.relayout(layers, [w for _, w in tuner.wrappers()])
+            vectors = self.peft.adapter_state_dict(inner)
+            self.vectors.add(inner, {k: v for k, v in vectors.items() if k.endswith(".ia3_l")})
+            if not any(inner in w.modules_to_save for _, w in tuner.wrappers()):
+                tuner.delete_adapter(inner)  # its layers stay, its vectors live in the tables
+            self._targets_of.clear()
+
+    def _targets(self, config: IA3Config) -> list[tuple[str, bool]] | None:
+        """(PEFT key, scales the input) of each layer `config` targets in this model; None when it has modules to
+        save or targets nothing here. Cached per targeting fields."""
+        key = (
+            config.task_type,
+            repr(config.target_modules),
+            repr(config.exclude_modules),
+            repr(config.feedforward_modules),
+            repr(config.modules_to_save),
+        )
+        if key not in self._targets_of:
+            with self._layout_lock:  # the module walk must not see an injection half done
+                try:
+                    resolved = resolve_config(config, self.base)
+                    saves = resolved.modules_to_save or TASK_HEADS.get(resolved.task_type or "")
+                    found = None if saves else find_targets(resolved, self.base)
+                except ValueError:  # the slow path says why
+                    found = None
+                self._targets_of[key] = (
+                    None
+                    if found is None
+                    else [(f"{PREFIX}{unwrapped_name(t.name)}.ia3_l", t.is_feedforward) for t in found]
+                )
+        return self._targets_of[key]
+
+    def has_adapter(self, name: str) -> bool:
+        return name == BASE_ADAPTER or (self.vectors is not None and self.vectors.has(model_name(name)))
 
     def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name`: any thread when it lives in the vector tables only (`needs_worker` False), else on
+        the worker thread."""
         inner = model_name(name)
-        if self.peft is None or inner not in self.peft.peft_config:
+        if self.vectors is None or not self.vectors.remove(inner):
             raise ApiError(404, "adapter_not_found", f"Adapter {name!r} is not loaded")
-        self.peft.delete_adapter(inner)
+        if self.needs_worker(name):
+            assert self.peft is not None
+            self.peft.delete_adapter(inner)
+
+    def needs_worker(self, name: str) -> bool:
+        """Whether deleting `name` changes the model (an adapter with modules to save), so must run on the worker."""
+        return self.peft is not None and model_name(name) in self.peft.peft_config
 
     def _rows(self, adapters: list[str]):
-        if self.peft is None:
+        if self.vectors is None:
             assert all(a == BASE_ADAPTER for a in adapters)
             return nullcontext()
-        return self.peft.base_model.per_example([model_name(a) for a in adapters])
+        return self.vectors.rows([model_name(a) for a in adapters])
 
     # -- inputs (the tokenizer thread) -----------------------------------------------------------------------------
     def encode_one(self, text: str, where: str) -> tuple[list[int], int]:
