@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,6 +198,7 @@ class Outcome:
     ttft: float | None = None
     latency: float | None = None
     tokens: int = 0
+    prompt_tokens: int = 0
     error: str | None = None
     finished: bool = False  # the stream ended with `data: [DONE]`
     headers: dict[str, str] | None = None
@@ -273,6 +275,7 @@ async def stream_completion(conn: Connection, req: Request, body: bytes | None =
                     continue
                 if message.get("usage"):
                     out.tokens = message["usage"]["completion_tokens"]
+                    out.prompt_tokens = message["usage"]["prompt_tokens"]
                 piece = message["choices"][0]["text"] if message["choices"] else ""
                 if piece and out.ttft is None:
                     out.ttft = time.perf_counter() - start
@@ -363,6 +366,34 @@ def ms(value: float | None) -> float | None:
     return None if value is None else round(1000 * value, 1)
 
 
+def first_wave(wave: list[Outcome | None], later: list[Outcome | None], prefill_tps: float | None) -> dict:
+    """The first wave (one request per client, all sent at the same instant) against what the machine allows: its
+    last first token cannot come before all of its prompt tokens are prefilled, at the server's measured prefill
+    rate (`prefill_tps`, from `/metrics?format=json`), so TTFT p99 has this floor whatever the scheduler does; and
+    TTFT of the requests after it, which arrive one at a time as answers finish."""
+    answered = [o for o in wave if o is not None and o.status == 200 and o.error is None]
+    tokens = sum(o.prompt_tokens for o in answered)
+    after = [o.ttft for o in later if o is not None and o.status == 200 and o.error is None]
+    floor = tokens / prefill_tps if prefill_tps else None
+    return {
+        "first_wave_prompt_tokens": tokens,
+        "first_wave_ttft_max_ms": ms(max((o.ttft for o in answered), default=None)),
+        "first_wave_prefill_floor_ms": ms(floor),
+        "after_first_wave_ttft_p50_ms": ms(pct(after, 0.5)),
+        "after_first_wave_ttft_p99_ms": ms(pct(after, 0.99)),
+    }
+
+
+def prefill_rate(port: int) -> float | None:
+    """The prompt tokens/s the server measured at start (its budgets' speed), or None."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics?format=json", timeout=30) as response:
+            speed = json.load(response)["budgets"]["speed"]
+        return float(speed["prefill_tps"]) if speed else None
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
 def summarise(name: str, requests: list[Request], run: dict) -> dict:
     outs = run["outcomes"]
     answered = [o for o in outs if o is not None and o.status == 200 and o.error is None]
@@ -392,6 +423,7 @@ def summarise(name: str, requests: list[Request], run: dict) -> dict:
         "latency_p99_ms": ms(pct([o.latency for o in answered], 0.99)),
         "per_token_p50_ms": ms(pct(per_token, 0.5)),
         "per_token_p99_ms": ms(pct(per_token, 0.99)),
+        **first_wave(outs[: run["clients"]], outs[run["clients"] :], run.get("prefill_tps")),
         "hostile_actions": len(run["hostile"]),
         "hostile_outcomes": sorted(set(run["hostile"]))[:12],
     }
@@ -452,6 +484,7 @@ def main() -> None:
             proc, port = start_server({**base, **settings[kind]}, args.threads)
             try:
                 run = asyncio.run(drive(port, requests, clients, args.time_limit, 0.1 if extra == "hostile" else 0.0))
+                run.update(clients=clients, prefill_tps=prefill_rate(port))
             finally:
                 proc.terminate()
                 proc.wait(60)
@@ -475,9 +508,19 @@ def main() -> None:
             ratios[f"{r['clients']}_clients_{r['scenario']}_per_token_p99_over_p50"] = round(
                 r["per_token_p99_ms"] / r["per_token_p50_ms"], 3
             )
+    for r in rows:
+        if r["ttft_p50_ms"] and r["ttft_p99_ms"]:
+            ratios[f"{r['clients']}_clients_{r['scenario']}_ttft_p99_over_p50"] = round(
+                r["ttft_p99_ms"] / r["ttft_p50_ms"], 3
+            )
+        if r["first_wave_prefill_floor_ms"] and r["ttft_p50_ms"]:  # the least p99 / p50 the first wave allows
+            ratios[f"{r['clients']}_clients_{r['scenario']}_first_wave_floor_over_ttft_p50"] = round(
+                r["first_wave_prefill_floor_ms"] / r["ttft_p50_ms"], 3
+            )
     header = [
         "clients", "scenario", "tokens_per_s", "req_per_s", "ttft_p50_ms", "ttft_p99_ms", "latency_p50_ms", "latency_p99_ms",
-        "per_token_p50_ms", "per_token_p99_ms", "answered", "mismatched", "lost", "5xx",
+        "per_token_p50_ms", "per_token_p99_ms", "first_wave_ttft_max_ms", "first_wave_prefill_floor_ms",
+        "after_first_wave_ttft_p99_ms", "answered", "mismatched", "lost", "5xx",
     ]  # fmt: skip
     print()
     print("| " + " | ".join(header) + " |")
