@@ -35,7 +35,7 @@ class _Table:
     device: torch.device
     dtype: torch.dtype
     layers: list[IA3Layer]
-    data: torch.Tensor  # (capacity, sum of the layers' features); row 0 all ones
+    data: torch.Tensor  # (capacity, sum of the layers' features); row 0 all ones, rows from `_next` on unused
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,15 @@ class VectorBank:
             columns: dict[str, Column] = {}
             for (device, dtype), members in groups.items():
                 width = sum(layer.num_features for _, layer in members)
-                data = torch.ones(self._capacity, width, device=device, dtype=dtype)
+                # rows never used stay untouched (no memory until an adapter takes one)
+                data = torch.empty(self._capacity, width, device=device, dtype=dtype)
+                data[: self._next].fill_(1)
                 start = 0
                 for key, layer in members:
                     columns[key] = Column(len(tables), start, layer.num_features, layer.is_feedforward)
                     old = self._columns.get(key)
                     if old is not None and old.features == layer.num_features:
-                        data[:, start : start + old.features] = self._view(old)
+                        data[: self._next, start : start + old.features] = self._view(old)[: self._next]
                     start += layer.num_features
                 tables.append(_Table(device, dtype, [layer for _, layer in members], data))
             self._tables, self._columns, self._wrappers = tables, columns, list(wrappers)
@@ -146,8 +148,8 @@ class VectorBank:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the tables take (every row, free ones included)."""
-        return sum(t.data.numel() * t.data.element_size() for t in self._tables)
+        """Bytes of the rows ever used (the rest of the capacity is allocated but never touched)."""
+        return sum(self._next * t.data.shape[1] * t.data.element_size() for t in self._tables)
 
     # -- batches ---------------------------------------------------------------------------------------------------
     @contextmanager
@@ -175,8 +177,8 @@ class VectorBank:
             grown = self._capacity + max(16, self._capacity // 2)
             with torch.inference_mode(False), torch.no_grad():
                 for table in self._tables:
-                    data = torch.ones(grown, table.data.shape[1], device=table.device, dtype=table.dtype)
-                    data[: self._capacity] = table.data
+                    data = torch.empty(grown, table.data.shape[1], device=table.device, dtype=table.dtype)
+                    data[: self._next] = table.data[: self._next]
                     table.data = data
             self._capacity = grown
         self._next += 1
