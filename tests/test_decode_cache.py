@@ -170,3 +170,36 @@ def test_a_server_without_adapters_decodes_without_autograd(causal, tmp_path):
         assert modes and all(inference and not grad for inference, grad in modes), modes
     finally:
         srv.close()
+
+
+def test_a_burst_is_prefilled_before_the_running_rows_decode_again_within_the_deferral(causal, monkeypatch):
+    """12 rows arrive together, more than one step prefills: with a deferral the running rows' decode waits until
+    the last of the burst is being prefilled, then all decode together; each answer still equals the row alone.
+    Once the oldest running token is older than the deferral, decode runs between the pieces."""
+    model, tok = causal.ref.get_base_model(), causal.tokenizer
+    rows_context = causal.ref.base_model.per_example
+    texts = prompts(tok, 12, seed=3)
+
+    def burst(defer: float) -> tuple[Decoder, list[Row], list[int]]:
+        dec = Decoder(model, tok, torch.device("cpu"), rows_context, CausalDecodeState, 16, 40, defer_decode_s=defer)
+        rows = [Row(p, ["a", "b"][i % 2], 6, client=str(i)) for i, p in enumerate(texts)]
+        dec.add(rows)
+        decodes = []  # decode steps run by the end of each step, until every row has a token
+        with torch.inference_mode():
+            while not all(r.tokens for r in rows):
+                dec.step()
+                decodes.append(dec.steps)
+            while dec.busy():
+                dec.step()
+        return dec, rows, decodes
+
+    _, deferred, decodes = burst(60.0)
+    assert len(decodes) > 2 and decodes[-2] == 0  # several steps of prefill, no decode before the burst is in
+    _, plain, decodes = burst(0.0)
+    assert len(decodes) > 2 and decodes[-1] == len(decodes) - 1  # a decode step after every piece but the first
+    for a, b in zip(deferred, plain):
+        assert a.tokens == b.tokens == run_alone(lambda: decoder(model, tok, rows_context, 1), a)
+    clock = iter(range(0, 10_000, 100))  # every reading of the clock 100 s after the last: the deferral runs out
+    monkeypatch.setattr("ia3.serve.decoding.time.monotonic", lambda: float(next(clock)))
+    _, _, decodes = burst(60.0)
+    assert decodes[-1] == len(decodes) - 1

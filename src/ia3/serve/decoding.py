@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -440,8 +441,11 @@ class Decoder:
         max_positions: int | None = None,
         adapter_loaded: Callable[[str], bool] | None = None,
         max_rows_per_request: int | None = None,
+        defer_decode_s: float = 0.0,
     ) -> None:
         self.model = model
+        self.defer_decode_s = defer_decode_s
+        self.oldest_token = 0.0  # monotonic time of the oldest last token among the running rows
         self.adapter_loaded = adapter_loaded
         self.state_class = state_class
         self.device = device
@@ -507,9 +511,23 @@ class Decoder:
             budget -= sum(len(r.prompt) for r in admitted)
         if self.partial is not None and self.partial.state is None:  # just started: its first piece now
             self._continue_partial(budget)
-        if any(r not in admitted for r in self.running):
+        prefilled = admitted or budget < self.max_prefill_tokens
+        if any(r not in admitted for r in self.running) and not (prefilled and self._defer()):
             self._decode()
         self._retire()
+
+    def _defer(self) -> bool:
+        """Whether the running rows' decode waits for the next step, so that more rows are prefilled first (a burst
+        of arrivals gets its first tokens sooner): only while a prompt is part way in, or rows wait that the batch
+        has room for, and only until the running rows' oldest token is `defer_decode_s` old, which bounds the gap
+        it adds to them."""
+        if self.defer_decode_s <= 0 or time.monotonic() - self.oldest_token >= self.defer_decode_s:
+            return False
+        if self.partial is not None:
+            return True
+        with self._lock:
+            waiting = bool(self.waiting)
+        return waiting and len(self.running) < self.max_rows
 
     def _continue_partial(self, budget: int) -> int:
         """Prefill the next piece (at most `budget` tokens) of the long prompt in progress; the budget left.
@@ -632,6 +650,7 @@ class Decoder:
         last = [p if isinstance(p, int) else self.pad_id for p in picks]
         if self.state is None or not self.running:
             self.state, self.last, self.running = state, last, list(rows)
+            self.oldest_token = time.monotonic()
         else:
             self.state.extend(state)
             self.last, self.running = self.last + last, self.running + list(rows)
@@ -661,6 +680,7 @@ class Decoder:
         for row, pick, live in zip(self.running, picks, fresh):
             if live:
                 self._take(row, pick)
+        self.oldest_token = time.monotonic()
 
     def _take(self, row: Row, pick: int | BaseException) -> None:
         """Append the row's new token; emit its stable text; finish it on EOS, a stop sequence or a limit."""
