@@ -156,9 +156,14 @@ class AdapterPool:
     async def _install(self, name: str, files: AdapterFiles, explicit: bool, on_worker: OnWorker) -> dict:
         """`install` on a loading thread when the engine can copy the adapter in beside the decode loop, else on the
         worker."""
-        if self.engine.fits(files):
-            return await asyncio.to_thread(self.install, name, files, explicit, False)
-        return await on_worker(functools.partial(self.install, name, files, explicit))
+        info = await asyncio.to_thread(self._install_beside, name, files, explicit)
+        if info is None:
+            info = await on_worker(functools.partial(self.install, name, files, explicit))
+        return info
+
+    def _install_beside(self, name: str, files: AdapterFiles, explicit: bool) -> dict | None:
+        """`install` here (a loading thread) when the adapter fits the engine's vector tables; None when not."""
+        return self.install(name, files, explicit, worker=False) if self.engine.fits(files) else None
 
     # -- loading thread --------------------------------------------------------------------------------------------
     def read(self, name: str) -> AdapterFiles:
