@@ -105,3 +105,37 @@ def test_relayout_to_new_layers_keeps_the_rows():
     bank.add("w", _vectors(model, "w"))
     names = ["w", "a", ia3.BASE_ADAPTER, "a", "w"]
     assert torch.equal(_logits(model, bank.rows(names)), _logits(model, model.base_model.per_example(names)))
+
+
+def test_adds_and_removes_on_other_threads_never_touch_the_rows_a_batch_uses():
+    """Two threads add and remove 40 adapters over and over (the tables grow meanwhile) while batches of the two
+    pinned adapters run: every batch's rows are exactly theirs."""
+    import threading
+
+    model = _model({"a": {}, "b": {}})
+    bank = _bank(model, capacity=2)
+    vectors = {n: _vectors(model, n) for n in ("a", "b")}
+    for name, tensors in vectors.items():
+        bank.add(name, tensors)
+    churn = {f"x{i}": {k: torch.full_like(v, 2.0 + i) for k, v in vectors["a"].items()} for i in range(40)}
+    want = _logits(model, model.base_model.per_example(["a", "b", "b", "a", "b"]))
+    stop = threading.Event()
+
+    def worker(offset: int) -> None:
+        while not stop.is_set():
+            for i in range(offset, 40, 2):
+                bank.add(f"x{i}", churn[f"x{i}"])
+            for i in range(offset, 40, 2):
+                bank.remove(f"x{i}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(30):
+            assert torch.equal(_logits(model, bank.rows(["a", "b", "b", "a", "b"])), want)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert len(bank) == 2
