@@ -7,7 +7,8 @@ vectors set as the server sets them, each variant of `torch.compile` (inductor) 
 
 - compile time: the first compiled call (the inductor cache under /tmp makes a second run of the script faster);
 - graphs and graph breaks (`torch._dynamo.explain`): does the in-place cache write or the row scales break it?
-- correctness: the largest |logit difference| and the share of rows whose argmax agrees;
+- correctness: the largest |logit difference| and the share of rows whose argmax agrees; the largest difference
+  again with every row moved to another adapter (new row scales, same shapes: no recompile is expected);
 - speed: eager and compiled steps interleaved (A, B, A, B, ...) on the same batch, each step's cache column rolled
   back after it, so both sides see the same shapes; the median of each and the ratio eager / compiled;
 - recompiles: the decoder then runs `--churn` more steps with the compiled step (rows join and leave, the cache
@@ -17,7 +18,7 @@ vectors set as the server sets them, each variant of `torch.compile` (inductor) 
 Usage: python bench/compile_decode.py [--dtype float32|bfloat16] [--variants dynamic,static] [--rows 32]
        [--repeats 8] [--churn 12] [--model smollm2|tiny] [--out bench/results/compile_decode.json]
 Variants: dynamic (dynamic=True), static (dynamic=False: one graph per batch shape), autotune (static,
-mode="max-autotune-no-cudagraphs"), frozen (static, inductor's freezing; the row scales held for its timing). One torch thread and one inductor compile thread by default (a shared machine).
+mode="max-autotune-no-cudagraphs"), frozen and frozen-dynamic (inductor's freezing, static or dynamic=True). One torch thread and one inductor compile thread by default (a shared machine).
 """
 
 from __future__ import annotations
@@ -27,12 +28,10 @@ import os
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 import common  # noqa: E402
@@ -47,9 +46,10 @@ VARIANTS = {
     "dynamic": {"dynamic": True},
     "static": {"dynamic": False},
     "autotune": {"dynamic": False, "mode": "max-autotune-no-cudagraphs"},
-    # inductor's freezing: weights become constants (prepacked for oneDNN); so do the row scales, which are module
-    # attributes: a new batch's scales recompile. Measured with one batch's scales held, as a ceiling.
+    # inductor's freezing: the parameters become constants (weights prepacked for oneDNN); the row scales, plain
+    # tensor attributes of the layers, stay inputs of the graph
     "frozen": {"dynamic": False, "options": {"freezing": True}},
+    "frozen-dynamic": {"dynamic": True, "options": {"freezing": True}},
 }
 
 
@@ -90,20 +90,15 @@ def step_inputs(decoder: Decoder) -> dict[str, Any]:
     }
 
 
-def one_step(decoder: Decoder, call: Any, rows: Any) -> tuple[torch.Tensor, float]:
-    """One decode forward of the running batch with `call`, its column then rolled back; (logits, seconds)."""
+def one_step(decoder: Decoder, call: Any, rows: Any, adapters: list[str] | None = None) -> tuple[torch.Tensor, float]:
+    """One decode forward of the running batch with `call` (its rows on `adapters`, default their own), its column
+    then rolled back; (logits, seconds)."""
     start = time.perf_counter()
-    with rows([r.adapter for r in decoder.running]):
+    with rows(adapters or [r.adapter for r in decoder.running]):
         logits = call(**step_inputs(decoder)).logits[:, -1]
     seconds = time.perf_counter() - start
     roll_back(decoder)
     return logits, seconds
-
-
-@contextlib.contextmanager
-def held_rows(adapters: list[str]) -> Iterator[None]:
-    """The row scales already set (`measure` of a frozen variant)."""
-    yield
 
 
 def roll_back(decoder: Decoder) -> None:
@@ -117,7 +112,7 @@ def graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
-def measure(decoder: Decoder, rows: Any, name: str, repeats: int) -> dict[str, Any]:
+def measure(decoder: Decoder, rows: Any, name: str, repeats: int, adapters: int) -> dict[str, Any]:
     """Compile the model call (variant `name`) and measure it against eager on the running batch."""
     torch._dynamo.reset()
     inputs = step_inputs(decoder)
@@ -126,20 +121,17 @@ def measure(decoder: Decoder, rows: Any, name: str, repeats: int) -> dict[str, A
     roll_back(decoder)
     torch._dynamo.reset()
     compiled = torch.compile(decoder.model, **VARIANTS[name])
-    held = None
-    if "options" in VARIANTS[name]:  # frozen: the row scales set once for the whole measurement
-        held = rows([r.adapter for r in decoder.running])
-        held.__enter__()
-        rows = held_rows
     before = graphs()
     got, compile_s = one_step(decoder, compiled, rows)
     want, _ = one_step(decoder, decoder.model, rows)
+    # the same batch with every row on another adapter: new row scales, the same shapes
+    other = [f"adapter{(int(r.adapter.removeprefix('adapter')) + 1) % adapters}" for r in decoder.running]
+    got_other, _ = one_step(decoder, compiled, rows, other)
+    want_other, _ = one_step(decoder, decoder.model, rows, other)
     eager, fast = [], []
     for _ in range(repeats):
         eager.append(one_step(decoder, decoder.model, rows)[1])
         fast.append(one_step(decoder, compiled, rows)[1])
-    if held is not None:
-        held.__exit__(None, None, None)
     return {
         "variant": name,
         "rows": len(decoder.running),
@@ -151,6 +143,7 @@ def measure(decoder: Decoder, rows: Any, name: str, repeats: int) -> dict[str, A
         "graphs_compiled_at_start": graphs() - before,
         "max_abs_logit_diff": float((got.float() - want.float()).abs().max()),
         "argmax_agree": float((got.argmax(-1) == want.argmax(-1)).float().mean()),
+        "other_scales_max_abs_logit_diff": float((got_other.float() - want_other.float()).abs().max()),
         "eager_ms": round(1e3 * statistics.median(eager), 1),
         "compiled_ms": round(1e3 * statistics.median(fast), 1),
         "speedup": round(statistics.median(eager) / statistics.median(fast), 3),
@@ -200,19 +193,19 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         profile_decode.run_steps(decoder, args.warmup, args.rows, args.adapters, args.vocab, rng)
         for name in args.variants.split(","):
-            result = measure(decoder, rows, name, args.repeats)
+            result = measure(decoder, rows, name, args.repeats, args.adapters)
             steps = args.churn if VARIANTS[name]["dynamic"] else min(args.churn, args.churn_static)
             result.update(churn(decoder, result.pop("compiled"), steps, args, rng))
             results.append(result)
             print({k: v for k, v in result.items() if k != "break_reasons"}, flush=True)
     print(f"\n=== {args.model} {args.dtype}, {args.threads} thread(s), torch {torch.__version__} ===")
-    print("| variant | rows x columns | compile (s) | graphs / breaks | max abs logit diff | argmax agree |"
+    print("| variant | rows x columns | compile (s) | graphs / breaks | max abs logit diff (own / other adapters) | argmax agree |"
           " eager ms | compiled ms | eager / compiled | churn: steps, shapes, graphs compiled, steps > 1 s |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
             f"| {r['variant']} | {r['rows']} x {r['columns']} | {r['compile_s']} | {r['graphs']} / "
-            f"{r['graph_breaks']} | {r['max_abs_logit_diff']:.2g} | {r['argmax_agree']:.3f} | {r['eager_ms']} | "
+            f"{r['graph_breaks']} | {r['max_abs_logit_diff']:.2g} / {r['other_scales_max_abs_logit_diff']:.2g} | {r['argmax_agree']:.3f} | {r['eager_ms']} | "
             f"{r['compiled_ms']} | {r['speedup']:.2f}x | {r['churn_steps']}, {r['churn_shapes']}, "
             f"{r['churn_graphs']}, {r['churn_slow']} |"
         )
