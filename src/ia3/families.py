@@ -219,6 +219,20 @@ class DecodeState:
         """Run `prompts` once; their state and the `(B, V)` logits of each row's first new token."""
         raise NotImplementedError
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache holds: its buffers whole (free room included), or its tensors."""
+        layers = _self_layers(self.cache) + list(
+            getattr(getattr(self.cache, "cross_attention_cache", None), "layers", [])
+        )
+        total = 0
+        for layer in layers:
+            names = ("key_buffer", "value_buffer") if isinstance(layer, BufferLayer) else ("keys", "values")
+            for tensor in (getattr(layer, name, None) for name in names):
+                if isinstance(tensor, torch.Tensor):
+                    total += tensor.numel() * tensor.element_size()
+        return total
+
     def extend(self, other: DecodeState) -> None:
         """Append `other`'s rows after this state's rows."""
         raise NotImplementedError

@@ -127,8 +127,9 @@ class AdapterPool:
 
     async def _load(self, name: str, on_worker: OnWorker) -> None:
         started = time.perf_counter()
-        files = await asyncio.to_thread(self.read, name)
-        await self._install(name, files, False, on_worker)
+        read_and_installed = await asyncio.to_thread(self._read_and_install, name)
+        if not isinstance(read_and_installed, dict):  # it needs the worker
+            await on_worker(functools.partial(self.install, name, read_and_installed, False))
         self.load_seconds = [*self.load_seconds[-999:], time.perf_counter() - started]
         self.loads += 1
 
@@ -160,6 +161,13 @@ class AdapterPool:
         if info is None:
             info = await on_worker(functools.partial(self.install, name, files, explicit))
         return info
+
+    def _read_and_install(self, name: str) -> dict | AdapterFiles:
+        """Read adapter `name` and, when it fits the engine's vector tables, install it here (one trip to a loading
+        thread); else its files, for the worker to install."""
+        files = self.read(name)
+        installed = self._install_beside(name, files, False)
+        return files if installed is None else installed
 
     def _install_beside(self, name: str, files: AdapterFiles, explicit: bool) -> dict | None:
         """`install` here (a loading thread) when the adapter fits the engine's vector tables; None when not."""

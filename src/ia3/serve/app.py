@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -41,6 +42,10 @@ from ia3.serve.routes import INFERENCE, admin, metrics, native, openai
 from ia3.serve.service import Service
 
 log = logging.getLogger("ia3.serve")
+# how long a thread may hold the GIL while another waits for it (CPython's default: 5 ms). The worker runs Python
+# between its tensor operations for much of a decode step; a request's adapter load (path checks, file reads,
+# copies) takes the GIL back dozens of times, each a wait of up to this interval: at 5 ms a cold load's p99 was 310 ms
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class RequestMetrics:
@@ -179,6 +184,7 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_leve
     if host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         log.warning("serving on %s without an API key: anyone who can reach this port can use it", host)
     raise_file_limit(config.max_connections)  # uvicorn_config sizes the listen backlog to the limit reached
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     app = create_app(config)
     if config.save_tokenizer:
         log.info("tokenizer written to %s", app.state.service.save_tokenizer(config.save_tokenizer))

@@ -664,6 +664,7 @@ class Decoder:
             "mean_rows": round(self.row_steps / self.steps, 3) if self.steps else None,
             "max_rows": self.max_rows_seen,
             "max_adapters": self.max_adapters_seen,
+            "cache_bytes": self.state.nbytes if self.state is not None else 0,
         }
 
     def _decode(self) -> None:

@@ -30,6 +30,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -55,8 +56,9 @@ class Ia3Replica:
     """One engine: the `ia3 serve` app in this process, fed forwarded requests."""
 
     def __init__(self, config: dict, max_adapters: int) -> None:
-        from ia3.serve.app import create_app
+        from ia3.serve.app import GIL_SWITCH_INTERVAL_S, create_app
 
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # as `ia3 serve` does (see there)
         settings = dict(config)
         settings.setdefault("max_loaded_adapters", max_adapters)
         self.app = create_app(ServeConfig(**settings))
