@@ -284,7 +284,12 @@ def run_server(args, config: dict, staged: Path, root: Path, plan: dict[str, lis
             print(f"  {label}: {json.dumps(report[label])}", flush=True)
             if label == "uniform":
                 cold = after["load_seconds"][-min(1000, max(loads, 1)) :]
-                report["cold_load_ms"] = {"p50": ms(pct(cold, 0.5)), "p99": ms(pct(cold, 0.99)), "n": len(cold)}
+                report["cold_load_ms"] = {
+                    "p50": ms(pct(cold, 0.5)),
+                    "p99": ms(pct(cold, 0.99)),
+                    "n": len(cold),
+                    "in_order": [ms(c) for c in cold],  # the first ones are the first wave: every client at once
+                }
         time.sleep(2 * args.rss_interval)
         end, snapshot = rss_mb(proc.pid), metrics(port)
         report["rss"] = rss_report(base, end, snapshot["adapters"], sampler.samples, (base_cache, cache_mb(snapshot)))

@@ -60,6 +60,7 @@ class VectorBank:
         self._capacity = max(1, capacity) + 1  # + the row of ones
         self._tables: list[_Table] = []
         self._columns: dict[str, Column] = {}
+        self._keys: list[list[str]] = []  # each table's keys, in column order
         self._wrappers: list[ModulesToSaveWrapper] = []
         self._slots: dict[str, int] = {}
         self._free: list[int] = []
@@ -89,6 +90,7 @@ class VectorBank:
                     start += layer.num_features
                 tables.append(_Table(device, dtype, [layer for _, layer in members], data))
             self._tables, self._columns, self._wrappers = tables, columns, list(wrappers)
+            self._keys = [[k for k, c in columns.items() if c.table == t] for t in range(len(tables))]
 
     def columns(self) -> dict[str, Column]:
         """The layers the tables cover, by PEFT key."""
@@ -121,10 +123,13 @@ class VectorBank:
             if slot is None:
                 slot = self._free.pop() if self._free else self._new_slot()
             with torch.inference_mode(False), torch.no_grad():
-                for table in self._tables:
-                    table.data[slot].fill_(1)
-                for key, tensor in tensors.items():
-                    self._view(self._columns[key])[slot].copy_(tensor.reshape(-1))
+                for index, table in enumerate(self._tables):  # the row whole, in one copy
+                    keys = self._keys[index]
+                    parts = [
+                        tensors[k].reshape(-1).to(table.device, table.dtype) if k in tensors else self._ones(k)
+                        for k in keys
+                    ]
+                    table.data[slot].copy_(torch.cat(parts))
             self._slots[name] = slot
 
     def remove(self, name: str) -> bool:
@@ -169,6 +174,11 @@ class VectorBank:
             yield
 
     # -- inside (lock held) ----------------------------------------------------------------------------------------
+    def _ones(self, key: str) -> torch.Tensor:
+        column = self._columns[key]
+        table = self._tables[column.table]
+        return torch.ones(column.features, device=table.device, dtype=table.dtype)
+
     def _view(self, column: Column) -> torch.Tensor:
         return self._tables[column.table].data[:, column.start : column.start + column.features]
 
