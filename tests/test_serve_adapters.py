@@ -23,6 +23,7 @@ httpx = pytest.importorskip("httpx")
 from live_server import LiveServer  # noqa: E402
 from serve_setup import TEXTS, Setup, one_torch_thread, save_adapter  # noqa: E402, F401
 
+from ia3 import BASE_ADAPTER  # noqa: E402
 from ia3.serve import ServeConfig  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -309,4 +310,31 @@ def test_an_adapter_on_other_layers_widens_the_tables(setup, expected, tmp_path)
         assert _answers(srv, "a") == [expected["a", t] for t in TEXTS[:2]]  # reloaded into the wider tables
         assert _answers(srv, "w") == [setup.generate("w", t, max_new_tokens=5) for t in TEXTS[:2]]
     finally:
+        srv.close()
+
+
+def test_the_first_adapter_of_an_empty_folder_loads_beside_the_decode_loop(setup, expected, tmp_path):
+    """A server whose adapters folder is empty at start has its vector tables ready: the first adapter that appears
+    and is asked for is copied in with the worker paused, like every later one, and answers as with all loaded."""
+    root = tmp_path / "adapters"
+    root.mkdir()
+    srv = _server(setup, adapters=root)
+    svc = srv.service
+    try:
+        assert svc.engine.vectors is not None and len(svc.engine.vectors) == 0
+        assert svc.engine.peft is not None and not svc.engine.peft.peft_config  # layers only, no adapter in the model
+        shutil.copytree(setup.adapters / "c", root / "c")
+        svc.batcher.pause()
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(_answers, srv, "c")
+            _wait_for(lambda: svc.registry.has("c"), "c installed while the worker is paused")
+            svc.batcher.resume()
+            assert answer.result() == [expected["c", t] for t in TEXTS[:2]]
+        r = srv.post(
+            "/v1/generate", json={"adapter": BASE_ADAPTER, "inputs": TEXTS[:2], "parameters": PARAMS}
+        )  # the base model
+        assert r.status_code == 200, r.text
+        assert [o["text"] for o in r.json()["outputs"]] == [setup.generate(BASE_ADAPTER, t, 5) for t in TEXTS[:2]]
+    finally:
+        svc.batcher.resume()
         srv.close()

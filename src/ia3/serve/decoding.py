@@ -455,6 +455,7 @@ class Decoder:
         self.max_positions = max_positions
         self.max_rows_per_request = max_rows_per_request or max_rows
         self.served: dict[str, int] = {}  # client -> when (admission count) it last had a row admitted
+        self.answered: set[tuple[str, int]] = set()  # (client, request) with a first token and rows still to come
         self.admissions = 0
         self.detok = Detokenizer(tokenizer)
         self.eos = eos_ids(model, tokenizer)
@@ -517,17 +518,17 @@ class Decoder:
         self._retire()
 
     def _defer(self) -> bool:
-        """Whether the running rows' decode waits for the next step, so that more rows are prefilled first (a burst
-        of arrivals gets its first tokens sooner): only while a prompt is part way in, or rows wait that the batch
-        has room for, and only until the running rows' oldest token is `defer_decode_s` old, which bounds the gap
-        it adds to them."""
+        """Whether the running rows' decode waits for the next step, so that more requests get their first token
+        sooner (a burst of arrivals): only while rows of requests without a first token wait (and the batch has room
+        for them) or are part way in, so a request with many rows defers the others for its first token only; and
+        only until the running rows' oldest token is `defer_decode_s` old, which bounds the gap it adds to them."""
         if self.defer_decode_s <= 0 or time.monotonic() - self.oldest_token >= self.defer_decode_s:
             return False
-        if self.partial is not None:
-            return True
+        partial = [self.partial.row] if self.partial is not None else []
+        if len(self.running) + len(partial) >= self.max_rows and not partial:
+            return False
         with self._lock:
-            waiting = bool(self.waiting)
-        return waiting and len(self.running) < self.max_rows
+            return any((r.client, r.request) not in self.answered for r in [*partial, *self.waiting])
 
     def _continue_partial(self, budget: int) -> int:
         """Prefill the next piece (at most `budget` tokens) of the long prompt in progress; the budget left.
@@ -610,6 +611,8 @@ class Decoder:
                 self.waiting = deque(r for r in self.waiting if id(r) not in gone)
             live = {r.client for r in (*self.waiting, *taken, *admitted, *started)}
             self.served = {c: t for c, t in self.served.items() if c in live}
+            pending = [*self.waiting, *([self.partial.row] if self.partial is not None else [])]
+            self.answered &= {(r.client, r.request) for r in pending}  # only what `_defer` may ask
         return admitted
 
     def _note_admission(self, client: str, row: Row, rows: Counter) -> None:  # with the lock held
@@ -656,6 +659,7 @@ class Decoder:
             self.last, self.running = self.last + last, self.running + list(rows)
         for row, pick in zip(rows, picks):
             self._take(row, pick)
+        self.answered.update((r.client, r.request) for r in rows)
 
     def stats(self) -> dict:
         return {

@@ -39,6 +39,7 @@ from ia3.tasks import LabelLengthError, Task
 from ia3.tuner import BASE_ADAPTER, TASK_HEADS, contiguous_head_input
 
 log = logging.getLogger("ia3.serve")
+LAYOUT_ADAPTER = "ia3_serve_layout"  # the name under which `prepare_vectors` injects layers (deleted at once)
 
 
 @dataclass(frozen=True)
@@ -278,13 +279,26 @@ class Engine:
             assert self.vectors is not None
             self.vectors.add(inner, files.tensors)
         else:
-            self._inject(inner, files)
+            self._inject(inner, files.config, files)
 
-    def _inject(self, inner: str, files: AdapterFiles) -> None:
-        """The slow path (worker thread): inject the adapter's layers, load its tensors, and widen the vector
-        tables to the model's layers; its vectors then live in the tables (and in the model too when it has
-        modules to save, whose copies cannot be gathered)."""
-        config = dataclasses.replace(files.config, inference_mode=True, init_ia3_weights=True)
+    def prepare_vectors(self) -> None:
+        """Wrap the layers the task's default (IA)^3 config targets and make the (empty) vector tables now, so that
+        the first adapters requested install as copies like the rest instead of waiting, all of them, for the worker
+        to inject the first (a server with an adapters folder that has none in it yet). Nothing for a task whose
+        adapters train whole modules (a classifier's head), or a model with no default targets."""
+        if self.vectors is not None or TASK_HEADS.get(self.task.peft_task_type or ""):
+            return
+        try:
+            self._inject(LAYOUT_ADAPTER, IA3Config(task_type=self.task.peft_task_type))
+        except ValueError as err:
+            log.info("vector tables made with the first adapter instead (%s)", err)
+
+    def _inject(self, inner: str, config: IA3Config, files: AdapterFiles | None = None) -> None:
+        """The slow path (worker thread, or before it starts): inject the layers `config` targets, load `files`'
+        tensors, and widen the vector tables to the model's layers; the adapter's vectors then live in the tables
+        (and in the model too when it has modules to save, whose copies cannot be gathered). Without `files`,
+        only the layers."""
+        config = dataclasses.replace(config, inference_mode=True, init_ia3_weights=True)
         with self._layout_lock:
             # vectors in the served dtype (autocast off): bf16 weights scale by bf16 vectors, no casts per layer
             if self.peft is None:
@@ -292,19 +306,21 @@ class Engine:
             else:
                 self.peft.base_model.inject_adapter(inner, config, autocast_adapter_dtype=False)
             tuner = self.peft.base_model
-            try:
-                self.peft.load_adapter_state_dict(files.tensors, inner, source=files.source)
-            except BaseException:
-                tuner.delete_adapter(inner)
-                raise
+            if files is not None:
+                try:
+                    self.peft.load_adapter_state_dict(files.tensors, inner, source=files.source)
+                except BaseException:
+                    tuner.delete_adapter(inner)
+                    raise
             self.base.eval()
             if self.vectors is None:
                 self.vectors = VectorBank(self.config.max_loaded_adapters or 64)
             layers = [(f"{PREFIX}{unwrapped_name(n)}.ia3_l", layer) for n, layer in tuner.ia3_layers()]
             self.vectors.relayout(layers, [w for _, w in tuner.wrappers()])
-            vectors = self.peft.adapter_state_dict(inner)
-            self.vectors.add(inner, {k: v for k, v in vectors.items() if k.endswith(".ia3_l")})
-            if not any(inner in w.modules_to_save for _, w in tuner.wrappers()):
+            if files is not None:
+                vectors = self.peft.adapter_state_dict(inner)
+                self.vectors.add(inner, {k: v for k, v in vectors.items() if k.endswith(".ia3_l")})
+            if files is None or not any(inner in w.modules_to_save for _, w in tuner.wrappers()):
                 tuner.delete_adapter(inner)  # its layers stay, its vectors live in the tables
             self._targets_of.clear()
 
@@ -354,6 +370,8 @@ class Engine:
         if self.vectors is None:
             assert all(a == BASE_ADAPTER for a in adapters)
             return nullcontext()
+        if all(a == BASE_ADAPTER for a in adapters) and not (self.peft is not None and self.peft.peft_config):
+            return self.vectors.no_rows()  # no layer has an adapter of its own: the base model, no scaling
         return self.vectors.rows([model_name(a) for a in adapters])
 
     # -- inputs (the tokenizer thread) -----------------------------------------------------------------------------

@@ -170,6 +170,8 @@ class Service:
             hub_on_demand=config.hub_on_demand,
         )
         self.adapters.preload(folders)
+        if self.registry.root is not None:  # adapters will come on demand: the vector tables ready for them now
+            self.engine.prepare_vectors()
         self.batcher = Batcher(
             self._run_batch,
             max_batch_size=config.max_batch_size,

@@ -173,6 +173,21 @@ class VectorBank:
                 wrapper.set_row_adapters(names)
             yield
 
+    @contextmanager
+    def no_rows(self) -> Iterator[None]:
+        """Inside the block no layer scales by rows (a batch of base-model rows, when no layer has an adapter of
+        its own active: its layers run as the base layers, without multiplying by ones); what was in force before
+        comes back on exit."""
+        with self._lock:
+            tables, wrappers = self._tables, self._wrappers
+        layers = [layer for t in tables for layer in t.layers]
+        with kept_rows(layers, wrappers):
+            for layer in layers:
+                layer.set_row_scales(None)
+            for wrapper in wrappers:
+                wrapper.set_row_adapters(None)
+            yield
+
     # -- inside (lock held) ----------------------------------------------------------------------------------------
     def _ones(self, key: str) -> torch.Tensor:
         column = self._columns[key]
