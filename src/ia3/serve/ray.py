@@ -55,14 +55,14 @@ class Ia3Replica:
     """One engine: the `ia3 serve` app in this process, fed forwarded requests."""
 
     def __init__(self, config: dict, max_adapters: int) -> None:
-        from ia3.serve.app import create_app, freeze_startup_objects
+        from ia3.serve.app import create_app, tune_process
 
         settings = dict(config)
         settings.setdefault("max_loaded_adapters", max_adapters)
         self.app = create_app(ServeConfig(**settings))
         self.service = self.app.state.service
         self.service.batcher.start()
-        freeze_startup_objects()
+        tune_process()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.service.metrics.labels = {"replica": self.replica_id}  # every sample of its /metrics names it
         self.max_adapters = max_adapters
