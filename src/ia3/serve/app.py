@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -43,7 +42,6 @@ from ia3.serve.routes import INFERENCE, admin, metrics, native, openai
 from ia3.serve.service import Service
 
 log = logging.getLogger("ia3.serve")
-GIL_SWITCH_INTERVAL_S = 0.0005  # see `tune_process`
 
 
 class RequestMetrics:
@@ -172,13 +170,9 @@ def _version() -> str:
 
 def tune_process() -> None:
     """Process settings of a server: the start-up's objects frozen out of the garbage collector's sight (SmolLM2:
-    ~470,000; a full collection over them took ~200 ms with the GIL held, stalling every thread), and the GIL
-    handed over every 0.5 ms instead of 5: a request's thread (an adapter load: path checks, file reads, a copy)
-    takes the GIL back after each system call, and each time may wait a whole interval behind the worker's Python
-    between its tensor operations."""
+    ~470,000; a full collection over them took ~200 ms with the GIL held, stalling every thread)."""
     gc.collect()
     gc.freeze()
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
 
 def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
