@@ -423,7 +423,7 @@ def summarise(name: str, requests: list[Request], run: dict) -> dict:
         "latency_p99_ms": ms(pct([o.latency for o in answered], 0.99)),
         "per_token_p50_ms": ms(pct(per_token, 0.5)),
         "per_token_p99_ms": ms(pct(per_token, 0.99)),
-        **first_wave(outs[: run["clients"]], outs[run["clients"] :], run.get("prefill_tps")),
+        **first_wave(outs[: run.get("clients", 0)], outs[run.get("clients", 0) :], run.get("prefill_tps")),
         "hostile_actions": len(run["hostile"]),
         "hostile_outcomes": sorted(set(run["hostile"]))[:12],
     }

@@ -373,6 +373,7 @@ def run_once(server: Server, requests: list, warm: list, args: argparse.Namespac
     sampler = MemorySampler(server.proc.pid)
     mine = on(server, requests)
     run = asyncio.run(load.drive(server.port, mine, args.clients, args.time_limit, 0.0))
+    run["clients"] = args.clients  # the first wave: one request per client (no prefill floor: vLLM has no such probe)
     memory = sampler.finish()
     figures = load.summarise(server.kind, mine, run)
     for key in ("scenario", "mismatched", "hostile_actions", "hostile_outcomes"):  # no expected answers, no hostile
