@@ -18,9 +18,7 @@ request is gone.
 
 Unset budgets are derived at start-up from the loaded model's measured speed (`Speed`: a short prefill and a few
 decode steps on the worker's device), so that a request the defaults admit finishes, alone, within half the request
-timeout, and one step's prefill stalls the running rows for about a quarter of a second. While more rows wait than
-one step prefills (a burst of arrivals), the running rows' decode steps wait for up to `DEFER_DECODE_S` so that the
-burst gets its first tokens sooner, without decode steps between each piece of it.
+timeout, and one step's prefill stalls the running rows for about a quarter of a second.
 """
 
 from __future__ import annotations
@@ -31,8 +29,6 @@ from dataclasses import dataclass
 from ia3.serve.config import ServeConfig
 
 PREFILL_STEP_S = 0.25  # the stall one step's prefill may add to the running rows' inter-token gap
-# how long the running rows' decode may wait while a burst of waiting rows is prefilled first (`Decoder.defer_decode_s`)
-DEFER_DECODE_S = 2 * PREFILL_STEP_S
 STEP_STALL_S = 1.0  # the longest stall one step that cannot be cut (a beam search's prefill) may add
 SHARE_OF_TIMEOUT = 0.5  # a request the default budget admits takes at most this share of the request timeout alone
 

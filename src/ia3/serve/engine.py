@@ -28,7 +28,7 @@ from ia3.functional import PREFIX, unwrapped_name
 from ia3.loading import ModelSource, bfloat16_units, default_device, load_base_model, load_tokenizer
 from ia3.peft_model import get_peft_model
 from ia3.serialization import WEIGHTS_NAME, load_tensors
-from ia3.serve.budget import DEFER_DECODE_S, Budgets, Speed
+from ia3.serve.budget import Budgets, Speed
 from ia3.serve.config import ServeConfig
 from ia3.serve.decoding import Decoder, Sampling, distributions
 from ia3.serve.errors import ApiError
@@ -184,7 +184,7 @@ class Engine:
                 max_rows=config.max_batch_size,
                 max_prefill_tokens=self.budgets.prefill_tokens,
                 max_rows_per_request=config.request_rows,
-                defer_decode_s=DEFER_DECODE_S,
+                defer_decode_s=config.burst_defer_ms / 1000,
                 max_positions=self.positions if task_class.answer_follows_prompt else None,
                 adapter_loaded=self.has_adapter,
             )
