@@ -172,34 +172,57 @@ def test_a_server_without_adapters_decodes_without_autograd(causal, tmp_path):
         srv.close()
 
 
-def test_a_burst_is_prefilled_before_the_running_rows_decode_again_within_the_deferral(causal, monkeypatch):
-    """12 rows arrive together, more than one step prefills: with a deferral the running rows' decode waits until
-    the last of the burst is being prefilled, then all decode together; each answer still equals the row alone.
-    Once the oldest running token is older than the deferral, decode runs between the pieces."""
+def test_a_burst_gets_a_larger_prefill_budget_in_proportion_and_the_same_answers(causal):
+    """12 rows arrive together with a budget of 40 prompt tokens per step: with `burst_prefill` 4 a step prefills up
+    to 160 while more new rows wait than run, so the burst has its first tokens in fewer steps; once the burst is in,
+    one more arrival beside the running rows gets the plain budget. Each answer still equals the row alone."""
     model, tok = causal.ref.get_base_model(), causal.tokenizer
     rows_context = causal.ref.base_model.per_example
     texts = prompts(tok, 12, seed=3)
 
-    def burst(defer: float) -> tuple[Decoder, list[Row], list[int]]:
-        dec = Decoder(model, tok, torch.device("cpu"), rows_context, CausalDecodeState, 16, 40, defer_decode_s=defer)
+    def burst(scale: float) -> tuple[Decoder, list[Row], list[int]]:
+        dec = Decoder(model, tok, torch.device("cpu"), rows_context, CausalDecodeState, 16, 40, burst_prefill=scale)
         rows = [Row(p, ["a", "b"][i % 2], 6, client=str(i)) for i, p in enumerate(texts)]
         dec.add(rows)
-        decodes = []  # decode steps run by the end of each step, until every row has a token
+        limits = []  # each step's prefill budget, until every row has a token
         with torch.inference_mode():
             while not all(r.tokens for r in rows):
+                limits.append(dec._prefill_limit())
                 dec.step()
-                decodes.append(dec.steps)
+            late = Row(texts[0], "a", 6, client="late")
+            dec.add([late])
+            limits.append(dec._prefill_limit())
             while dec.busy():
                 dec.step()
-        return dec, rows, decodes
+        return dec, [*rows, late], limits
 
-    _, deferred, decodes = burst(60.0)
-    assert len(decodes) > 2 and decodes[-2] == 0  # several steps of prefill, no decode before the burst is in
-    _, plain, decodes = burst(0.0)
-    assert len(decodes) > 2 and decodes[-1] == len(decodes) - 1  # a decode step after every piece but the first
-    for a, b in zip(deferred, plain):
+    _, plain, plain_limits = burst(1.0)
+    _, grown, limits = burst(4.0)
+    assert set(plain_limits) == {40} and len(plain_limits) > 3
+    assert limits[0] == 160 and len(limits) < len(plain_limits)  # no row runs yet: the most, 4 x 40
+    assert all(40 <= x <= 160 for x in limits) and limits[-1] == 40  # one arrival beside 12 running: the plain one
+    for a, b in zip(grown, plain):
         assert a.tokens == b.tokens == run_alone(lambda: decoder(model, tok, rows_context, 1), a)
-    clock = iter(range(0, 10_000, 100))  # every reading of the clock 100 s after the last: the deferral runs out
-    monkeypatch.setattr("ia3.serve.decoding.time.monotonic", lambda: float(next(clock)))
-    _, _, decodes = burst(60.0)
-    assert decodes[-1] == len(decodes) - 1
+
+
+def test_rows_of_a_request_that_has_its_first_token_do_not_grow_the_budget(causal):
+    """A request's later rows (it has more rows than its cap) are no burst: its first token came already."""
+    model, tok = causal.ref.get_base_model(), causal.tokenizer
+    dec = Decoder(
+        model,
+        tok,
+        torch.device("cpu"),
+        causal.ref.base_model.per_example,
+        CausalDecodeState,
+        16,
+        40,
+        max_rows_per_request=1,
+        burst_prefill=4.0,
+    )
+    text = prompts(tok, 1, seed=4)[0]
+    rows = [Row(text, "a", 30, client="one", index=i) for i in range(6)]
+    dec.add(rows)
+    with torch.inference_mode():
+        assert dec._prefill_limit() == 160  # nothing runs, six rows of an unanswered request wait
+        dec.step()
+        assert rows[0].tokens and dec._prefill_limit() == 40  # one runs; the five waiting belong to it

@@ -67,10 +67,10 @@ class ServeConfig:
             followed by a decode step (decoder-only models; an encoder-decoder's prompt runs whole, alone). None:
             what the model prefills in about 0.25 s here (measured at start-up; 64 to 4096).
         max_wait_ms: how long the oldest waiting request may wait for others to fill its batch.
-        burst_defer_ms: continuous batching: while requests with no first token yet wait (a burst of arrivals), the
-            running rows' decode waits for them up to this long since their last token, so the burst is prefilled
-            without a decode step between each piece. 0 (the default): never; it measured worse under steady
-            closed-loop traffic (bench/README.md, issue 19).
+        burst_prefill: continuous batching: during a burst of arrivals (more rows of requests without a first token
+            waiting than rows running) a step prefills up to this many times `max_prefill_tokens`, in proportion to
+            that ratio, so a burst gets its first tokens in fewer steps, each stalling fewer running rows than it
+            serves new ones. 1: the budget never grows.
         max_queue: requests admitted and not finished; one more is answered 503.
         max_inputs: inputs per request (413 beyond).
         max_input_chars: characters per input (413 beyond).
@@ -137,7 +137,7 @@ class ServeConfig:
     max_rows_per_request: int | None = None
     max_prefill_tokens: int | None = None
     max_wait_ms: float = 10.0
-    burst_defer_ms: float = 0.0
+    burst_prefill: float = 4.0
     max_queue: int = 256
     max_inputs: int = 64
     max_input_chars: int = 4000
@@ -195,9 +195,9 @@ class ServeConfig:
             c.require(
                 0 <= self.max_wait_ms < float("inf"), f"--max-wait-ms must be a number >= 0; got {self.max_wait_ms!r}"
             )
-        if c.ok("burst_defer_ms"):
-            value = self.burst_defer_ms
-            c.require(0 <= value < float("inf"), f"--burst-defer-ms must be a number >= 0; got {value!r}")
+        if c.ok("burst_prefill"):
+            value = self.burst_prefill
+            c.require(1 <= value <= 64, f"--burst-prefill must be a number from 1 to 64; got {value!r}")
         c.names("label_names")
         c.names("pin_adapters")
         if c.ok("max_adapter_mb") and self.max_adapter_mb is not None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -427,6 +426,8 @@ class Decoder:
             wait for its earlier ones to finish.
         adapter_loaded: `adapter_loaded(name)` -> False once an adapter is unloaded: its rows, waiting or running,
             end with 404 at the next step, and the other rows go on.
+        burst_prefill: during a burst (more rows of requests without a first token waiting than rows running), a
+            step prefills up to this many times `max_prefill_tokens` (see `_prefill_limit`); 1: never more.
     """
 
     def __init__(
@@ -441,11 +442,10 @@ class Decoder:
         max_positions: int | None = None,
         adapter_loaded: Callable[[str], bool] | None = None,
         max_rows_per_request: int | None = None,
-        defer_decode_s: float = 0.0,
+        burst_prefill: float = 1.0,
     ) -> None:
         self.model = model
-        self.defer_decode_s = defer_decode_s
-        self.oldest_token = 0.0  # monotonic time of the oldest last token among the running rows
+        self.burst_prefill = burst_prefill
         self.adapter_loaded = adapter_loaded
         self.state_class = state_class
         self.device = device
@@ -505,30 +505,31 @@ class Decoder:
         """Prefill within the step's budget (a piece of a long prompt, then newly admitted prompts), run one decode
         step, retire finished rows."""
         self._drop_gone()
-        budget = self._continue_partial(self.max_prefill_tokens)
-        admitted = self._admit(budget)
+        limit = self._prefill_limit()
+        budget = self._continue_partial(limit)
+        admitted = self._admit(budget, limit)
         if admitted:
             self._prefill(admitted)
             budget -= sum(len(r.prompt) for r in admitted)
         if self.partial is not None and self.partial.state is None:  # just started: its first piece now
             self._continue_partial(budget)
-        prefilled = admitted or budget < self.max_prefill_tokens
-        if any(r not in admitted for r in self.running) and not (prefilled and self._defer()):
+        if any(r not in admitted for r in self.running):
             self._decode()
         self._retire()
 
-    def _defer(self) -> bool:
-        """Whether the running rows' decode waits for the next step, so that more requests get their first token
-        sooner (a burst of arrivals): only while rows of requests without a first token wait (and the batch has room
-        for them) or are part way in, so a request with many rows defers the others for its first token only; and
-        only until the running rows' oldest token is `defer_decode_s` old, which bounds the gap it adds to them."""
-        if self.defer_decode_s <= 0 or time.monotonic() - self.oldest_token >= self.defer_decode_s:
-            return False
-        partial = [self.partial.row] if self.partial is not None else []
-        if len(self.running) + len(partial) >= self.max_rows and not partial:
-            return False
+    def _prefill_limit(self) -> int:
+        """The step's prefill budget: `max_prefill_tokens`, or up to `burst_prefill` times it during a burst, when
+        more rows of requests without a first token wait (and fit) than rows run: the stall it adds falls on fewer
+        rows than it saves a step's wait (a decode step of the running rows) each. Under steady traffic a row or two
+        arrives per step beside many running ones, and the budget stays as set."""
+        if self.burst_prefill <= 1:
+            return self.max_prefill_tokens
+        running = len(self.running) + (self.partial is not None)
         with self._lock:
-            return any((r.client, r.request) not in self.answered for r in [*partial, *self.waiting])
+            fresh = sum((r.client, r.request) not in self.answered for r in self.waiting)
+        fresh = min(fresh, self.max_rows - running)
+        scale = min(self.burst_prefill, max(1.0, fresh / max(1, running)))
+        return int(self.max_prefill_tokens * scale)
 
     def _continue_partial(self, budget: int) -> int:
         """Prefill the next piece (at most `budget` tokens) of the long prompt in progress; the budget left.
@@ -572,14 +573,16 @@ class Decoder:
         if any(r.finish_reason or r.error for r in self.running):
             self._retire()
 
-    def _admit(self, budget: int | None = None) -> list[Row]:
+    def _admit(self, budget: int | None = None, limit: int | None = None) -> list[Row]:
         """Waiting rows to admit now: round-robin over clients (least recently served first), each request under
-        its row cap, within the free rows and the step's prefill `budget` (default: all of it). A prompt longer
-        than the budget left starts a piece-by-piece prefill (`partial`) when none is in progress, or, for a
-        family that prefills whole, is admitted alone in a step with the whole budget."""
+        its row cap, within the free rows and the step's prefill `budget` left of its `limit` (default: all of
+        `max_prefill_tokens`). A prompt longer than the budget left starts a piece-by-piece prefill (`partial`) when
+        none is in progress, or, for a family that prefills whole, is admitted alone in a step with the whole
+        budget."""
         admitted: list[Row] = []
-        full = budget is None or budget >= self.max_prefill_tokens
-        budget = self.max_prefill_tokens if budget is None else budget
+        limit = self.max_prefill_tokens if limit is None else limit
+        budget = limit if budget is None else budget
+        full = budget >= limit
         with self._lock:
             queues = self._eligible()
             order = sorted(queues, key=lambda c: self.served.get(c, -1))  # stable: first arrival breaks ties
@@ -612,7 +615,7 @@ class Decoder:
             live = {r.client for r in (*self.waiting, *taken, *admitted, *started)}
             self.served = {c: t for c, t in self.served.items() if c in live}
             pending = [*self.waiting, *([self.partial.row] if self.partial is not None else [])]
-            self.answered &= {(r.client, r.request) for r in pending}  # only what `_defer` may ask
+            self.answered &= {(r.client, r.request) for r in pending}  # only what `_prefill_limit` asks
         return admitted
 
     def _note_admission(self, client: str, row: Row, rows: Counter) -> None:  # with the lock held
@@ -653,7 +656,6 @@ class Decoder:
         last = [p if isinstance(p, int) else self.pad_id for p in picks]
         if self.state is None or not self.running:
             self.state, self.last, self.running = state, last, list(rows)
-            self.oldest_token = time.monotonic()
         else:
             self.state.extend(state)
             self.last, self.running = self.last + last, self.running + list(rows)
@@ -685,7 +687,6 @@ class Decoder:
         for row, pick, live in zip(self.running, picks, fresh):
             if live:
                 self._take(row, pick)
-        self.oldest_token = time.monotonic()
 
     def _take(self, row: Row, pick: int | BaseException) -> None:
         """Append the row's new token; emit its stable text; finish it on EOS, a stop sequence or a limit."""

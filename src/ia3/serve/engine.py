@@ -193,7 +193,7 @@ class Engine:
                 max_rows=config.max_batch_size,
                 max_prefill_tokens=self.budgets.prefill_tokens,
                 max_rows_per_request=config.request_rows,
-                defer_decode_s=config.burst_defer_ms / 1000,
+                burst_prefill=config.burst_prefill,
                 max_positions=self.positions if task_class.answer_follows_prompt else None,
                 adapter_loaded=self.has_adapter,
             )
