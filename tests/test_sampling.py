@@ -8,6 +8,7 @@ import torch
 
 from ia3.serve.decoding import (
     CANDIDATES,
+    WIDE_CANDIDATES,
     Row,
     RowError,
     Sampling,
@@ -25,7 +26,8 @@ SETTINGS = [
     Sampling(temperature=1.3, top_p=0.999),  # the candidates' mass rarely reaches it: the whole vocabulary
     Sampling(temperature=0.5, top_k=5),
     Sampling(temperature=1.0, top_k=CANDIDATES),
-    Sampling(temperature=1.0, top_k=CANDIDATES + 7),  # more than the candidates: the plain computation
+    Sampling(temperature=1.0, top_k=CANDIDATES + 7),  # more than the candidates: the wide candidates
+    Sampling(temperature=1.0, top_k=WIDE_CANDIDATES + 7),  # more than those too: the plain computation
     Sampling(temperature=1.0, top_k=40, top_p=0.5),
     Sampling(temperature=2.0, min_p=0.05),
     Sampling(temperature=5.0, min_p=0.0001),  # the floor under the last candidate is not sure: the plain way
@@ -52,6 +54,26 @@ def test_batched_distributions_equal_the_full_computation(spread):
         got = _dense(kept[i], VOCAB)
         assert torch.allclose(got, reference, atol=1e-6), (s, (got - reference).abs().max())
         assert torch.equal(got > 0, reference > 0), s  # the same tokens kept
+
+
+def test_a_flat_top_p_is_decided_by_the_wide_candidates_exactly(monkeypatch):
+    """Top-p over 300 nearly equal tokens: the first 64 candidates hold too little mass to decide, the 1024 wide
+    ones do, and the kept tokens and probabilities equal the plain computation's (which is not called)."""
+    scores = torch.full((2, VOCAB), -30.0)
+    scores[:, :300] = torch.linspace(0.0, -1.0, 300)
+    scores[1] = scores[1, torch.randperm(VOCAB, generator=torch.Generator().manual_seed(1))]
+    settings = [Sampling(temperature=1.0, top_p=0.9), Sampling(temperature=0.7, top_p=0.8, min_p=0.3)]
+    references = [full_distribution((scores[i] - scores[i].max()) / s.temperature, s) for i, s in enumerate(settings)]
+
+    def refuse(*_):
+        raise AssertionError("the whole vocabulary was sorted")
+
+    monkeypatch.setattr("ia3.serve.decoding.full_distribution", refuse)
+    kept = distributions(scores, settings)
+    for got, reference in zip(kept, references):
+        assert got[0] is not None and CANDIDATES < got[0].numel() < WIDE_CANDIDATES
+        assert torch.equal(_dense(got, VOCAB) > 0, reference > 0)
+        assert torch.allclose(_dense(got, VOCAB), reference, atol=1e-6)
 
 
 def test_rows_with_no_valid_distribution_fail_alone():
