@@ -5,6 +5,7 @@ cache) until they are full."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import random
 
 import pytest
@@ -13,7 +14,7 @@ from serve_setup import TEXTS, Setup, one_torch_thread  # noqa: F401
 
 from ia3 import BASE_ADAPTER
 from ia3.families import BufferLayer, CausalDecodeState
-from ia3.serve.decoding import Decoder, Row
+from ia3.serve.decoding import Decoder, Row, padding_groups
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -226,3 +227,52 @@ def test_rows_of_a_request_that_has_its_first_token_do_not_grow_the_budget(causa
         assert dec._prefill_limit() == 160  # nothing runs, six rows of an unanswered request wait
         dec.step()
         assert rows[0].tokens and dec._prefill_limit() == 40  # one runs; the five waiting belong to it
+
+
+def test_padding_groups_split_joining_prompts_at_the_least_cost():
+    """Against every split of the sorted lengths into runs (brute force): the least positions computed, each
+    prompt once; equal lengths stay one group, far apart ones split once it saves more than a forward's cost."""
+    rng = random.Random(5)
+    for _ in range(40):
+        lengths = [rng.randint(1, 120) for _ in range(rng.randint(1, 8))]
+        groups = padding_groups(lengths, 16)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        s = sorted(lengths)
+
+        def cost(cuts, s=s):
+            bounds = [0, *cuts, len(s)]
+            return sum((b - a) * s[b - 1] + 16 for a, b in zip(bounds, bounds[1:]))
+
+        least = min(
+            cost([c for c, keep in zip(range(1, len(s)), mask) if keep])
+            for mask in itertools.product([0, 1], repeat=len(s) - 1)
+        )
+        assert sum(len(g) * max(lengths[i] for i in g) + 16 for g in groups) == least
+    assert padding_groups([20] * 10, 16) == [list(range(10))]
+    assert padding_groups([3, 100, 4, 101], 16) == [[0, 2], [1, 3]]
+
+
+def test_a_burst_of_short_and_long_prompts_is_prefilled_in_groups_with_the_same_answers(causal, monkeypatch):
+    """Eight short prompts and two long ones join in one step: two padded forwards, not one padded to the longest;
+    each answer equals the row alone."""
+    model, tok = causal.ref.get_base_model(), causal.tokenizer
+    rows_context = causal.ref.base_model.per_example
+    rng = random.Random(6)
+    texts = [[rng.randrange(5, len(tok)) for _ in range(n)] for n in [3, 4, 5, 3, 4, 6, 3, 5, 90, 95]]
+    widths = []
+    prefill = CausalDecodeState.prefill.__func__
+    monkeypatch.setattr(
+        CausalDecodeState,
+        "prefill",
+        classmethod(lambda cls, m, p, *a: widths.append([len(x) for x in p]) or prefill(cls, m, p, *a)),
+    )
+    dec = decoder(model, tok, rows_context, 16)
+    rows = [Row(t, ["a", "b"][i % 2], 5, client=str(i)) for i, t in enumerate(texts)]
+    dec.add(rows)
+    with torch.inference_mode():
+        while dec.busy():
+            dec.step()
+    assert sorted(map(sorted, widths[:2])) == [[3, 3, 3, 4, 4, 5, 5, 6], [90, 95]]
+    monkeypatch.undo()
+    for row in rows:
+        assert row.tokens == run_alone(lambda: decoder(model, tok, rows_context, 1), row)
