@@ -8,10 +8,11 @@ import models as M
 import pytest
 import torch
 from conftest import randomize
+from safetensors.torch import save
 
 import ia3
 from ia3.functional import PREFIX, unwrapped_name
-from ia3.serve.vectors import VectorBank
+from ia3.serve.vectors import RawVectors, VectorBank
 
 IDS = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16], [17, 18, 19, 20], [21, 22, 23, 24]])
 SUBSET = {"target_modules": ["v_proj"], "feedforward_modules": []}  # fewer layers than the default targets
@@ -139,3 +140,41 @@ def test_adds_and_removes_on_other_threads_never_touch_the_rows_a_batch_uses():
         for t in threads:
             t.join()
     assert len(bank) == 2
+
+
+def _raw(tensors: dict[str, torch.Tensor]) -> RawVectors:
+    raw = RawVectors.parse(save(tensors, {"format": "pt"}))
+    assert raw is not None
+    return raw
+
+
+def test_rows_from_a_files_bytes_equal_rows_from_its_tensors():
+    """An adapter copied from its safetensors bytes (one call per table) and from its tensors: the same row, also
+    for a bf16 file, a file covering some layers (ones elsewhere), and a file of mixed dtypes (the tensor path)."""
+    model = _model({"a": {}, "s": SUBSET})
+    a, s = _vectors(model, "a"), _vectors(model, "s")
+    mixed = {k: (v.half() if i % 2 else v) for i, (k, v) in enumerate(a.items())}
+    cases = {"full": a, "bf16": {k: v.bfloat16() for k, v in a.items()}, "subset": s, "mixed": mixed}
+    bank = _bank(model)
+    for name, tensors in cases.items():
+        bank.add(f"{name}-t", tensors)
+        bank.add(f"{name}-r", _raw(tensors))
+    assert _raw(a).row(bank._keys[0]) is not None and _raw(mixed).row(bank._keys[0]) is None  # the paths taken
+    for name in cases:
+        assert torch.equal(_logits(model, bank.rows([f"{name}-t"] * 5)), _logits(model, bank.rows([f"{name}-r"] * 5)))
+    full = _logits(model, bank.rows(["full-r", "subset-r", "base", "full-t", "subset-t"]))
+    assert torch.equal(full, _logits(model, model.per_example(["a", "s", "__base__", "a", "s"])))
+
+
+def test_malformed_files_are_not_parsed_and_wrong_sizes_are_named():
+    model = _model({"a": {}})
+    data = save(_vectors(model, "a"), {"format": "pt"})
+    assert RawVectors.parse(data[: len(data) - 10]) is None  # truncated: offsets past the end
+    assert RawVectors.parse(b"\xff" * 8 + data[8:]) is None  # a header length past the end
+    assert RawVectors.parse(data[:8] + b"x" + data[9:]) is None  # not JSON
+    assert RawVectors.parse(b"") is None
+    bad = {k: v[:-1] for k, v in _vectors(model, "a").items()}
+    problems = _bank(model).problems(_raw(bad))
+    assert problems and "the layer takes" in problems[0]
+    ints = _bank(model).problems(_raw({k: v.long() for k, v in _vectors(model, "a").items()}))
+    assert ints and "non-float" in ints[0]

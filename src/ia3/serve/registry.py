@@ -12,7 +12,9 @@ after an eviction.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -29,6 +31,14 @@ log = logging.getLogger("ia3.serve")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 REVISION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]{0,127}")
+
+
+def _plain(path: Path) -> bool:
+    """Whether `path` exists and is no symbolic link (one `lstat`)."""
+    try:
+        return not stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def check_name(name: str) -> str:
@@ -188,14 +198,18 @@ class Registry:
 
     def _outside(self, folder: Path) -> tuple[str, str] | None:
         """(name, what) when `folder` or one of the files the server reads there resolves (symlinks followed) to
-        outside the root; None when all stay inside (a folder symlinked to another folder inside is fine)."""
+        outside the root; None when all stay inside (a folder symlinked to another folder inside is fine). A plain
+        folder right under the root and plain files in it are inside as they are: one `lstat` each, where resolving
+        every path takes one per component (each system call lets go of the GIL, which a burst of loads waits for)."""
         assert self.root is not None
         name = folder.name
-        target = folder.resolve()
-        if target == self.root or not target.is_relative_to(self.root):
-            return name, "its folder"
+        if not (folder.parent == self.root and name not in ("", ".", "..") and _plain(folder)):
+            target = folder.resolve()
+            if target == self.root or not target.is_relative_to(self.root):
+                return name, "its folder"
         for item in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (folder / item).resolve().is_relative_to(self.root):
+            path = folder / item
+            if not _plain(path) and not path.resolve().is_relative_to(self.root):
                 return name, f"{name}/{item}"
         return None
 
@@ -206,7 +220,7 @@ class Registry:
         if self.root is None:
             raise ApiError(404, "adapter_not_found", "This server has no adapters folder; give a Hub id as 'source'")
         folder = self.root / name
-        outside = self._outside(folder) if folder.exists() or folder.is_symlink() else None
+        outside = self._outside(folder) if folder.is_symlink() or folder.exists() else None
         if outside is not None:
             what = f"Adapter folder {name!r}" if outside[1] == "its folder" else outside[1]
             raise ApiError(403, "forbidden_path", f"{what} leads outside the adapters folder")
