@@ -473,9 +473,12 @@ def test_serve_flag_problems_together(capsys):
                 "0",
                 "--label-names",
                 "a,a",
+                "--burst-prefill",
+                "0.5",
             )
         )
-    assert len(info.value.problems) == 4
+    assert len(info.value.problems) == 5
+    assert "--burst-prefill must be a number from 1 to 64; got 0.5" in str(info.value)
     assert "--max-beams takes an integer; got 'many'" in str(info.value)
     assert "--max-queue must be an integer >= 1; got 0" in str(info.value)
     assert "--request-timeout-s must be a number > 0" in str(info.value) and "--label-names must be distinct" in str(

@@ -137,7 +137,7 @@ class ServeConfig:
     max_rows_per_request: int | None = None
     max_prefill_tokens: int | None = None
     max_wait_ms: float = 10.0
-    burst_prefill: float = 4.0
+    burst_prefill: float = 8.0
     max_queue: int = 256
     max_inputs: int = 64
     max_input_chars: int = 4000
