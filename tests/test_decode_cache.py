@@ -15,6 +15,7 @@ from serve_setup import TEXTS, Setup, one_torch_thread  # noqa: F401
 from ia3 import BASE_ADAPTER
 from ia3.families import BufferLayer, CausalDecodeState
 from ia3.serve.decoding import Decoder, Row, padding_groups
+from ia3.serve.engine import MemoryTrim
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -276,3 +277,25 @@ def test_a_burst_of_short_and_long_prompts_is_prefilled_in_groups_with_the_same_
     monkeypatch.undo()
     for row in rows:
         assert row.tokens == run_alone(lambda: decoder(model, tok, rows_context, 1), row)
+
+
+def test_the_emptied_batch_calls_on_idle_once_its_cache_is_freed(causal):
+    """When the last running row finishes and nothing waits, `on_idle` runs (the engine trims the heap there); not
+    while rows wait. `MemoryTrim` calls the C library at most once per interval."""
+    model, tok = causal.ref.get_base_model(), causal.tokenizer
+    calls = []
+    dec = Decoder(
+        model, tok, torch.device("cpu"), causal.ref.base_model.per_example, CausalDecodeState, 2,
+        on_idle=lambda: calls.append((dec.state, len(dec.waiting))),
+    )  # fmt: skip
+    rows = [Row(p, "a", 3, client=str(i)) for i, p in enumerate(prompts(tok, 4, seed=8))]
+    dec.add(rows)
+    with torch.inference_mode():
+        while dec.busy():
+            dec.step()
+    assert calls == [(None, 0)] and all(r.tokens for r in rows)
+    trims = []
+    trim = MemoryTrim(lambda pad: trims.append(pad) or 1, every_s=3600)
+    trim(), trim()
+    assert trims == [0]
+    assert MemoryTrim.of_this_system() is None or callable(MemoryTrim.of_this_system().trim)

@@ -439,6 +439,8 @@ class Decoder:
             end with 404 at the next step, and the other rows go on.
         burst_prefill: during a burst (more rows of requests without a first token waiting than rows running), a
             step prefills up to this many times `max_prefill_tokens` (see `_prefill_limit`); 1: never more.
+        on_idle: called (worker thread) when the running batch empties with no row waiting, its cache just freed
+            (the engine hands freed memory back to the system there).
     """
 
     def __init__(
@@ -454,9 +456,11 @@ class Decoder:
         adapter_loaded: Callable[[str], bool] | None = None,
         max_rows_per_request: int | None = None,
         burst_prefill: float = 1.0,
+        on_idle: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
         self.burst_prefill = burst_prefill
+        self.on_idle = on_idle
         self.adapter_loaded = adapter_loaded
         self.state_class = state_class
         self.device = device
@@ -815,7 +819,10 @@ class Decoder:
         self._reset()
 
     def _reset(self) -> None:
+        had_cache = self.state is not None
         self.running, self.state, self.last = [], None, []
+        if had_cache and self.on_idle is not None and not self.busy():
+            self.on_idle()
 
 
 def padding_groups(lengths: list[int], forward_tokens: int = FORWARD_TOKENS) -> list[list[int]]:
