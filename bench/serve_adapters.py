@@ -6,11 +6,14 @@ starts one server process (`--max-loaded-adapters` = `--resident`, default 500; 
 is sampled every `--rss-interval` s from start to end. First the base model alone is warmed up at full concurrency
 and the longest answers (decode buffers at their size); its RSS then is the *base*. Only then do the adapter folders
 appear under `--adapters` (the server holds none of them), and the same `--requests` requests (streamed OpenAI
-completions, a prompt from the demo data and `max_tokens` uniform in `--min-new`..`--max-new`) are sent three times,
-in this order, by `--clients` concurrent clients:
+completions, a prompt from the demo data and `max_tokens` uniform in `--min-new`..`--max-new`) are sent three times
+by `--clients` concurrent clients, the three workloads alternating in `--segments` parts each (uniform, zipf, single,
+uniform, ...: this machine's speed drifts by up to 30 % within the hour, and one after another the drift went into
+the ratios; each part starts with every client's request at once and ends draining, alike for all three):
 
 * uniform: each request's adapter uniform over all adapters (nearly every request a cold load);
-* zipf:    adapter k with probability ~ 1 / k (Zipf, s = 1.0): a hot head stays resident, the tail loads on demand;
+* zipf:    adapter k with probability ~ 1 / k (Zipf, s = 1.0): a hot head stays resident, the tail loads on demand
+           (each part after a uniform part, which has evicted most of it: the head loads again);
 * single:  every request on one adapter (the reference: no loads).
 
 Each request is greedy, so its answer is fixed: the first answer of each (adapter, prompt, max_tokens) is kept and
@@ -265,30 +268,40 @@ def run_server(args, config: dict, staged: Path, root: Path, plan: dict[str, lis
         base, base_cache = rss_mb(proc.pid), cache_mb(metrics(port))
         for child in sorted(staged.iterdir()):  # the adapters appear on disk now: none is resident
             child.rename(root / child.name)
+        runs = {label: {"outcomes": [], "seconds": 0.0, "loads": 0, "evictions": 0, "cold": []} for label in plan}
+        for segment in range(args.segments):  # the workloads alternate, so a drift of the machine's speed hits all
+            for label, requests in plan.items():
+                part = segment_of(requests, segment, args.segments)
+                before = metrics(port)["adapters"]
+                outcomes, _, seconds = asyncio.run(drive(port, part, args.clients, args.request_timeout))
+                after = metrics(port)["adapters"]
+                run, loads = runs[label], after["loads"] - before["loads"]
+                run["outcomes"] += outcomes
+                run["seconds"] += seconds
+                run["loads"] += loads
+                run["evictions"] += after["evictions"] - before["evictions"]
+                run["cold"] += after["load_seconds"][-min(1000, loads) :] if loads else []
         for label, requests in plan.items():
-            before = metrics(port)["adapters"]
-            outcomes, _, seconds = asyncio.run(drive(port, requests, args.clients, args.request_timeout))
-            after = metrics(port)["adapters"]
-            lost, mismatched = check_answers(requests, outcomes, first)
+            run = runs[label]
+            lost, mismatched = check_answers(requests, run["outcomes"], first)
             report["lost"] += lost
             report["mismatched"] += mismatched
-            loads = after["loads"] - before["loads"]
             report[label] = {
-                **summary(requests, outcomes, seconds),
+                **summary(requests, run["outcomes"], run["seconds"]),
                 "lost": lost,
                 "mismatched": mismatched,
-                "loads": loads,
-                "evictions": after["evictions"] - before["evictions"],
-                "resident_hit_share": round(1 - loads / len(requests), 4),
+                "loads": run["loads"],
+                "evictions": run["evictions"],
+                "resident_hit_share": round(1 - run["loads"] / len(requests), 4),
             }
             print(f"  {label}: {json.dumps(report[label])}", flush=True)
             if label == "uniform":
-                cold = after["load_seconds"][-min(1000, max(loads, 1)) :]
+                cold = run["cold"][-1000:]
                 report["cold_load_ms"] = {
                     "p50": ms(pct(cold, 0.5)),
                     "p99": ms(pct(cold, 0.99)),
                     "n": len(cold),
-                    "in_order": [ms(c) for c in cold],  # the first ones are the first wave: every client at once
+                    "in_order": [ms(c) for c in cold],  # each segment's first ones: every client at once
                 }
         time.sleep(2 * args.rss_interval)
         end, snapshot = rss_mb(proc.pid), metrics(port)
@@ -298,6 +311,12 @@ def run_server(args, config: dict, staged: Path, root: Path, plan: dict[str, lis
         proc.terminate()
         proc.wait(60)
     return report
+
+
+def segment_of(requests: list[Request], segment: int, segments: int) -> list[Request]:
+    """The `segment`-th of `segments` consecutive, near-equal parts of `requests`."""
+    size = len(requests)
+    return requests[size * segment // segments : size * (segment + 1) // segments]
 
 
 def ms(seconds: float | None) -> float | None:
@@ -496,6 +515,12 @@ def main() -> None:
     p.add_argument("--resident", type=int, default=500, help="--max-loaded-adapters (and per Ray replica)")
     p.add_argument("--requests", type=int, default=2000, help="per workload (issue 21: 20000)")
     p.add_argument("--clients", type=int, default=32)
+    p.add_argument(
+        "--segments",
+        type=int,
+        default=4,
+        help="the workloads run alternately in this many parts each (1: one after another)",
+    )
     p.add_argument("--min-new", type=int, default=8)
     p.add_argument("--max-new", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="torch threads of the server (and of each Ray replica)")
@@ -511,6 +536,8 @@ def main() -> None:
         args.min_new, args.max_new, args.rss_interval, args.request_timeout = 4, 8, 0.2, 60
     if not 1 <= args.min_new <= args.max_new:
         p.error("need 1 <= --min-new <= --max-new")
+    if not 1 <= args.segments <= args.requests:
+        p.error("need 1 <= --segments <= --requests")
     if args.ray_replicas is None:
         try:
             import ray.serve  # noqa: F401
