@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import ctypes.util
 import dataclasses
 import hashlib
 import logging
@@ -137,7 +136,7 @@ class MemoryTrim:
     def of_this_system(cls) -> MemoryTrim | None:
         """None where the C library has no `malloc_trim` (not glibc)."""
         try:
-            return cls(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim)
+            return cls(ctypes.CDLL(None).malloc_trim)  # the process's own symbols, the C library's among them
         except (OSError, AttributeError):
             return None
 
