@@ -830,7 +830,7 @@ def padding_groups(lengths: list[int], forward_tokens: int = FORWARD_TOKENS) -> 
     batch: the split that computes the fewest positions, a group costing its rows x its longest prompt plus
     `forward_tokens` for the forward's fixed cost (exact, over the lengths in order)."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    best = [0] + [0] * len(order)  # best[j]: the least cost of the j shortest
+    best = [0] * (len(order) + 1)  # best[j]: the least cost of the j shortest
     cut = [0] * (len(order) + 1)  # where the last group of the j shortest starts
     for j in range(1, len(order) + 1):
         longest = lengths[order[j - 1]]

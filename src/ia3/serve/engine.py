@@ -334,9 +334,7 @@ class Engine:
         if targets is None or any(key not in columns or columns[key].is_feedforward != ff for key, ff in targets):
             return False
         vectors = files.vectors
-        return set(vectors.entries if isinstance(vectors, RawVectors) else vectors) == {key for key, _ in targets} and (
-            not self.vectors.problems(vectors)
-        )
+        return set(vectors.keys()) == {key for key, _ in targets} and not self.vectors.problems(vectors)
 
     def install_adapter(self, name: str, files: AdapterFiles) -> None:
         """Add adapter `name` from tensors already read. When it `fits`, a copy into the vector tables, safe on any

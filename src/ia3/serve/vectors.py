@@ -74,6 +74,9 @@ class RawVectors:
     def nbytes(self) -> int:
         return sum(end - start for _, _, start, end in self.entries.values())
 
+    def keys(self) -> Iterator[str]:
+        return iter(self.entries)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The file's tensors (ValueError when the safetensors reader refuses the file)."""
         try:
