@@ -25,8 +25,10 @@ def causal(tmp_path_factory):
     return Setup(tmp_path_factory.mktemp("decode-cache"), "causal")
 
 
-def decoder(model, tokenizer, rows_context, max_rows: int) -> Decoder:
-    return Decoder(model, tokenizer, torch.device("cpu"), rows_context, CausalDecodeState, max_rows=max_rows)
+def decoder(model, tokenizer, rows_context, max_rows: int, packed: bool = False) -> Decoder:
+    return Decoder(
+        model, tokenizer, torch.device("cpu"), rows_context, CausalDecodeState, max_rows=max_rows, packed=packed
+    )
 
 
 def prompts(tokenizer, count: int, seed: int) -> list[list[int]]:
@@ -59,8 +61,9 @@ def run_alone(dec_for_one, row: Row) -> list[int]:
     return alone.tokens
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["apart", "packed"])
 @pytest.mark.parametrize("per_step", [1, 3])
-def test_rows_joining_and_leaving_every_step_equal_each_row_alone(causal, per_step):
+def test_rows_joining_and_leaving_every_step_equal_each_row_alone(causal, per_step, packed):
     model, tok = causal.ref.get_base_model(), causal.tokenizer
     rows_context = causal.ref.base_model.per_example
     rng = random.Random(per_step)
@@ -68,13 +71,90 @@ def test_rows_joining_and_leaving_every_step_equal_each_row_alone(causal, per_st
     rows = [
         Row(p, adapters[i % 4], rng.randint(1, 12), client=str(i % 5)) for i, p in enumerate(prompts(tok, 24, per_step))
     ]
-    dec = decoder(model, tok, rows_context, max_rows=10)
+    dec = decoder(model, tok, rows_context, max_rows=10, packed=packed)
+    calls = count_forwards(model)
     with torch.inference_mode():
         churn(dec, rows, per_step)
         assert all(r.error is None and r.finish_reason for r in rows)
         assert dec.max_rows_seen >= 6  # many rows at once while rows came and went
+        assert dec.packed == packed
+        # packed: a forward per step (the first rows' prompts alone before it); apart: more, for the joins
+        assert (len(calls) <= dec.steps + 1) == packed, (len(calls), dec.steps)
         for row in rows:
             assert row.tokens == run_alone(lambda: decoder(model, tok, rows_context, 1), row), row.prompt
+
+
+def count_forwards(model) -> list:
+    calls: list = []
+    model.register_forward_hook(lambda m, a, out: calls.append(1))
+    return calls
+
+
+def test_a_packed_step_gives_the_logits_of_prompts_then_a_step_with_adapters_by_token(causal):
+    """`plan_join` / `step_join` against the plain path (prefill the prompts, step the running rows, join), with each
+    row on its own adapter: logits, then the cache both leave (a step after, a drop and another step)."""
+    model, tok = causal.ref.get_base_model(), causal.tokenizer
+    rows_context = causal.ref.base_model.per_example
+    cpu = torch.device("cpu")
+    running, joining = [[5, 6, 7, 8, 9], [4, 3], [7] * 12], [[10, 11], list(range(20, 37)), [30]]
+    adapters = ["a", "b", BASE_ADAPTER, "c", "a", "b"]
+    states, logits = [], []
+    with torch.inference_mode():
+        for packed in (False, True):
+            with rows_context(adapters[:3]):
+                state, first = CausalDecodeState.prefill(model, running, tok.pad_token_id, cpu)
+                state.step(model, first.argmax(-1).tolist())
+            if packed:
+                plan = state.plan_join(joining)
+                with rows_context(adapters, plan.token_rows):
+                    logits.append(state.step_join(model, [1, 2, 3], joining, plan))
+            else:
+                with rows_context(adapters[:3]):
+                    step = state.step(model, [1, 2, 3])
+                with rows_context(adapters[3:]):
+                    joined, prompt_logits = CausalDecodeState.prefill(model, joining, tok.pad_token_id, cpu)
+                state.extend(joined)
+                logits.append(torch.cat([step, prompt_logits]))
+            states.append(state)
+        torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+        assert logits[1].shape[0] == 6 and not torch.equal(logits[1][3], logits[1][4])
+        for _ in range(2):
+            after = []
+            for state in states:
+                with rows_context(adapters[: len(state.mask)]):
+                    after.append(state.step(model, list(range(5, 5 + len(state.mask)))))
+                state.filter([0, 2, 3, 5][: len(state.mask) - 2])
+            torch.testing.assert_close(after[1], after[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(states[0].mask, states[1].mask) and torch.equal(states[0].positions, states[1].positions)
+
+
+def test_a_failed_packed_step_runs_apart_and_a_bad_prompt_fails_only_its_row(causal):
+    """A packed step that raises leaves the cache as it was and its rows run apart; where apart a row fails (its
+    input), packing stays on; where none fails, packing turns off."""
+    model, tok = causal.ref.get_base_model(), causal.tokenizer
+    rows_context = causal.ref.base_model.per_example
+    vocab = model.get_input_embeddings().weight.shape[0]
+    for bad_token, stays_on in ((vocab + 5, True), (None, False)):
+        dec = decoder(model, tok, rows_context, max_rows=8, packed=True)
+        good = [Row([5, 6, 7], "a", 6), Row([8, 9], "b", 6)]
+        with torch.inference_mode():
+            dec.add(good[:1])
+            dec.step()
+            late = Row([4, bad_token] if bad_token else [4, 5], "c", 3)
+            dec.add([late, good[1]])
+            original = CausalDecodeState.step_join
+            if bad_token is None:  # packing itself fails once
+                CausalDecodeState.step_join = lambda *a: (_ for _ in ()).throw(RuntimeError("no packing"))
+            try:
+                dec.step()
+            finally:
+                CausalDecodeState.step_join = original
+            while dec.busy():
+                dec.step()
+        assert dec.packed is stays_on
+        assert all(r.error is None for r in good) and (late.error is not None) == (bad_token is not None)
+        for row in good:
+            assert row.tokens == run_alone(lambda: decoder(model, tok, rows_context, 1), row)
 
 
 def test_joins_drops_and_steps_write_in_place_until_the_buffers_are_full(causal):
@@ -121,9 +201,11 @@ def test_smollm2_rows_joining_and_leaving_equal_each_row_alone():
     ]
     model, rows_context = peft.get_base_model(), peft.base_model.per_example
     with torch.inference_mode():
-        churn(decoder(model, tok, rows_context, max_rows=4), rows)
-        for row in rows:
-            assert row.tokens == run_alone(lambda: decoder(model, tok, rows_context, 1), row), row.prompt
+        for packed in (False, True):
+            fresh = [Row(list(r.prompt), r.adapter, r.max_new_tokens, client=r.client) for r in rows]
+            churn(decoder(model, tok, rows_context, max_rows=4, packed=packed), fresh)
+            for row in fresh:
+                assert row.tokens == run_alone(lambda: decoder(model, tok, rows_context, 1), row), row.prompt
 
 
 def test_the_head_of_a_frozen_model_gets_the_last_positions_without_copying_its_weight():

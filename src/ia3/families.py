@@ -34,6 +34,8 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import BaseModelOutput
 
+from ia3.packed import PACKED_ATTENTION, PackedPlan, attention_of, register
+
 
 # -- padding -------------------------------------------------------------------------------------------------------
 def pad_rows(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
@@ -161,6 +163,7 @@ class BufferLayer(DynamicLayer):
         self.key_buffer, self.value_buffer = keys, values
         self.device = keys.device
         self.is_initialized = True
+        self.packed: PackedPlan | None = None  # set for a packed step: where its tokens go
         self.window(rows, start, end)
 
     def window(self, rows: int, start: int, end: int) -> None:
@@ -170,6 +173,12 @@ class BufferLayer(DynamicLayer):
         self.values = self.value_buffer[:rows, :, start:end]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple:
+        plan = self.packed
+        if plan is not None:  # one sequence `(1, KV, N, d)`: each token to its row and column
+            self.key_buffer[plan.token_rows, :, plan.columns] = key_states[0].transpose(0, 1)
+            self.value_buffer[plan.token_rows, :, plan.columns] = value_states[0].transpose(0, 1)
+            self.window(*plan.window)
+            return self.keys, self.values
         new = key_states.shape[-2]
         self.key_buffer[: self.rows, :, self.end : self.end + new] = key_states
         self.value_buffer[: self.rows, :, self.end : self.end + new] = value_states
@@ -207,6 +216,9 @@ class DecodeState:
 
     chunked: ClassVar[bool] = False
     """True when a long prompt can be prefilled piece by piece (`prefill` of its start, then `feed`)."""
+
+    packs: ClassVar[bool] = False
+    """True when joining prompts can run in one forward with the running rows' step (`plan_join`, `step_join`)."""
 
     def __init__(self, cache: Any, mask: torch.Tensor) -> None:
         self.cache = cache
@@ -275,6 +287,55 @@ class DecodeState:
             return f"{type(err).__name__}: {err}"
         return None
 
+    def plan_join(self, prompts: list[list[int]]) -> PackedPlan:
+        """Make room for `prompts` joining at the next step; the plan of that packed step (only where `packs`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no packed steps")
+
+    def step_join(
+        self, model: nn.Module, tokens: list[int], prompts: list[list[int]], plan: PackedPlan
+    ) -> torch.Tensor:
+        """Feed each row's last token and run the joining `prompts` in one forward; they join after the running
+        rows. The `(B + len(prompts), V)` logits of each row's next token (only where `packs`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no packed steps")
+
+    @classmethod
+    def unpacked(cls, model: nn.Module, device: torch.device, rows_context: Any) -> str | None:
+        """None when packed steps give `model` the logits of the plain path (prompts, then a step), else why not.
+        `rows_context(rows, tokens)`: the context a batch of base-model rows runs in."""
+        if not cls.packs:
+            return f"{cls.__name__} has no packed steps"
+        try:
+            with torch.inference_mode():
+                cls._probe_packed(model, device, rows_context)
+        except Exception as err:
+            return f"{type(err).__name__}: {err}"
+        return None
+
+    @classmethod
+    def _probe_packed(cls, model: nn.Module, device: torch.device, rows_context: Any) -> None:
+        """Two rows, a step, then two prompts joining: packed against plain; raises where they differ."""
+        running, joining = [[1, 2, 3], [4, 5]], [[6, 7, 8, 9], [3]]
+        results = []
+        for packed in (False, True):
+            with rows_context(2):
+                state, logits = cls.prefill(model, running, 0, device)
+                state.step(model, logits.argmax(-1).tolist())
+            if packed:
+                plan = state.plan_join(joining)
+                with rows_context(4, plan.token_rows):
+                    results.append(state.step_join(model, [1, 2], joining, plan))
+                continue
+            with rows_context(2):
+                plain = state.step(model, [1, 2])
+            with rows_context(2):
+                _, first = cls.prefill(model, joining, 0, device)
+            results.append(torch.cat([plain, first]))
+        plain, packed = (r.float() for r in results)
+        tolerance = max(1e-3, 16 * torch.finfo(results[0].dtype).eps) * (1 + plain.abs().max().item())
+        difference = (plain - packed).abs().max().item()
+        if not difference <= tolerance:
+            raise RuntimeError(f"packed logits differ from the plain path's by {difference:.3g}")
+
     def _trim_start(self, index: torch.Tensor) -> int:
         """Select the kept rows of the mask; the leading cache columns that are padding for all of them."""
         self.mask = self.mask.index_select(0, index)
@@ -293,6 +354,7 @@ class CausalDecodeState(DecodeState):
     A prompt's state (`prefill`, `feed`) stays dynamic."""
 
     chunked = True
+    packs = True
 
     def __init__(self, cache: Any, mask: torch.Tensor, positions: torch.Tensor) -> None:
         super().__init__(cache, mask)
@@ -368,6 +430,53 @@ class CausalDecodeState(DecodeState):
         )
         self.cache, self.mask, self.positions = cache_of(out), mask, self.positions + 1
         return out.logits[:, -1]
+
+    def plan_join(self, prompts: list[list[int]]) -> PackedPlan:
+        """Make room in the buffers for `prompts` joining at the next step; the plan of that packed step."""
+        rows, width = self.mask.shape
+        longest = max(map(len, prompts))
+        layers = self._room(rows + len(prompts), max(0, longest - 1 - width), 1)
+        return PackedPlan.build(self.mask, layers[0].start, layers[0].end, [len(p) for p in prompts])
+
+    def step_join(
+        self, model: nn.Module, tokens: list[int], prompts: list[list[int]], plan: PackedPlan
+    ) -> torch.Tensor:
+        """One packed forward (`ia3.packed`): each running row's last token and the joining `prompts` (planned by
+        `plan_join`), which join the batch after the running rows; the `(B + len(prompts), V)` logits of each row's
+        next token. On failure the state is as before."""
+        layers = _self_layers(self.cache)
+        rows, start, end = layers[0].rows, layers[0].start, layers[0].end
+        device = self.mask.device
+        ids = torch.tensor([*tokens, *(t for p in prompts for t in p)], device=device)
+        positions = torch.cat([self.positions, *(torch.arange(len(p), device=device) for p in prompts)])
+        register()
+        for layer in layers:
+            layer.packed = plan
+        try:
+            with attention_of(model, PACKED_ATTENTION):
+                out = model(
+                    input_ids=ids[None],
+                    position_ids=positions[None],
+                    use_cache=True,
+                    ia3_packed=plan,
+                    **({"logits_to_keep": plan.last} if forward_takes(model, "logits_to_keep") else {}),
+                    **{cache_argument(model): self.cache},
+                )
+        except BaseException:
+            for layer in layers:
+                layer.window(rows, start, end)
+            raise
+        finally:
+            for layer in layers:
+                layer.packed = None
+        width = plan.window[2] - plan.window[1]
+        joining = [torch.cat([self.mask.new_zeros(width - len(p)), self.mask.new_ones(len(p))]) for p in prompts]
+        running = torch.cat([_pad(self.mask, width - 1, 1, True), self.mask.new_ones((rows, 1))], dim=1)
+        self.mask = torch.cat([running, torch.stack(joining)]) if joining else running
+        lengths = torch.tensor([len(p) for p in prompts], dtype=self.positions.dtype, device=device)
+        self.positions = torch.cat([self.positions + 1, lengths])
+        logits = out.logits[0]
+        return logits if logits.shape[0] == len(plan.last) else logits.index_select(0, plan.last)
 
     @classmethod
     def prompt_logits(cls, model, prompts, pad_id, device):

@@ -101,6 +101,8 @@ class IA3Layer(nn.Module):
         # for batches grown by beam search or sampling (`num_beams` / `num_return_sequences` copies per row).
         self._row_scales: torch.Tensor | None = None
         self._row_cache: dict[int, torch.Tensor] = {}
+        # For a packed batch (several rows' tokens flattened into one sequence): each token's row in `_row_scales`.
+        self._row_tokens: torch.Tensor | None = None
 
     # -- construction ----------------------------------------------------------------------------------------------
     @classmethod
@@ -236,15 +238,25 @@ class IA3Layer(nn.Module):
         """The per-row vectors in force (`set_row_scales`), None when the active adapters apply to every row."""
         return self._row_scales
 
-    def set_row_scales(self, rows: torch.Tensor | None) -> None:
-        """Give each batch row its own vector: `rows` has shape `(batch, F)`; None returns to `active_adapters`."""
+    @property
+    def row_tokens(self) -> torch.Tensor | None:
+        """Each token's row of `row_scales` in a packed batch (`set_row_scales`), else None."""
+        return self._row_tokens
+
+    def set_row_scales(self, rows: torch.Tensor | None, tokens: torch.Tensor | None = None) -> None:
+        """Give each batch row its own vector: `rows` has shape `(batch, F)`; None returns to `active_adapters`.
+        With `tokens` (a packed batch: one sequence holding several rows' tokens, `(1, N, F)` activations), token
+        `t` scales by `rows[tokens[t]]`."""
         self._row_scales = rows
+        self._row_tokens = tokens if rows is not None else None
         self._row_cache = {}
 
     def _rows_for(self, x: torch.Tensor) -> torch.Tensor:
         """The per-row vectors shaped to broadcast against `x` (rows repeated for batches grown by `generate`)."""
         rows = self._row_scales
         assert rows is not None
+        if self._row_tokens is not None and self.layout is not WeightLayout.CONV:  # packed: a vector per token
+            return rows.index_select(0, self._row_tokens).view(x.shape[:-1] + rows.shape[1:])
         batch = x.shape[0]
         if batch != rows.shape[0]:
             cached = self._row_cache.get(batch)

@@ -95,6 +95,7 @@ class PerExampleAdapters:
         layers: Sequence[tuple[str, IA3Layer]],
         wrappers: Sequence[ModulesToSaveWrapper],
         adapter_names: list[str],
+        tokens: torch.Tensor | None = None,
     ) -> Iterator[None]:
         """Inside the block, batch row `i` of every layer and wrapper uses adapter `adapter_names[i]`.
 
@@ -103,10 +104,13 @@ class PerExampleAdapters:
             wrappers: every `ModulesToSaveWrapper` of the model.
             adapter_names: one adapter name per batch row, already checked against the model's adapters; names a
                 layer lacks (e.g. `BASE_ADAPTER`) use ones there.
+            tokens: a packed batch's token rows (`IA3Layer.set_row_scales`).
 
         Raises:
-            ValueError: some layer is merged.
+            ValueError: some layer is merged, or `tokens` with wrappers (whose copies run by batch row).
         """
+        if tokens is not None and wrappers:
+            raise ValueError("a packed batch cannot run modules_to_save copies by row")
         merged = [name for name, layer in layers if layer.merged_adapters]
         if merged:
             raise ValueError(
@@ -115,7 +119,7 @@ class PerExampleAdapters:
         unique = list(dict.fromkeys(adapter_names))
         plain_layers = [layer for _, layer in layers]
         with kept_rows(plain_layers, wrappers):
-            self._set_row_scales(plain_layers, unique, [unique.index(n) for n in adapter_names])
+            self._set_row_scales(plain_layers, unique, [unique.index(n) for n in adapter_names], tokens)
             for wrapper in wrappers:
                 wrapper.set_row_adapters(adapter_names)
             yield
@@ -137,7 +141,9 @@ class PerExampleAdapters:
         self._groups = groups
         return groups
 
-    def _set_row_scales(self, layers: list[IA3Layer], unique: list[str], rows: list[int]) -> None:
+    def _set_row_scales(
+        self, layers: list[IA3Layer], unique: list[str], rows: list[int], tokens: torch.Tensor | None = None
+    ) -> None:
         """Give every layer its `(batch, F)` per-row vectors with a few tensor ops for the whole model.
 
         Layers are grouped by device and vector dtype; each group's table row of an adapter is every layer's vector
@@ -162,7 +168,7 @@ class PerExampleAdapters:
                 table = group.table
                 index = [slots[r] for r in rows]
             assert table is not None
-            hand_out(group.layers, table.index_select(0, torch.tensor(index, device=group.device)))
+            hand_out(group.layers, table.index_select(0, torch.tensor(index, device=group.device)), tokens)
 
 
 @contextmanager
@@ -170,23 +176,23 @@ def kept_rows(layers: Sequence[IA3Layer], wrappers: Sequence[ModulesToSaveWrappe
     """The per-row vectors and adapter names that `layers` and `wrappers` have on entry come back on exit, so
     blocks that set their own may nest or interleave (a static batch paused between its steps while the decoder
     runs one of its own)."""
-    scales_before = [layer.row_scales for layer in layers]
+    scales_before = [(layer.row_scales, layer.row_tokens) for layer in layers]
     names_before = [wrapper.row_adapters for wrapper in wrappers]
     try:
         yield
     finally:
-        for layer, scales in zip(layers, scales_before):
-            layer.set_row_scales(scales)
+        for layer, (scales, tokens) in zip(layers, scales_before):
+            layer.set_row_scales(scales, tokens)
         for wrapper, names in zip(wrappers, names_before):
             wrapper.set_row_adapters(names)
 
 
-def hand_out(layers: Sequence[IA3Layer], gathered: torch.Tensor) -> None:
+def hand_out(layers: Sequence[IA3Layer], gathered: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
     """Give each layer its columns of `gathered` (`(batch, sum of F)`, the layers' vectors side by side, in order)
-    as its per-row vectors."""
+    as its per-row vectors (with `tokens`, each token's row of a packed batch: `IA3Layer.set_row_scales`)."""
     offset = 0
     for layer in layers:
-        layer.set_row_scales(gathered[:, offset : offset + layer.num_features])
+        layer.set_row_scales(gathered[:, offset : offset + layer.num_features], tokens)
         offset += layer.num_features
 
 

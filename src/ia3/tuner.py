@@ -361,7 +361,7 @@ class IA3Model(nn.Module):
 
     # -- per-example adapters --------------------------------------------------------------------------------------
     @contextmanager
-    def per_example(self, adapter_names: list[str] | None) -> Iterator[None]:
+    def per_example(self, adapter_names: list[str] | None, tokens: torch.Tensor | None = None) -> Iterator[None]:
         """Inside the block each batch row uses its own adapter (`BASE_ADAPTER` for none), in one pass.
 
         Every layer gathers its vectors into a `(batch, F)` table once on entry; `generate` reuses it for every
@@ -369,6 +369,8 @@ class IA3Model(nn.Module):
 
         Args:
             adapter_names: one adapter name per batch row; None: the active adapters for every row.
+            tokens: for a packed batch (one sequence holding several rows' tokens, as `ia3.packed` runs): each
+                token's row, `(N,)` indices into `adapter_names` (not with `modules_to_save`).
 
         Raises:
             ValueError: not a non-empty list, unknown names, or a merged layer.
@@ -378,7 +380,7 @@ class IA3Model(nn.Module):
             return
         names = check_adapter_names(adapter_names)
         self._check_names(sorted(set(names)), allow_base=True)
-        with self._per_example.rows(list(self.ia3_layers()), [w for _, w in self.wrappers()], names):
+        with self._per_example.rows(list(self.ia3_layers()), [w for _, w in self.wrappers()], names, tokens):
             yield
 
     # -- merging ---------------------------------------------------------------------------------------------------

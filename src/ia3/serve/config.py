@@ -71,6 +71,9 @@ class ServeConfig:
             waiting than rows running) a step prefills up to this many times `max_prefill_tokens`, in proportion to
             that ratio, so a burst gets its first tokens in fewer steps, each stalling fewer running rows than it
             serves new ones. 1: the budget never grows.
+        packed_steps: continuous batching: a step in which rows join runs the running rows' tokens and the joining
+            prompts in one forward (decoder-only models whose attention it can drive, checked at start; see
+            `ia3.packed`). False: the prompts run first, then the running rows' step (two forwards; for comparison).
         max_queue: requests admitted and not finished; one more is answered 503.
         max_inputs: inputs per request (413 beyond).
         max_input_chars: characters per input (413 beyond).
@@ -138,6 +141,7 @@ class ServeConfig:
     max_prefill_tokens: int | None = None
     max_wait_ms: float = 10.0
     burst_prefill: float = 8.0
+    packed_steps: bool = True
     max_queue: int = 256
     max_inputs: int = 64
     max_input_chars: int = 4000

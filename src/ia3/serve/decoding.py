@@ -441,6 +441,10 @@ class Decoder:
             step prefills up to this many times `max_prefill_tokens` (see `_prefill_limit`); 1: never more.
         on_idle: called (worker thread) when the running batch empties with no row waiting, its cache just freed
             (the engine hands freed memory back to the system there).
+        packed: a step in which rows join runs their prompts and the running rows' tokens in one forward
+            (`ia3.packed`; where the family `packs`); `rows_context` then takes each token's row as a second
+            argument. A packed step that fails runs again apart (the prompts, then the step), where one bad prompt
+            fails its row only; when apart every row succeeds, packing is turned off for good.
     """
 
     def __init__(
@@ -457,8 +461,11 @@ class Decoder:
         max_rows_per_request: int | None = None,
         burst_prefill: float = 1.0,
         on_idle: Callable[[], None] | None = None,
+        packed: bool = False,
     ) -> None:
         self.model = model
+        self.packed = packed and state_class.packs
+        self.packed_failed = False  # the last packed step failed (see `step`)
         self.burst_prefill = burst_prefill
         self.on_idle = on_idle
         self.adapter_loaded = adapter_loaded
@@ -523,14 +530,46 @@ class Decoder:
         limit = self._prefill_limit()
         budget = self._continue_partial(limit)
         admitted = self._admit(budget, limit)
+        decoded = False
         if admitted:
-            self._prefill(admitted)
+            decoded = self._step_packed(admitted)
+            if not decoded:
+                self._prefill(admitted)
+                if self.packed_failed:  # apart, did a row fail (its input), or none (packing itself)?
+                    self.packed_failed = False
+                    if not any(r.error is not None for r in admitted):
+                        log.warning("packed steps turned off: one failed where its rows run apart")
+                        self.packed = False
             budget -= sum(len(r.prompt) for r in admitted)
         if self.partial is not None and self.partial.state is None:  # just started: its first piece now
             self._continue_partial(budget)
-        if any(r not in admitted for r in self.running):
+        if not decoded and any(r not in admitted for r in self.running):
             self._decode()
         self._retire()
+
+    def _step_packed(self, admitted: list[Row]) -> bool:
+        """The running rows' step and the admitted rows' prompts in one forward (`packed`); False when not run
+        (nothing running, packing off, or it failed: then the caller runs them apart)."""
+        if not (self.packed and self.running and self.state is not None):
+            return False
+        prompts, rows = [r.prompt for r in admitted], [*self.running, *admitted]
+        try:
+            plan = self.state.plan_join(prompts)
+            with self.rows_context([r.adapter for r in rows], plan.token_rows):
+                logits = self.state.step_join(self.model, self.last, prompts, plan)
+        except Exception as err:
+            log.warning("packed step failed (%s: %s); running its prompts apart", type(err).__name__, err)
+            self.packed_failed = True
+            return False
+        self._count_step(rows)
+        fresh = [r.finish_reason is None and r.error is None for r in rows]
+        picks = next_tokens(logits, rows)
+        self.running, self.last = rows, [p if isinstance(p, int) else self.pad_id for p in picks]
+        for row, pick, live in zip(rows, picks, fresh):
+            if live:
+                self._take(row, pick)
+        self.answered.update((r.client, r.request) for r in admitted)
+        return True
 
     def _prefill_limit(self) -> int:
         """The step's prefill budget: `max_prefill_tokens`, or up to `burst_prefill` times it during a burst, when
@@ -694,12 +733,15 @@ class Decoder:
             "cache_bytes": self.state.nbytes if self.state is not None else 0,
         }
 
+    def _count_step(self, rows: list[Row]) -> None:
+        self.steps += 1
+        self.row_steps += len(rows)
+        self.max_rows_seen = max(self.max_rows_seen, len(rows))
+        self.max_adapters_seen = max(self.max_adapters_seen, len({r.adapter for r in rows}))
+
     def _decode(self) -> None:
         assert self.state is not None
-        self.steps += 1
-        self.row_steps += len(self.running)
-        self.max_rows_seen = max(self.max_rows_seen, len(self.running))
-        self.max_adapters_seen = max(self.max_adapters_seen, len({r.adapter for r in self.running}))
+        self._count_step(self.running)
         with self.rows_context([r.adapter for r in self.running]):
             logits = self.state.step(self.model, self.last)
         fresh = [r.finish_reason is None and r.error is None for r in self.running]

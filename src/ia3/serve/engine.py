@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ia3.config import IA3Config
+from ia3.families import DecodeState
 from ia3.functional import PREFIX, unwrapped_name
 from ia3.loading import ModelSource, bfloat16_units, default_device, load_base_model, load_tokenizer
 from ia3.peft_model import get_peft_model
@@ -252,6 +253,7 @@ class Engine:
                 on_idle=MemoryTrim.of_this_system(),
                 max_positions=self.positions if task_class.answer_follows_prompt else None,
                 adapter_loaded=self.has_adapter,
+                packed=config.packed_steps and self._packs(task_class.decode_state),
             )
 
     @torch.inference_mode()
@@ -291,6 +293,16 @@ class Engine:
         if state is None:
             return f"task {self.task.name} does not generate"
         return state.unsupported(self.base, self.device)
+
+    def _packs(self, state: type[DecodeState]) -> bool:
+        """Whether packed steps (`ia3.packed`) give this model's logits: tried once at start against the plain
+        path (a reason is logged where not)."""
+        reason = state.unpacked(
+            self.base, self.device, lambda rows, tokens=None: self._rows([BASE_ADAPTER] * rows, tokens)
+        )
+        if reason is not None:
+            log.info("packed steps off for this model (prompts and decode steps run apart): %s", reason)
+        return reason is None
 
     @property
     def vocab_size(self) -> int:
@@ -432,13 +444,14 @@ class Engine:
         """Whether deleting `name` changes the model (an adapter with modules to save), so must run on the worker."""
         return self.peft is not None and model_name(name) in self.peft.peft_config
 
-    def _rows(self, adapters: list[str]):
+    def _rows(self, adapters: list[str], tokens: torch.Tensor | None = None):
+        """Batch row `i` runs `adapters[i]` (`VectorBank.rows`; `tokens`: each token's row of a packed batch)."""
         if self.vectors is None:
             assert all(a == BASE_ADAPTER for a in adapters)
             return nullcontext()
         if all(a == BASE_ADAPTER for a in adapters) and not (self.peft is not None and self.peft.peft_config):
             return self.vectors.no_rows()  # no layer has an adapter of its own: the base model, no scaling
-        return self.vectors.rows([model_name(a) for a in adapters])
+        return self.vectors.rows([model_name(a) for a in adapters], tokens)
 
     # -- inputs (the tokenizer thread) -----------------------------------------------------------------------------
     def encode_one(self, text: str, where: str) -> tuple[list[int], int]:

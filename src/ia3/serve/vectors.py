@@ -234,17 +234,21 @@ class VectorBank:
 
     # -- batches ---------------------------------------------------------------------------------------------------
     @contextmanager
-    def rows(self, names: list[str]) -> Iterator[None]:
+    def rows(self, names: list[str], tokens: torch.Tensor | None = None) -> Iterator[None]:
         """Inside the block, batch row `i` of every covered layer scales by adapter `names[i]`'s vectors (ones for
         a name not here, such as `BASE_ADAPTER`), and every wrapper runs `names[i]`'s copy (its original module for
-        a name it has no copy of). What was in force before comes back on exit."""
+        a name it has no copy of). With `tokens`, the batch is packed: one sequence whose token `t` belongs to row
+        `tokens[t]` (ValueError where a wrapper would need its rows apart). What was in force before comes back on
+        exit."""
         with self._lock:
             index = [self._slots.get(name, 0) for name in names]
             tables, wrappers = self._tables, self._wrappers
             gathered = [t.data.index_select(0, torch.tensor(index, device=t.device)) for t in tables]
+        if tokens is not None and wrappers:
+            raise ValueError("a packed batch cannot run modules_to_save copies by row")
         with kept_rows([layer for t in tables for layer in t.layers], wrappers):
             for table, rows in zip(tables, gathered):
-                hand_out(table.layers, rows)
+                hand_out(table.layers, rows, tokens)
             for wrapper in wrappers:
                 wrapper.set_row_adapters(names)
             yield
