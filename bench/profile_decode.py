@@ -38,7 +38,7 @@ MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"
 ATTENTION = {"aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu"}
 ATTENTION_PREFIX = ("aten::_scaled_dot_product", "aten::_flash_attention")
 # (scope name, the function patched to open it); the innermost scope of an operator decides its category
-SCOPES = ("prefill", "join", "drop", "decode", "ia3.layer", "ia3.gather", "sample", "emit")
+SCOPES = ("prefill", "join", "drop", "decode", "packed", "ia3.layer", "ia3.gather", "sample", "emit")
 
 
 class Phases:
@@ -47,6 +47,7 @@ class Phases:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.timing = True
+        self.prompt_tokens = 0  # prompt tokens admitted
 
     def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -63,7 +64,9 @@ class Phases:
 def instrument(phases: Phases, state_class: type) -> None:
     """Patch the decode state's methods, the sampler, the row emitter and the (IA)^3 layer's forward (the last for
     the profiler only: its scope splits a layer's matmul from its scaling)."""
-    for name, method in (("prefill", "prefill"), ("join", "extend"), ("drop", "filter"), ("decode", "step")):
+    for name, method in (
+        ("prefill", "prefill"), ("join", "extend"), ("drop", "filter"), ("decode", "step"), ("packed", "step_join"),
+    ):  # fmt: skip
         original = getattr(state_class, method)
         if method == "prefill":
             fn = original.__func__
@@ -71,6 +74,14 @@ def instrument(phases: Phases, state_class: type) -> None:
         else:
             setattr(state_class, method, phases.wrap(name, original))
     state_class.feed = phases.wrap("prefill", state_class.feed)
+    admit = Decoder._admit
+
+    def counted_admit(self: Decoder, *args: Any) -> list[Row]:
+        rows = admit(self, *args)
+        phases.prompt_tokens += sum(len(r.prompt) for r in rows)
+        return rows
+
+    Decoder._admit = counted_admit
     decoding.next_tokens = phases.wrap("sample", decoding.next_tokens)
     Decoder._take = phases.wrap("emit", Decoder._take)
     forward = IA3Layer.forward
@@ -117,8 +128,8 @@ def build(model_name: str, n_adapters: int, dtype: torch.dtype) -> tuple[Any, An
 
 def rows_context(peft: Any) -> Callable[[list[str]], Any]:
     @contextlib.contextmanager
-    def rows(adapters: list[str]) -> Iterator[None]:
-        manager = peft.base_model.per_example(adapters)
+    def rows(adapters: list[str], tokens: torch.Tensor | None = None) -> Iterator[None]:
+        manager = peft.base_model.per_example(adapters, tokens)
         with record_function("ia3.gather"):
             manager.__enter__()
         try:
@@ -220,15 +231,19 @@ def _seconds(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def limit(model: Any, rows: float, context: float, dtype: torch.dtype, hw: dict[str, float]) -> list[str]:
-    """The step's matmul FLOPs and bytes read against the measured peak: the fastest a step could be."""
+def limit(
+    model: Any, rows: float, context: float, dtype: torch.dtype, hw: dict[str, float], prompt: float = 0.0
+) -> list[str]:
+    """The step's matmul FLOPs and bytes read against the measured peak: the fastest a step could be. `prompt`:
+    joining prompt tokens per step (their matmuls without the LM head, which runs at a prompt's last token only)."""
     cfg = model.config
     params = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel()
     tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     matmul_params = params - embed + (embed if tied else 0)  # the embedding is a lookup; the LM head a matmul
     size = torch.tensor([], dtype=dtype).element_size()
-    flops = 2 * matmul_params * rows
+    head = model.get_output_embeddings().weight.numel()
+    flops = 2 * matmul_params * rows + 2 * (matmul_params - head) * prompt
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * rows * size
     weights = params * size
@@ -236,7 +251,8 @@ def limit(model: Any, rows: float, context: float, dtype: torch.dtype, hw: dict[
     t_compute, t_bytes = flops / peak_flops, (weights + kv) / (hw["read GB/s"] * 1e9)
     return [
         f"params {params / 1e6:.1f} M (matmul {matmul_params / 1e6:.1f} M), {rows:.1f} rows, mean context {context:.0f}",
-        f"FLOPs/step (2 x matmul params x rows): {flops / 1e9:.2f} GFLOP -> {1e3 * t_compute:.1f} ms at the peak",
+        f"joining prompt tokens/step: {prompt:.1f}",
+        f"FLOPs/step (2 x matmul params x tokens): {flops / 1e9:.2f} GFLOP -> {1e3 * t_compute:.1f} ms at the peak",
         f"bytes/step: weights {weights / 1e6:.0f} MB + KV read {kv / 1e6:.0f} MB -> {1e3 * t_bytes:.1f} ms at the read",
         f"floor: {1e3 * max(t_compute, t_bytes):.1f} ms/step = {rows / max(t_compute, t_bytes):.0f} tokens/s",
     ]
@@ -253,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
     parser.add_argument("--prompt-tokens", default="16-96", help="prompt lengths, LOW-HIGH (context length)")
     parser.add_argument("--top", type=int, default=0, help="also print torch.profiler's operator table")
+    parser.add_argument(
+        "--apart", action="store_true", help="joining prompts in their own forward (`ia3 serve --no-packed-steps`)"
+    )
     args = parser.parse_args(argv)
     common.quiet_warnings()
     torch.set_num_threads(args.threads)
@@ -265,15 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     instrument(phases, CausalDecodeState)
     decoder = Decoder(
         model, tokenizer, torch.device("cpu"), rows_context(peft), CausalDecodeState, max_rows=args.rows,
-        max_prefill_tokens=max(512, PROMPT[1]),
+        max_prefill_tokens=max(512, PROMPT[1]), packed=not args.apart,
     )  # fmt: skip
     rng, vocab = random.Random(0), min(len(tokenizer), 20000)
     with torch.inference_mode():
         run_steps(decoder, args.warmup, args.rows, args.adapters, vocab, rng)
         phases.seconds.clear()
-        steps0, rows0 = decoder.steps, decoder.row_steps
+        steps0, rows0, prompt0, tokens0 = decoder.steps, decoder.row_steps, phases.prompt_tokens, decoder.tokens_out
         wall = run_steps(decoder, args.steps, args.rows, args.adapters, vocab, rng)
         rows = (decoder.row_steps - rows0) / max(1, decoder.steps - steps0)
+        prompt = (phases.prompt_tokens - prompt0) / args.steps
+        made = decoder.tokens_out - tokens0  # the steps' new tokens (a joining row's first one included)
         context = float(decoder.state.mask.sum(1).float().mean()) if decoder.state is not None else 0.0
         phases.timing = False
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -282,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n=== {args.model} {args.dtype}, {args.threads} threads, {rows:.1f} rows/step over {args.adapters} adapters ==="
     )
-    print(f"timers (no profiler): {1e3 * wall / args.steps:.1f} ms/step, {rows * args.steps / wall:.0f} tokens/s")
+    print(f"timers (no profiler): {1e3 * wall / args.steps:.1f} ms/step, {made / wall:.0f} tokens/s")
     print("\n| phase (timers) | ms/step | share |\n|---|---|---|")
     for name, sec in sorted(phases.seconds.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {1e3 * sec / args.steps:.2f} | {100 * sec / wall:.1f} % |")
@@ -296,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
     hw = peak(args.threads)
     print("\nthis CPU, " + ", ".join(f"{k} {v:.0f}" for k, v in hw.items()) + f" ({args.threads} threads)")
-    for line in limit(model, rows, context, dtype, hw):
+    for line in limit(model, rows, context, dtype, hw, prompt):
         print(line)
     print(f"({tokens} tokens generated in all)")
     return 0
