@@ -225,6 +225,21 @@ def peak(threads: int) -> dict[str, float]:
     return out
 
 
+def own_matmuls(model: Any, tokens: int, dtype: torch.dtype) -> float:
+    """Seconds the step's matmuls take alone at its shapes: every linear layer's weight (the LM head included) times
+    `tokens` rows of input, one after another (best of 3). What this CPU's BLAS makes of the step's small-row
+    products, beside the large-matmul peak."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(tokens, w.shape[1], dtype=dtype) for w in weights}
+
+    def run() -> None:
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+    run()
+    return min(_seconds(run) for _ in range(3))
+
+
 def _seconds(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
@@ -255,6 +270,8 @@ def limit(
         f"FLOPs/step (2 x matmul params x tokens): {flops / 1e9:.2f} GFLOP -> {1e3 * t_compute:.1f} ms at the peak",
         f"bytes/step: weights {weights / 1e6:.0f} MB + KV read {kv / 1e6:.0f} MB -> {1e3 * t_bytes:.1f} ms at the read",
         f"floor: {1e3 * max(t_compute, t_bytes):.1f} ms/step = {rows / max(t_compute, t_bytes):.0f} tokens/s",
+        f"the step's own matmuls alone at its shapes: {1e3 * own_matmuls(model, round(rows), dtype):.1f} ms for "
+        f"{round(rows)} rows, {1e3 * own_matmuls(model, round(rows + prompt), dtype):.1f} ms with the prompt tokens",
     ]
 
 

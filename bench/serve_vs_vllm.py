@@ -250,7 +250,7 @@ def _launch(kind: str, cmd: list[str], port: int, env: dict, log: Path, base_nam
     return Server(kind, proc, port, base_name, log)
 
 
-def start_ia3(model: Path, adapters: Path | None, args: argparse.Namespace, log: Path) -> Server:
+def start_ia3(model: Path, adapters: Path | None, args: argparse.Namespace, log: Path, flags: str = "") -> Server:
     port = load.free_port()
     cmd = [sys.executable, "-m", "ia3", "serve", "--model", str(model), "--task", "causal", "--dtype", args.dtype,
            "--threads", str(args.threads), "--max-new-tokens", str(args.max_new), "--host", "127.0.0.1",
@@ -258,7 +258,7 @@ def start_ia3(model: Path, adapters: Path | None, args: argparse.Namespace, log:
     if adapters is None:  # `ia3 serve` needs an adapters folder: an empty one serves the base model alone
         adapters = args.work / "no-adapters"
         adapters.mkdir(parents=True, exist_ok=True)
-    cmd += ["--adapters", str(adapters), *shlex.split(args.ia3_args)]
+    cmd += ["--adapters", str(adapters), *shlex.split(flags)]
     path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)  # this tree's ia3
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     return _launch("ia3", cmd, port, env, log, "__base__", args.start_timeout)
@@ -434,8 +434,8 @@ def summary(runs: list[dict], scenarios: list[str]) -> tuple[list[dict], dict]:
     return lines, answers
 
 
-def markdown(lines: list[dict]) -> str:
-    out = ["| scenario | figure | ia3 | vLLM | ia3 / vLLM | target | met? |", "|---|---|---|---|---|---|---|"]
+def markdown(lines: list[dict], peer: str = "vLLM") -> str:
+    out = [f"| scenario | figure | ia3 | {peer} | ia3 / {peer} | target | met? |", "|---|---|---|---|---|---|---|"]
     for line in lines:
 
         def fmt(v, unit=line["unit"]):
@@ -476,6 +476,12 @@ def main() -> None:
     )
     p.add_argument("--ia3-args", default="", help="more `ia3 serve` flags")
     p.add_argument("--vllm-args", default="", help="more vLLM API server flags")
+    p.add_argument(
+        "--peer-ia3-args",
+        default=None,
+        help="the peer is `ia3 serve` with these flags instead of vLLM (an A/B of ia3 settings, e.g. "
+        "'--no-packed-steps'; the adapters scenario serves the (IA)^3 adapters to both; no vLLM venv needed)",
+    )
     p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="model folder, adapters and server logs")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "serve_vs_vllm.json")
     args = p.parse_args()
@@ -484,7 +490,7 @@ def main() -> None:
     if args.setup_vllm:
         setup_vllm(args.vllm_venv, args.vllm_version)
         return
-    if not (args.vllm_venv / MANIFEST).is_file():
+    if args.peer_ia3_args is None and not (args.vllm_venv / MANIFEST).is_file():
         p.error(f"no vLLM venv at {args.vllm_venv}: make it with --setup-vllm (or name it with --vllm-venv)")
     if args.quick:
         args.clients, args.requests, args.min_new, args.max_new, args.rounds = 4, 8, 8, 16, 1
@@ -515,8 +521,9 @@ def main() -> None:
             for kind in ("ia3", "vllm") if rnd % 2 == 0 else ("vllm", "ia3"):
                 log = work / "logs" / f"{kind}-{scenario}-{rnd}.log"
                 t0 = time.perf_counter()
-                if kind == "ia3":
-                    server = start_ia3(model, ia3_dir if with_adapters else None, args, log)
+                if kind == "ia3" or args.peer_ia3_args is not None:
+                    flags = args.ia3_args if kind == "ia3" else args.peer_ia3_args
+                    server = start_ia3(model, ia3_dir if with_adapters else None, args, log, flags)
                 else:
                     server = start_vllm(model, lora_dir if with_adapters else None, args, log)
                 start_s = time.perf_counter() - t0
@@ -533,14 +540,15 @@ def main() -> None:
                       f"started in {start_s:.0f} s", flush=True)  # fmt: skip
     lines, answers = summary(runs, scenarios)
     print()
-    print(markdown(lines))
+    print(markdown(lines, "vLLM" if args.peer_ia3_args is None else f"ia3 {args.peer_ia3_args}"))
     print()
     for scenario, entry in answers.items():
         print(f"greedy answers, {scenario}: " + ", ".join(f"{k} {v}" for k, v in entry.items()))
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     save_report(args.out, {
         "settings": settings, "targets": {f"{s} {k}": f"{op} {t}" for (s, k), (op, t) in TARGETS.items()},
-        "vllm_venv": json.loads((args.vllm_venv / MANIFEST).read_text()), "lora_targets": targets,
+        "vllm_venv": json.loads((args.vllm_venv / MANIFEST).read_text()) if args.peer_ia3_args is None else None,
+        "lora_targets": targets,
         "summary": lines, "answers": answers, "runs": runs, "seconds": round(time.perf_counter() - started, 1),
     })  # fmt: skip
 

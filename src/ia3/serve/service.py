@@ -197,7 +197,9 @@ class Service:
             budget_text += f"; {more} more on demand)" if more else ")"
         else:
             budget_text = ""
-        batching = "continuous" if engine.decoder is not None else f"static ({engine.static_reason})"
+        batching = f"static ({engine.static_reason})"
+        if engine.decoder is not None:
+            batching = "continuous" + (", packed steps" if engine.decoder.packed else "")
         return (
             f"ia3 serve: model {cfg.model} ({cfg.task}) on {engine.device}; {len(names)} adapter(s)"
             f"{': ' + ', '.join(names[:8]) + (' ...' if len(names) > 8 else '') if names else ''}{budget_text}; "
