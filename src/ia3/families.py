@@ -14,7 +14,9 @@ A `DecodeState` holds the running rows' model state: the cache, the attention ma
 * `prefill(model, prompts, ...)`: run new rows' prompts once; the state of those rows and their next-token logits;
 * `extend(other)`: join another state's rows after this one's (the caches padded to a common width);
 * `filter(keep)`: keep only the rows at `keep`, dropping cache columns that no kept row attends to;
-* `step(model, tokens)`: feed each row's last token, return the logits of the next.
+* `step(model, tokens)`: feed each row's last token, return the logits of the next;
+* `plan_join(prompts)` / `step_join(model, tokens, prompts, plan)` (decoder-only): a step and joining prompts in
+  one packed forward (`ia3.packed`).
 
 A decoder-only model's running batch keeps its cache in preallocated buffers (`BufferLayer`), so steps, joins and
 drops write in place instead of copying the whole cache (transformers' own cache concatenates at every step).
