@@ -381,3 +381,35 @@ def test_the_emptied_batch_calls_on_idle_once_its_cache_is_freed(causal):
     trim(), trim()
     assert trims == [0]
     assert MemoryTrim.of_this_system() is None or callable(MemoryTrim.of_this_system().trim)
+
+
+def test_a_server_packs_joining_rows_and_each_answer_equals_its_reference(causal):
+    """The engine turns packed steps on for a decoder-only model (its start-up probe), and requests arriving while
+    others decode, each on its own adapter (the server's vector bank, by token), get the answers of the offline
+    reference; `--no-packed-steps` serves the same answers without packing."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from live_server import LiveServer
+    from serve_setup import serve_config
+
+    jobs = [(["a", "b", "c", BASE_ADAPTER][i % 4], TEXTS[i % len(TEXTS)], 4 + i % 7) for i in range(12)]
+    for packed in (True, False):
+        srv = LiveServer(serve_config(causal, packed_steps=packed))
+        try:
+
+            def send(job, srv=srv):
+                adapter, text, new = job
+                time.sleep(0.02 * jobs.index(job))  # staggered: rows join while earlier ones decode
+                body = {"model": adapter, "prompt": text, "max_tokens": new, "temperature": 0}
+                return srv.post("/v1/completions", json=body)
+
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                answers = list(pool.map(send, jobs))
+            decode = srv.client.get("/metrics?format=json").json()["decode"]
+        finally:
+            srv.close()
+        for (adapter, text, new), r in zip(jobs, answers):
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == causal.generate(adapter, text, new), (adapter, text)
+        assert decode["packed"] is packed and (decode["packed_steps"] > 0) is packed, decode

@@ -466,6 +466,7 @@ class Decoder:
         self.model = model
         self.packed = packed and state_class.packs
         self.packed_failed = False  # the last packed step failed (see `step`)
+        self.packed_steps = 0  # steps run packed (rows joined in them)
         self.burst_prefill = burst_prefill
         self.on_idle = on_idle
         self.adapter_loaded = adapter_loaded
@@ -562,6 +563,7 @@ class Decoder:
             self.packed_failed = True
             return False
         self._count_step(rows)
+        self.packed_steps += 1
         fresh = [r.finish_reason is None and r.error is None for r in rows]
         picks = next_tokens(logits, rows)
         self.running, self.last = rows, [p if isinstance(p, int) else self.pad_id for p in picks]
@@ -731,6 +733,8 @@ class Decoder:
             "max_rows": self.max_rows_seen,
             "max_adapters": self.max_adapters_seen,
             "cache_bytes": self.state.nbytes if self.state is not None else 0,
+            "packed": self.packed,
+            "packed_steps": self.packed_steps,
         }
 
     def _count_step(self, rows: list[Row]) -> None:
