@@ -393,14 +393,18 @@ def test_a_server_packs_joining_rows_and_each_answer_equals_its_reference(causal
     from live_server import LiveServer
     from serve_setup import serve_config
 
-    jobs = [(["a", "b", "c", BASE_ADAPTER][i % 4], TEXTS[i % len(TEXTS)], 4 + i % 7) for i in range(12)]
+    jobs = [
+        (["a", "b", "c", BASE_ADAPTER][i % 4], TEXTS[i % len(TEXTS)], 20 if i == 0 else 4 + i % 7) for i in range(12)
+    ]
     for packed in (True, False):
         srv = LiveServer(serve_config(causal, packed_steps=packed))
+        # each forward takes 20 ms at least: the first request runs >= 0.4 s, while the others arrive
+        srv.service.engine.base.register_forward_hook(lambda *a: time.sleep(0.02))
         try:
 
             def send(job, srv=srv):
                 adapter, text, new = job
-                time.sleep(0.02 * jobs.index(job))  # staggered: rows join while earlier ones decode
+                time.sleep(0.01 * jobs.index(job))  # staggered: rows join while earlier ones decode
                 body = {"model": adapter, "prompt": text, "max_tokens": new, "temperature": 0}
                 return srv.post("/v1/completions", json=body)
 
