@@ -36,7 +36,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import BaseModelOutput
 
-from ia3.packed import PACKED_ATTENTION, PackedPlan, attention_of, register
+from ia3.packed import PACKED_ATTENTION, PackedPlan, attention_of
 
 
 # -- padding -------------------------------------------------------------------------------------------------------
@@ -451,11 +451,10 @@ class CausalDecodeState(DecodeState):
         device = self.mask.device
         ids = torch.tensor([*tokens, *(t for p in prompts for t in p)], device=device)
         positions = torch.cat([self.positions, *(torch.arange(len(p), device=device) for p in prompts)])
-        register()
         for layer in layers:
             layer.packed = plan
         try:
-            with attention_of(model, PACKED_ATTENTION):
+            with attention_of(unwrap(model).config, PACKED_ATTENTION):
                 out = model(
                     input_ids=ids[None],
                     position_ids=positions[None],

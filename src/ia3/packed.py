@@ -19,6 +19,7 @@ The sequence: the running rows' tokens first (one each, in row order), then each
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -71,22 +72,21 @@ class PackedPlan:
         running, joining = mask.shape[0], len(lengths)
         longest = max(lengths, default=0)
         first = min(start, end + 1 - longest)
+        sizes = torch.tensor(lengths, device=device)
         rows = torch.arange(running, device=device)
-        prompt_rows = torch.repeat_interleave(
-            torch.arange(running, running + joining, device=device), torch.tensor(lengths, device=device)
-        )
+        prompt_rows = torch.repeat_interleave(torch.arange(running, running + joining, device=device), sizes)
         offsets = [torch.arange(end + 1 - n, end + 1, device=device) for n in lengths]
         columns = torch.cat([torch.full((running,), end, device=device), *offsets])
         decode_mask = torch.cat([mask.bool(), mask.new_ones((running, 1), dtype=torch.bool)], dim=1)
         # the prompts left-padded to the longest: position p of prompt j is its token p - (longest - n)
-        starts = torch.tensor([0, *lengths], device=device).cumsum(0)[:-1] + running
+        starts = sizes.cumsum(0) - sizes + running
         place = torch.arange(longest, device=device)
-        pad = longest - torch.tensor(lengths, device=device)[:, None]  # (J, 1)
+        pad = longest - sizes[:, None]  # (J, 1)
         real = place[None, :] >= pad  # (J, L)
         gather = (starts[:, None] + (place[None, :] - pad).clamp(min=0)).reshape(-1)
         causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
         prompt_mask = (causal[None] & real[:, None, :]) | torch.eye(longest, dtype=torch.bool, device=device)[None]
-        ends = starts + torch.tensor(lengths, device=device) - 1
+        ends = starts + sizes - 1
         return cls(
             running=running,
             lengths=list(lengths),
@@ -100,10 +100,6 @@ class PackedPlan:
             valid=real.reshape(-1).nonzero().squeeze(1),
             last=torch.cat([rows, ends]),
         )
-
-    @property
-    def tokens(self) -> int:
-        return self.running + sum(self.lengths)
 
 
 def packed_attention(
@@ -145,24 +141,22 @@ def packed_attention(
     return out.unsqueeze(0), None
 
 
+@functools.cache
 def register() -> None:
-    """Make `PACKED_ATTENTION` known to transformers (idempotent)."""
+    """Make `PACKED_ATTENTION` known to transformers (once)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(PACKED_ATTENTION, packed_attention)
 
 
 @contextlib.contextmanager
-def attention_of(model: nn.Module, name: str) -> Iterator[None]:
-    """Inside the block `model`'s config (and those its modules share) names attention implementation `name`."""
-    configs = {
-        id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")
-    }
-    before = {key: config._attn_implementation for key, config in configs.items()}
+def attention_of(config: Any, name: str) -> Iterator[None]:
+    """Inside the block the model `config` (its sub-configs follow it) names attention implementation `name`; a
+    model whose modules keep configs of their own is caught by the start-up probe (`DecodeState.unpacked`)."""
+    register()
+    before = config._attn_implementation
     try:
-        for config in configs.values():
-            config._attn_implementation = name
+        config._attn_implementation = name
         yield
     finally:
-        for key, config in configs.items():
-            config._attn_implementation = before[key]
+        config._attn_implementation = before

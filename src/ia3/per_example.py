@@ -109,8 +109,7 @@ class PerExampleAdapters:
         Raises:
             ValueError: some layer is merged, or `tokens` with wrappers (whose copies run by batch row).
         """
-        if tokens is not None and wrappers:
-            raise ValueError("a packed batch cannot run modules_to_save copies by row")
+        check_packable(tokens, wrappers)
         merged = [name for name, layer in layers if layer.merged_adapters]
         if merged:
             raise ValueError(
@@ -169,6 +168,12 @@ class PerExampleAdapters:
                 index = [slots[r] for r in rows]
             assert table is not None
             hand_out(group.layers, table.index_select(0, torch.tensor(index, device=group.device)), tokens)
+
+
+def check_packable(tokens: torch.Tensor | None, wrappers: Sequence[ModulesToSaveWrapper]) -> None:
+    """ValueError for a packed batch (`tokens`) where `wrappers` would need its rows apart."""
+    if tokens is not None and wrappers:
+        raise ValueError("a packed batch cannot run modules_to_save copies by row")
 
 
 @contextmanager

@@ -465,7 +465,6 @@ class Decoder:
     ) -> None:
         self.model = model
         self.packed = packed and state_class.packs
-        self.packed_failed = False  # the last packed step failed (see `step`)
         self.packed_steps = 0  # steps run packed (rows joined in them)
         self.burst_prefill = burst_prefill
         self.on_idle = on_idle
@@ -531,16 +530,15 @@ class Decoder:
         limit = self._prefill_limit()
         budget = self._continue_partial(limit)
         admitted = self._admit(budget, limit)
-        decoded = False
+        decoded = None
         if admitted:
             decoded = self._step_packed(admitted)
             if not decoded:
                 self._prefill(admitted)
-                if self.packed_failed:  # apart, did a row fail (its input), or none (packing itself)?
-                    self.packed_failed = False
-                    if not any(r.error is not None for r in admitted):
-                        log.warning("packed steps turned off: one failed where its rows run apart")
-                        self.packed = False
+            # a packed step failed: apart, did a row fail (its input), or none (packing itself)?
+            if decoded is False and not any(r.error is not None for r in admitted):
+                log.warning("packed steps turned off: one failed where its rows run apart")
+                self.packed = False
             budget -= sum(len(r.prompt) for r in admitted)
         if self.partial is not None and self.partial.state is None:  # just started: its first piece now
             self._continue_partial(budget)
@@ -548,11 +546,11 @@ class Decoder:
             self._decode()
         self._retire()
 
-    def _step_packed(self, admitted: list[Row]) -> bool:
-        """The running rows' step and the admitted rows' prompts in one forward (`packed`); False when not run
-        (nothing running, packing off, or it failed: then the caller runs them apart)."""
+    def _step_packed(self, admitted: list[Row]) -> bool | None:
+        """The running rows' step and the admitted rows' prompts in one forward (`packed`): True when run; None when
+        not tried (nothing running, packing off), False when it failed (either way the caller runs them apart)."""
         if not (self.packed and self.running and self.state is not None):
-            return False
+            return None
         prompts, rows = [r.prompt for r in admitted], [*self.running, *admitted]
         try:
             plan = self.state.plan_join(prompts)
@@ -560,7 +558,6 @@ class Decoder:
                 logits = self.state.step_join(self.model, self.last, prompts, plan)
         except Exception as err:
             log.warning("packed step failed (%s: %s); running its prompts apart", type(err).__name__, err)
-            self.packed_failed = True
             return False
         self._count_step(rows)
         self.packed_steps += 1

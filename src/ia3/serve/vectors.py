@@ -34,7 +34,7 @@ from safetensors.torch import load as safetensors_from_bytes
 
 from ia3.layer import IA3Layer
 from ia3.modules_to_save import ModulesToSaveWrapper
-from ia3.per_example import hand_out, kept_rows
+from ia3.per_example import check_packable, hand_out, kept_rows
 
 SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -244,8 +244,7 @@ class VectorBank:
             index = [self._slots.get(name, 0) for name in names]
             tables, wrappers = self._tables, self._wrappers
             gathered = [t.data.index_select(0, torch.tensor(index, device=t.device)) for t in tables]
-        if tokens is not None and wrappers:
-            raise ValueError("a packed batch cannot run modules_to_save copies by row")
+        check_packable(tokens, wrappers)
         with kept_rows([layer for t in tables for layer in t.layers], wrappers):
             for table, rows in zip(tables, gathered):
                 hand_out(table.layers, rows, tokens)
